@@ -1,0 +1,46 @@
+"""The `grpo-kd` command line: one Typer app, one module per command group.
+
+Each module under `grpo_kd/cli/` has a `register(app)` that adds its commands. `main()` turns a `GrpoKdError`
+(bad input, a missing file, a capability not built yet) into one line on stderr and a non-zero exit code; any
+other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from grpo_kd.cli import bench, cache, chain, config_cmd, evaluate, phases, tiny
+from grpo_kd.cli._common import console
+from grpo_kd.errors import GrpoKdError, NotAvailableYet
+
+app = typer.Typer(
+    name="grpo-kd",
+    help="On-policy distillation of large language models: rollout -> cache-teacher -> update, on SLURM or here.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+for module in (chain, phases, cache, evaluate, config_cmd, bench, tiny):
+    module.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code instead of raising for `GrpoKdError`."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except NotAvailableYet as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except GrpoKdError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 1
+    except SystemExit as exc:  # click's normal exit path
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

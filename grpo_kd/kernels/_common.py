@@ -1,0 +1,185 @@
+"""Conventions shared by every kernel: the logit transform, input checks, chunk sizing and the `impl` switch.
+
+Every kernel in `grpo_kd.kernels` takes the student's final hidden states and its LM-head weight, never logits,
+and turns them into log-probabilities in exactly one way, fixed here:
+
+    x = hidden @ weight.T + bias                 # raw logits, bias optional              (N, V)
+    s = softcap * tanh(x / softcap)              # Gemma-style soft cap, only if softcap is not None
+    z = s / temperature                          # temperature last
+    log q = z - logsumexp(z)                     # normalised over the full vocabulary V
+
+so that  dz/dx = (1 - tanh(x / softcap)^2) / temperature  (just 1 / temperature without a soft cap).
+
+Key design choice: nothing here, nor in any kernel, materialises an N x V tensor. The pure-PyTorch twin of
+each kernel walks over row chunks of at most `rows_per_chunk(V, budget)` rows (so at most about `budget`
+bytes of float32 logits live at once); the Triton path tiles over V with an online log-sum-exp. `resolve_impl`
+picks between the two: Triton for CUDA tensors, the torch twin elsewhere, unless the caller insists.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from grpo_kd.errors import GrpoKdError
+
+IMPLS = ("auto", "triton", "torch")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DEFAULT_CHUNK_BYTES = 64 * 2**20  # float32 logits held at once by the torch twin: 64 MiB
+
+
+# ----------------------------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class LinearOptions:
+    """The non-tensor options of the hidden -> logits map, shared by every autograd Function."""
+
+    temperature: float = 1.0  # z = s / temperature
+    softcap: float | None = None  # s = softcap * tanh(x / softcap); None = no cap
+    impl: str = "torch"  # resolved: "triton" or "torch" (never "auto" here)
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # torch twin: float32 logit bytes per row chunk
+
+
+def make_options(temperature: float, softcap: float | None, impl: str, *tensors: torch.Tensor | None) -> LinearOptions:
+    """Check `temperature`/`softcap`/`impl` and return the frozen options with `impl` resolved."""
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise GrpoKdError(f"temperature must be a positive finite number, got {temperature!r}")
+    if softcap is not None:
+        softcap = float(softcap)
+        if not math.isfinite(softcap) or softcap <= 0:
+            raise GrpoKdError(f"softcap must be a positive finite number or None, got {softcap!r}")
+    return LinearOptions(temperature=temperature, softcap=softcap, impl=resolve_impl(impl, *tensors))
+
+
+# ----------------------------------------------------------------------------------------------- the transform
+
+
+def transform_logits(logits: torch.Tensor, temperature: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    """Raw logits x -> transformed logits z = (softcap * tanh(x / softcap)) / temperature (same shape)."""
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits
+
+
+def transform_grad(logits: torch.Tensor, temperature: float = 1.0, softcap: float | None = None) -> torch.Tensor | float:
+    """dz/dx at the raw logits x: (1 - tanh(x / softcap)^2) / temperature, or the scalar 1/temperature."""
+    if softcap is None:
+        return 1.0 / temperature
+    return (1.0 - torch.tanh(logits / softcap).square()) / temperature
+
+
+# ----------------------------------------------------------------------------------------------- shapes & dtypes
+
+
+def flatten_hidden(hidden: torch.Tensor, name: str = "hidden") -> tuple[torch.Tensor, tuple[int, ...]]:
+    """`[N, H]` or `[B, T, H]` -> (contiguous `[rows, H]`, leading shape `(N,)` or `(B, T)`)."""
+    if not isinstance(hidden, torch.Tensor):
+        raise GrpoKdError(f"{name} must be a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dim() not in (2, 3):
+        raise GrpoKdError(f"{name} must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
+    lead = tuple(hidden.shape[:-1])
+    return hidden.reshape(-1, hidden.shape[-1]).contiguous(), lead
+
+
+def flatten_rows(t: torch.Tensor, lead: tuple[int, ...], name: str, trailing: int = 0) -> torch.Tensor:
+    """Check that `t` has shape `lead + (trailing dims)` and flatten the leading dims to one row dim."""
+    if not isinstance(t, torch.Tensor):
+        raise GrpoKdError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != len(lead) + trailing or tuple(t.shape[: len(lead)]) != lead:
+        want = list(lead) + ["k"] * trailing
+        raise GrpoKdError(f"{name} must have shape {want} to match hidden, got {tuple(t.shape)}")
+    rows = math.prod(lead)
+    return t.reshape(rows, *t.shape[len(lead):]).contiguous()
+
+
+def unflatten_rows(t: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+    """`[rows, ...]` -> `lead + [...]` (inverse of `flatten_rows`)."""
+    return t.reshape(*lead, *t.shape[1:])
+
+
+def check_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Check the LM-head inputs: `hidden [rows, H]`, `weight [V, H]`, `bias [V]`, float dtypes, one device."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise GrpoKdError(f"weight must be a [V, H] tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise GrpoKdError(f"weight must be [V, H] with H={hidden.shape[-1]} as in hidden, got {tuple(weight.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        raise GrpoKdError(f"bias must be [V]={weight.shape[0]}, got {getattr(bias, 'shape', type(bias).__name__)}")
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise GrpoKdError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+        if t.device != hidden.device:
+            raise GrpoKdError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+
+
+def check_ids(ids: torch.Tensor, vocab: int, name: str) -> None:
+    """Token ids must be an integer tensor with values in [0, V) (negative ids are allowed where masked)."""
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise GrpoKdError(f"{name} must be an integer tensor, got {ids.dtype}")
+    if ids.numel() and int(ids.max()) >= vocab:
+        raise GrpoKdError(f"{name} holds id {int(ids.max())} but the vocabulary has only V={vocab} rows")
+
+
+def rows_per_chunk(V: int, bytes_budget: int = DEFAULT_CHUNK_BYTES, bytes_per_elem: int = 4) -> int:
+    """Rows of a `[rows, V]` float32 scratch that fit in `bytes_budget` (at least 1)."""
+    return max(1, int(bytes_budget) // max(1, V * bytes_per_elem))
+
+
+def row_chunks(n_rows: int, V: int, bytes_budget: int = DEFAULT_CHUNK_BYTES) -> Sequence[slice]:
+    """Slices that cover `range(n_rows)` in chunks of `rows_per_chunk(V, bytes_budget)` rows."""
+    step = rows_per_chunk(V, bytes_budget)
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
+# ----------------------------------------------------------------------------------------------- impl dispatch
+
+
+def triton_available() -> bool:
+    """True when `import triton` works (it may still need CUDA or TRITON_INTERPRET=1 to run)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the environment
+        return False
+    return True
+
+
+def interpreter_on() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
+    """`"auto"` -> `"triton"` when the tensors are on CUDA and Triton imports, else `"torch"`.
+
+    `"triton"` is honoured on CUDA tensors, and on CPU tensors only under TRITON_INTERPRET=1; otherwise, and
+    when Triton does not import, it raises `GrpoKdError`.
+    """
+    if impl not in IMPLS:
+        raise GrpoKdError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    on_cuda = any(t is not None and t.is_cuda for t in tensors)
+    if impl == "torch":
+        return "torch"
+    if impl == "auto":
+        return "triton" if on_cuda and triton_available() else "torch"
+    if not triton_available():
+        raise GrpoKdError("impl='triton' was asked for but triton is not importable; use impl='torch' or 'auto'")
+    if not on_cuda and not interpreter_on():
+        raise GrpoKdError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1; use impl='torch' or 'auto'")
+    return "triton"
+
+
+def reduction_check(reduction: str) -> str:
+    if reduction not in ("mean", "sum", "none"):
+        raise GrpoKdError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return reduction

@@ -1,0 +1,68 @@
+"""The layout of a run directory (DESIGN.md §3 "Files"), in one place.
+
+    runs/NAME/config.yaml
+    runs/NAME/iter_0001/rollouts/part-00000.arrow + manifest.json
+    runs/NAME/iter_0001/teacher/part-00000.{arrow,zarr} + manifest.json
+    runs/NAME/checkpoints/iter_0001/
+    runs/NAME/logs/metrics.jsonl
+    runs/NAME/slurm/
+    runs/NAME/reports/
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def iteration_name(iteration: int) -> str:
+    return f"iter_{iteration:04d}"
+
+
+def part_name(shard: int, suffix: str) -> str:
+    return f"part-{shard:05d}.{suffix}"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @classmethod
+    def of(cls, root: str | Path) -> "RunPaths":
+        return cls(Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    def iteration(self, iteration: int) -> Path:
+        return self.root / iteration_name(iteration)
+
+    def rollouts(self, iteration: int) -> Path:
+        return self.iteration(iteration) / "rollouts"
+
+    def teacher(self, iteration: int) -> Path:
+        return self.iteration(iteration) / "teacher"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, iteration: int) -> Path:
+        return self.checkpoints / iteration_name(iteration)
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def metrics(self) -> Path:
+        return self.logs / "metrics.jsonl"
+
+    @property
+    def slurm(self) -> Path:
+        return self.root / "slurm"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"

@@ -1,0 +1,78 @@
+"""The config schema: every shipped file loads, overrides apply, and mistakes fail with one line."""
+
+from pathlib import Path
+
+import pytest
+
+from grpo_kd.config import Config, ConfigError, load_config, to_yaml
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("**/*.yaml"))
+
+
+def test_configs_folder_is_not_empty():
+    assert len(CONFIGS) >= 6
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert load_config(path) == cfg  # deterministic
+
+
+def test_defaults_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["loss.beta=0.5", "slurm.update.nodes=2"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg), encoding="utf-8")
+    assert load_config(path) == cfg
+
+
+def test_dotted_overrides_apply_after_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("loss:\n  beta: 0.1\nrollout:\n  group_size: 2\n", encoding="utf-8")
+    cfg = load_config(path, ["loss.beta=0.04", "teacher.softcap=30", "model.lora_target_modules=[q_proj]"])
+    assert cfg.loss.beta == 0.04
+    assert cfg.rollout.group_size == 2
+    assert cfg.teacher.softcap == 30.0
+    assert cfg.model.lora_target_modules == ["q_proj"]
+
+
+def test_ints_are_accepted_for_floats_but_not_the_reverse():
+    assert load_config(None, ["loss.beta=1"]).loss.beta == 1.0
+    with pytest.raises(ConfigError, match="rollout.group_size: expected int"):
+        load_config(None, ["rollout.group_size=2.5"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.betta=1", "unknown config key loss.betta; did you mean loss.beta?"),
+        ("modle.path=x", "unknown config key modle; did you mean model?"),
+        ("loss.beta=high", "loss.beta: expected float, got str 'high'"),
+        ("loss.loss_type=dappo", "did you mean 'dapo'?"),
+        ("model.lora=3", "model.lora: expected bool"),
+        ("loss=3", "loss: expected a mapping"),
+        ("nokey", "not of the form section.key=value"),
+    ],
+)
+def test_mistakes_fail_with_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_misspelt_key_in_a_file_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("rollout:\n  group_sise: 4\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="rollout.group_sise; did you mean rollout.group_size"):
+        load_config(path)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss: [1, 2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
