@@ -1,0 +1,90 @@
+"""Named reward components and their weighted sum.
+
+Every component is a pure function of cached quantities (teacher log-probs, reference or base log-probs, the
+student's behaviour log-probs, lengths), so that an ablation of components reruns on the very same cached
+rollouts: change `loss.reward_weights`, not the cache. Components are logged separately under `reward/<name>`.
+
+Sequence-level components return `[B]`, token-level ones `[B, T]` (zero on padding):
+
+    teacher_loglik   r_i = mean_t log p_T(y_t | y_<t)                        (or teacher sum / teacher tokens or bytes
+                                                                              when the teacher has another tokenizer)
+    log_ratio        r_t = log p_T(y_t | y_<t) - log q_theta(y_t | y_<t)       (per token; MiniLLM, PPO)
+    inverse_loss     r_i = -mean_t NLL_base(y_t | y_<t) = mean_t log p_base    (self-distillation)
+    length           r_i = completion length / max_new_tokens                  (a length term, usually negative weight)
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from grpo_kd.errors import GrpoKdError
+from grpo_kd.train.advantages import masked_mean
+
+SEQUENCE_COMPONENTS = ("teacher_loglik", "inverse_loss", "length")
+TOKEN_COMPONENTS = ("log_ratio",)
+COMPONENTS = SEQUENCE_COMPONENTS + TOKEN_COMPONENTS
+
+
+def teacher_loglik(teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean teacher log-prob of the student's tokens, `[B, T]` -> `[B]`."""
+    return masked_mean(teacher_logprobs.float(), mask, dim=1)
+
+
+def teacher_loglik_retokenized(
+    teacher_sum: torch.Tensor, teacher_tokens: torch.Tensor, num_bytes: torch.Tensor, *, per: str = "token"
+) -> torch.Tensor:
+    """Teacher log-likelihood of the completion text under its own tokenizer, per teacher token or per byte."""
+    if per not in ("token", "byte"):
+        raise GrpoKdError(f"cross-tokenizer normalisation must be 'token' or 'byte', not {per!r}")
+    denominator = teacher_tokens if per == "token" else num_bytes
+    return teacher_sum.float() / denominator.float().clamp(min=1)
+
+
+def log_ratio(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token log p_T - log q_theta, `[B, T]`, zero on padding."""
+    return (teacher_logprobs.float() - student_logprobs.float()) * mask
+
+
+def inverse_loss(base_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Self-distillation reward: minus the mean NLL of the completion under the frozen base, `[B]`."""
+    return masked_mean(base_logprobs.float(), mask, dim=1)
+
+
+def length(mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Completion length as a fraction of the limit, `[B]`."""
+    return mask.float().sum(dim=1) / max(max_new_tokens, 1)
+
+
+def combine(components: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """Weighted sum of the named components that have a weight; every weighted name must be present.
+
+    Sequence components (`[B]`) and token components (`[B, T]`) do not mix: combine each kind separately.
+    """
+    unknown = sorted(set(weights) - set(COMPONENTS))
+    if unknown:
+        raise GrpoKdError(f"unknown reward component(s) {', '.join(unknown)}; known: {', '.join(COMPONENTS)}")
+    missing = sorted(name for name, w in weights.items() if w and name not in components)
+    if missing:
+        raise GrpoKdError(
+            f"reward component(s) {', '.join(missing)} are weighted but not available for this algorithm and cache"
+        )
+    used = [name for name, w in weights.items() if w]
+    if not used:
+        raise GrpoKdError("every reward weight is zero: nothing to learn from")
+    shapes = {components[name].shape for name in used}
+    if len(shapes) > 1:
+        raise GrpoKdError(f"reward components {', '.join(used)} have different shapes {sorted(map(tuple, shapes))}")
+    return sum(weights[name] * components[name].float() for name in used)
+
+
+def summarize(components: Mapping[str, torch.Tensor], mask: torch.Tensor | None = None) -> dict[str, float]:
+    """Batch means of each component for the metrics log, as `reward/<name>`."""
+    out = {}
+    for name, value in components.items():
+        if value.ndim == 2 and mask is not None:
+            out[f"reward/{name}"] = float(masked_mean(value, mask))
+        else:
+            out[f"reward/{name}"] = float(value.float().mean())
+    return out
