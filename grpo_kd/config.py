@@ -62,6 +62,8 @@ class DataConfig:
     heldout_prompts: str | None = None  # for evaluation; defaults to a slice held out of `prompts`
     heldout_fraction: float = 0.1
     pretrain_text: str | None = None  # source of the L_PT language-modelling batches
+    text_field: str = "text"  # field of pretrain / held-out text in JSONL, Parquet or HF sources
+    prefix_words: int = 0  # text / CoNLL-U: prompt = first N words, privileged = the rest; 0 = whole line
 
 
 @dataclass
@@ -101,6 +103,7 @@ class TeacherConfig:
     num_shards: int = 1  # cache-teacher array size
     reference: bool = True  # also store the reference model's per-token log-probs (KL penalty)
     cross_tokenizer_norm: Literal["token", "byte"] = "token"
+    cross_tokenizer: bool = False  # teacher with another vocabulary: cache sequence scores only (else refuse)
 
 
 @dataclass
@@ -109,7 +112,9 @@ class LossConfig:
 
     algorithm: Literal["grpo", "ppo", "minillm", "self_distill", "privileged"] = "grpo"
     reward: Literal["teacher_loglik", "minillm"] = "teacher_loglik"
-    reward_weights: dict[str, float] = field(default_factory=lambda: {"teacher_loglik": 1.0})
+    # {} = the default of the algorithm: {teacher_loglik: 1} (reward teacher_loglik), {log_ratio: 1} (reward minillm),
+    # {inverse_loss: 1} (self_distill); see grpo_kd.train.algorithms.common.reward_weights
+    reward_weights: dict[str, float] = field(default_factory=dict)
     beta: float = 0.04  # KL-to-reference coefficient (k3 estimator)
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
@@ -125,6 +130,8 @@ class LossConfig:
     value_coef: float = 0.5
     importance_clip: float = 0.2  # MiniLLM: clip of the teacher-mixed importance weights
     length_normalize: bool = True  # MiniLLM: R^Norm
+    pt_batch_size: int = 8  # L_PT: pre-training sequences per optimizer step (over all ranks)
+    pt_seq_len: int = 256  # L_PT: tokens per pre-training sequence
 
 
 @dataclass
@@ -138,6 +145,8 @@ class OptimConfig:
     micro_batch_size: int = 8  # sequences per forward/backward
     grad_accum: int = 1
     epochs_per_iteration: int = 1
+    data_parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun; fsdp: see grpo_kd.train.update
+    impl: Literal["auto", "triton", "torch"] = "auto"  # the fused kernels' implementation
 
 
 @dataclass
@@ -167,6 +176,11 @@ class SlurmConfig:
     array_parallelism: int = 0  # `%p` on the cache-teacher array; 0 = no throttle
     signal_seconds: int = 300  # USR2 this long before the time limit, to checkpoint and requeue
     setup: list[str] = field(default_factory=list)  # shell lines before the phase (module load, venv)
+    requeue: bool = True  # --requeue, and requeue a phase that checkpointed on the pre-timeout signal
+    bin_dir: str | None = None  # where grpo-kd and torchrun live; None: the bin dir of the Python that submits
+    workdir: str | None = None  # the jobs' working directory; None: where `chain submit` runs (saved resolved)
+    rendezvous_port: int = 29500  # torchrun c10d rendezvous port on the first node (multi-node update)
+    sbatch_args: list[str] = field(default_factory=list)  # extra sbatch options for every job, e.g. --constraint=a100
     rollout: SlurmPhaseConfig = field(default_factory=SlurmPhaseConfig)
     cache_teacher: SlurmPhaseConfig = field(default_factory=SlurmPhaseConfig)
     update: SlurmPhaseConfig = field(default_factory=SlurmPhaseConfig)
@@ -181,6 +195,18 @@ class EvalConfig:
     max_examples: int = 200
     max_new_tokens: int = 32
     batch_size: int = 8
+    foqa_split: str = "validation"  # split evaluated of a hub or saved dataset (few-shot examples: "train")
+    foqa_train: str | None = None  # few-shot source for a local FoQA file; None: its first examples (held out)
+    language: str = "fo"  # QA answer normalisation: "fo" removes no articles, "en" removes a/an/the
+    prompt_words: int = 4  # prompts from heldout_text: its sentences' first N words
+    temperature: float = 1.0  # sampling temperature of the distill / diversity completions
+    max_tokens: int = 1024  # perplexity window (tokens); longer texts are scored window by window
+    repetition_n: int = 4  # n of the within-text repetition rate
+    collapse_ratio: float = 0.5  # warn when distinct-n < ratio x the baseline's
+    collapse_repetition_margin: float = 0.25  # warn when repetition rate > the baseline's + margin
+    distill_cross_tokenizer: bool = False  # different vocabularies: report the teacher score only, no KL
+    euroeval_language: str = "fo"
+    euroeval_args: list[str] = field(default_factory=list)  # extra EuroEval CLI args, e.g. ["--num-iterations", "1"]
 
 
 @dataclass

@@ -2,56 +2,115 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from grpo_kd.cli._common import CONFIG_OPTION, OVERRIDES_ARGUMENT, RUN_ARGUMENT, not_available, resolve_config
+from grpo_kd.cli._common import CONFIG_OPTION, OVERRIDES_ARGUMENT, RUN_ARGUMENT, console, resolve_config
 
 chain_app = typer.Typer(help="Submit the loop to SLURM as dependent jobs, and follow it.", no_args_is_help=True)
+ITERATIONS_OPTION = typer.Option(None, "--iterations", "-n", min=1, help="Iterations (default: the config's).")
 
 
 def run(
     config: Optional[Path] = CONFIG_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
-    iterations: Optional[int] = typer.Option(None, help="Iterations to run (default: the config's)."),
+    iterations: Optional[int] = ITERATIONS_OPTION,
 ) -> None:
     """Run rollout -> cache-teacher -> update for each iteration on this machine, resuming where it stopped."""
-    resolve_config(config, overrides)
-    not_available("grpo-kd run", issue=6)
+    from grpo_kd.slurm.local import run_local
+    from grpo_kd.slurm.plan import prepare_run
+
+    cfg, paths = prepare_run(resolve_config(config, overrides), iterations)
+    console.print(f"run {cfg.name}: {cfg.iterations} iterations in {paths.root} (config: {paths.config})", highlight=False)
+    run_local(cfg, paths, console=console)
 
 
 def demo(
     corpus: Optional[list[Path]] = typer.Option(None, help="Text to build the tiny models from (default: built-in)."),
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo run goes."),
+    iterations: int = typer.Option(3, min=1, help="Iterations of the loop."),
 ) -> None:
     """Build a tiny teacher and student, run a few iterations, evaluate, and print a before/after table."""
-    not_available("grpo-kd demo", issue=6)
+    from grpo_kd.demo import run_demo
+
+    run_demo(out, corpus=corpus, iterations=iterations, console=console)
 
 
 @chain_app.command("submit")
 def submit(
     config: Optional[Path] = CONFIG_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
-    iterations: Optional[int] = typer.Option(None, help="Iterations to submit (default: the config's)."),
+    iterations: Optional[int] = ITERATIONS_OPTION,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the scripts and the order; submit nothing."),
 ) -> None:
     """Write sbatch scripts for each phase and iteration and submit them with afterok dependencies."""
-    resolve_config(config, overrides)
-    not_available("chain submit", issue=6)
+    from grpo_kd.slurm.submit import prepare_chain
+
+    cfg, paths = prepare_chain(resolve_config(config, overrides), iterations, write=not dry_run)
+    _submit(cfg, paths, resume=False, dry_run=dry_run)
 
 
 @chain_app.command("status")
-def status(run_dir: Path = RUN_ARGUMENT) -> None:
-    """Show each phase's state (from squeue/scontrol and the run directory)."""
-    not_available("chain status", issue=6)
+def status(
+    run_dir: Path = RUN_ARGUMENT,
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+) -> None:
+    """Show each phase's state (from squeue/scontrol and the run directory) and where a failed phase's log is."""
+    from grpo_kd.slurm.plan import load_run
+    from grpo_kd.slurm.status import chain_status, describe_failures
+
+    cfg, paths = load_run(run_dir)
+    rows = chain_status(cfg, paths)
+    if as_json:
+        print(json.dumps([_row_dict(r) for r in rows], indent=2))
+        return
+    table = Table(title=f"chain {paths.root}", title_justify="left")
+    for name in ("iteration", "phase", "job", "SLURM", "output"):
+        table.add_column(name)
+    for r in rows:
+        state = f"{r.state} ({r.detail})" if r.detail else r.state
+        style = "red" if r.failed else ("green" if r.done else None)
+        table.add_row(str(r.step.iteration), r.step.phase, r.job_id or "-", state, "done" if r.done else "missing", style=style)
+    Console(width=max(120, console.width)).print(table)
+    for line in describe_failures(rows):
+        print(f"failed: {line}")
 
 
 @chain_app.command("resume")
-def resume(run_dir: Path = RUN_ARGUMENT) -> None:
-    """Submit again from the first phase that is not finished."""
-    not_available("chain resume", issue=6)
+def resume(
+    run_dir: Path = RUN_ARGUMENT,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be submitted; submit nothing."),
+) -> None:
+    """Submit again from the first phase that is not finished (jobs still queued or running are kept)."""
+    from grpo_kd.slurm.plan import load_run
+
+    cfg, paths = load_run(run_dir)
+    _submit(cfg, paths, resume=True, dry_run=dry_run)
+
+
+def _submit(cfg, paths, *, resume: bool, dry_run: bool) -> None:
+    from grpo_kd.slurm.submit import describe_submissions, submit_chain
+
+    submitted = submit_chain(cfg, paths, resume=resume, dry_run=dry_run, echo=print)
+    if dry_run:
+        for s in submitted:
+            print(f"# ---- {s.script}\n{s.text}")
+        print("# ---- submission order (dry run: nothing submitted)")
+    for line in describe_submissions(submitted, dry_run=dry_run):
+        print(line)
+    if submitted and not dry_run:
+        print(f"follow it with: grpo-kd chain status {shlex.quote(str(paths.root))}")
+
+
+def _row_dict(r) -> dict:
+    return {"iteration": r.step.iteration, "phase": r.step.phase, "job_id": r.job_id, "state": r.state,
+            "detail": r.detail, "done": r.done, "failed": r.failed, "log": str(r.log) if r.log else None}  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:

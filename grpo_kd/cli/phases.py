@@ -15,11 +15,20 @@ def rollout(
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
     iteration: int = ITERATION_OPTION,
     shard: Optional[int] = typer.Option(None, help="Shard index J (default: SLURM_ARRAY_TASK_ID or 0)."),
-    num_shards: Optional[int] = typer.Option(None, help="Number of shards N (default: SLURM_ARRAY_TASK_COUNT)."),
+    num_shards: Optional[int] = typer.Option(
+        None, help="Number of shards N (default: SLURM_ARRAY_TASK_COUNT, else rollout.num_shards)."
+    ),
 ) -> None:
     """Sample G completions per prompt with the current student and store them with their log-probs."""
-    resolve_config(config, overrides)
-    not_available("the rollout phase", issue=5)
+    from grpo_kd.cli._common import setup_logging
+    from grpo_kd.slurm.shards import resolve_shard
+    from grpo_kd.train.rollout import rollout_shard
+
+    cfg = resolve_config(config, overrides)
+    setup_logging()
+    j, n = resolve_shard(shard, num_shards, cfg.rollout.num_shards)
+    summary = rollout_shard(cfg, iteration, j, n, show_progress=True)
+    typer.echo(summary.line())
 
 
 def update(
@@ -28,9 +37,19 @@ def update(
     iteration: int = ITERATION_OPTION,
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint of this phase."),
 ) -> None:
-    """Train the student on the rollouts and the teacher cache, then write the iteration's checkpoint."""
-    resolve_config(config, overrides)
-    not_available("the update phase", issue=5)
+    """Train the student on the rollouts and the teacher cache, then write the iteration's checkpoint.
+
+    Under `torchrun` every rank runs this; SIGTERM / SIGUSR2 checkpoint and exit with the requeue code."""
+    from grpo_kd.train.signals import REQUEUE_EXIT_CODE
+    from grpo_kd.train.update import UpdateInterrupted, run_update
+
+    cfg = resolve_config(config, overrides)
+    try:
+        final = run_update(cfg, iteration, resume=resume)
+    except UpdateInterrupted as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(REQUEUE_EXIT_CODE) from None
+    typer.echo(str(final))
 
 
 def register(app: typer.Typer) -> None:

@@ -2,14 +2,56 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-from grpo_kd.cli._common import not_available
+from grpo_kd.cli._common import setup_logging
+from grpo_kd.errors import GrpoKdError
 
 
-def tiny_models() -> None:
-    """Train a byte-level BPE tokenizer on local text and write a tiny teacher and student."""
-    not_available("tiny-models", issue=2)
+def tiny_models(
+    out: Path = typer.Argument(..., help="Output directory; gets tokenizer/, teacher/, student/ and build.json."),
+    corpus: Optional[list[Path]] = typer.Option(
+        None, "--corpus", help="Text or CoNLL-U file (repeatable); default: the built-in corpus."
+    ),
+    pretrain_steps: int = typer.Option(200, min=0, help="Teacher pre-training steps (0: random weights)."),
+    student_pretrain_steps: Optional[int] = typer.Option(
+        None, min=0, help="Student pre-training steps; default a quarter of the teacher's."
+    ),
+    vocab_size: int = typer.Option(1024, min=288, help="Byte-level BPE vocabulary size."),
+    other_vocab_size: int = typer.Option(
+        0, min=0, help="Also write OUT/student-other-vocab/, a student with a tokenizer of this size (0: none)."
+    ),
+    seed: int = typer.Option(0, help="Seed of the tokenizer split, the weights and the batches."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if OUT holds a build with these settings."),
+) -> None:
+    """Train a byte-level BPE tokenizer on local text and write a tiny teacher and student (Llama)."""
+    from grpo_kd.tiny import build_tiny_models, build_tiny_student
+
+    setup_logging()
+    for file in corpus or []:
+        if not file.is_file():
+            raise GrpoKdError(f"corpus file not found: {file}")
+    paths = build_tiny_models(
+        out, corpus, vocab_size=vocab_size, pretrain_steps=pretrain_steps,
+        student_pretrain_steps=student_pretrain_steps, seed=seed, force=force,
+    )  # fmt: skip
+    report = json.loads((out / "build.json").read_text(encoding="utf-8"))
+    for role in ("teacher", "student"):
+        info = report[role]
+        typer.echo(
+            f"{role}: {getattr(paths, role)}  {info['parameters']:,} parameters, {info['pretrain_steps']} steps, "
+            f"held-out perplexity {info['heldout_perplexity']:.2f}"
+        )
+    if other_vocab_size:
+        if other_vocab_size == vocab_size:
+            raise GrpoKdError("--other-vocab-size must differ from --vocab-size")
+        other = build_tiny_student(out / "student-other-vocab", corpus, vocab_size=other_vocab_size, seed=seed)
+        typer.echo(f"student with a {other_vocab_size}-token vocabulary: {other}")
+    typer.echo(f"tokenizer: {paths.tokenizer}  ({report['vocab_size']} tokens); built in {report['seconds']} s")
 
 
 def register(app: typer.Typer) -> None:

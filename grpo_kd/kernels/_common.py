@@ -29,7 +29,8 @@ from grpo_kd.errors import GrpoKdError
 
 IMPLS = ("auto", "triton", "torch")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DEFAULT_CHUNK_BYTES = 64 * 2**20  # float32 logits held at once by the torch twin: 64 MiB
+DEFAULT_CHUNK_BYTES = 32 * 2**20  # CPU: float32 logits of one row chunk (a few such temporaries live at once)
+CUDA_CHUNK_BYTES = 2**30  # CUDA: big enough for ~2k rows at V=128k, so each chunk's GEMMs stay efficient
 
 
 # ----------------------------------------------------------------------------------------------- options
@@ -42,7 +43,7 @@ class LinearOptions:
     temperature: float = 1.0  # z = s / temperature
     softcap: float | None = None  # s = softcap * tanh(x / softcap); None = no cap
     impl: str = "torch"  # resolved: "triton" or "torch" (never "auto" here)
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # torch twin: float32 logit bytes per row chunk
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # float32 logit bytes per row chunk (torch twin, backward buffer)
 
 
 def make_options(temperature: float, softcap: float | None, impl: str, *tensors: torch.Tensor | None) -> LinearOptions:
@@ -54,7 +55,13 @@ def make_options(temperature: float, softcap: float | None, impl: str, *tensors:
         softcap = float(softcap)
         if not math.isfinite(softcap) or softcap <= 0:
             raise GrpoKdError(f"softcap must be a positive finite number or None, got {softcap!r}")
-    return LinearOptions(temperature=temperature, softcap=softcap, impl=resolve_impl(impl, *tensors))
+    on_cuda = any(t is not None and t.is_cuda for t in tensors)
+    return LinearOptions(
+        temperature=temperature,
+        softcap=softcap,
+        impl=resolve_impl(impl, *tensors),
+        chunk_bytes=CUDA_CHUNK_BYTES if on_cuda else DEFAULT_CHUNK_BYTES,  # read at call time: tests shrink it
+    )
 
 
 # ----------------------------------------------------------------------------------------------- the transform
@@ -69,7 +76,9 @@ def transform_logits(logits: torch.Tensor, temperature: float = 1.0, softcap: fl
     return logits
 
 
-def transform_grad(logits: torch.Tensor, temperature: float = 1.0, softcap: float | None = None) -> torch.Tensor | float:
+def transform_grad(
+    logits: torch.Tensor, temperature: float = 1.0, softcap: float | None = None
+) -> torch.Tensor | float:
     """dz/dx at the raw logits x: (1 - tanh(x / softcap)^2) / temperature, or the scalar 1/temperature."""
     if softcap is None:
         return 1.0 / temperature
@@ -120,14 +129,31 @@ def check_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             raise GrpoKdError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
         if t.device != hidden.device:
             raise GrpoKdError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if weight.dtype != hidden.dtype:
+        raise GrpoKdError(f"weight has dtype {weight.dtype} but hidden has {hidden.dtype}; they must match")
 
 
-def check_ids(ids: torch.Tensor, vocab: int, name: str) -> None:
-    """Token ids must be an integer tensor with values in [0, V) (negative ids are allowed where masked)."""
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+def prepare_linear(hidden, weight, bias):
+    """Check and flatten: -> (hidden (rows, H) contiguous, leading shape, weight contiguous, bias contiguous)."""
+    hidden2, lead = flatten_hidden(hidden)
+    check_linear(hidden2, weight, bias)
+    return hidden2, lead, weight.contiguous(), None if bias is None else bias.contiguous()
+
+
+def check_ids(ids: torch.Tensor, vocab: int, name: str, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Ids must be integers in [0, V) where `valid` (broadcastable bool) is True; returns int64 ids with the
+    entries outside `valid` replaced by 0, so that they can be gathered safely."""
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
         raise GrpoKdError(f"{name} must be an integer tensor, got {ids.dtype}")
-    if ids.numel() and int(ids.max()) >= vocab:
-        raise GrpoKdError(f"{name} holds id {int(ids.max())} but the vocabulary has only V={vocab} rows")
+    ids = ids.long()
+    if valid is not None:
+        ids = torch.where(valid, ids, torch.zeros_like(ids))
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise GrpoKdError(f"{name} holds id {bad}, outside the vocabulary [0, {vocab})")
+    return ids
 
 
 def rows_per_chunk(V: int, bytes_budget: int = DEFAULT_CHUNK_BYTES, bytes_per_elem: int = 4) -> int:

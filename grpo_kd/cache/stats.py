@@ -1,0 +1,154 @@
+"""`grpo-kd cache stats`: what a teacher cache holds and how much of the teacher it keeps.
+
+Per iteration, over all teacher shards:
+- bytes per token: shard bytes on disk / completion tokens (and per row field group, nominally);
+- top-k mass: m = sum_i exp(topk_logprob_i), the share of the teacher's probability inside the top-k, as a
+  histogram and quantiles (a low mass means top-k alone is a poor picture of the teacher: raise k or use m>0);
+- teacher entropy, estimated from the top-k with the rest mass r = 1 - m:
+      H_low  = -sum_i p_i log p_i - r log r                  (the rest as one bucket: a lower bound)
+      H_high = H_low + r log(V - k)                          (the rest spread evenly: an upper bound)
+  The true entropy lies between the two; they meet as r -> 0;
+- agreement: the share of the student's sampled tokens equal to the teacher's top-1, and inside its top-k;
+- the teacher's mean log-prob of the sampled tokens (and, for a cross-tokenizer cache, per teacher token and
+  per byte of the completion).
+Writes `cache_stats_iter_XXXX.json` and a PNG plot beside it (matplotlib, Agg backend) under RUN/reports/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from grpo_kd.cache.manifest import CacheError
+from grpo_kd.cache.reader import _bf16_bits_to_float32
+from grpo_kd.cache.rollouts import RolloutStore
+from grpo_kd.cache.teacher import open_teacher_shards
+from grpo_kd.cache.verify import iterations_of
+from grpo_kd.fsutil import atomic_path, atomic_write_json
+from grpo_kd.paths import RunPaths, iteration_name
+
+QUANTILES = [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99]
+MASS_BINS = np.linspace(0.0, 1.0, 21)
+
+
+def iteration_stats(paths: RunPaths, iteration: int) -> dict:
+    store = RolloutStore.open(paths.rollouts(iteration))
+    shards = open_teacher_shards(paths.teacher(iteration))
+    spec = shards[0].spec
+    vocab = int(shards[0].manifest.get("teacher", {}).get("tokenizer", {}).get("vocab_size") or 0)
+    total_bytes = sum(int(s.manifest["bytes"]) for s in shards)
+    tokens = sum(int(s.manifest["tokens"]) for s in shards)
+    out: dict = {"iteration": iteration, "format": spec.format, "top_k": spec.top_k, "num_samples": spec.num_samples,
+                 "logprob_dtype": spec.logprob_dtype, "token_level": spec.token_level, "shards": len(shards),
+                 "rows": sum(int(s.manifest["rows"]) for s in shards), "tokens": tokens, "bytes": total_bytes,
+                 "bytes_per_token": total_bytes / max(tokens, 1)}
+    mass, h_low, h_high, target, top1, in_topk, seq, seq_tok, seq_bytes = ([] for _ in range(9))
+    for shard in shards:
+        rollout = store.shard(shard.shard)
+        offsets, completion = rollout.list_column("completion_ids")
+        for chunk in shard.reader.iter_token_chunks(list(spec.token_fields())):
+            seq.append(chunk["seq_logprob"])
+            if spec.cross_tokenizer:
+                seq_tok.append(chunk["xtok_num_tokens"])
+                seq_bytes.append(chunk["xtok_num_bytes"])
+            if not spec.token_level:
+                continue
+            top = chunk["topk_logprobs"]
+            top = (_bf16_bits_to_float32(top) if top.dtype == np.uint16 else top).astype(np.float64)
+            p = np.exp(top)  # (N, k)
+            m = p.sum(axis=1)
+            rest = np.clip(1.0 - m, 0.0, 1.0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rest_term = np.where(rest > 0, -rest * np.log(rest), 0.0)
+            low = -(p * top).sum(axis=1) + rest_term
+            mass.append(m)
+            h_low.append(low)
+            h_high.append(low + rest * np.log(max(vocab - spec.top_k, 1)))
+            target.append(chunk["target_logprobs"])
+            sampled = np.concatenate([completion[offsets[r]:offsets[r + 1]] for r in chunk["row"]])
+            top1.append(chunk["topk_ids"][:, 0] == sampled)
+            in_topk.append((chunk["topk_ids"] == sampled[:, None]).any(axis=1))
+    seq = np.concatenate(seq)
+    if spec.token_level:
+        mass, h_low, h_high = np.concatenate(mass), np.concatenate(h_low), np.concatenate(h_high)
+        target = np.concatenate(target).astype(np.float64)
+        counts, _ = np.histogram(np.clip(mass, 0, 1), bins=MASS_BINS)
+        out["topk_mass"] = {"mean": float(mass.mean()), "quantiles": _quantiles(mass),
+                            "histogram": {"bin_edges": MASS_BINS.tolist(), "counts": counts.tolist()}}
+        out["entropy_nats"] = {"lower_mean": float(h_low.mean()), "upper_mean": float(h_high.mean()),
+                               "lower_quantiles": _quantiles(h_low), "vocab_size": vocab,
+                               "estimate": "from top-k: rest as one bucket (lower) / spread evenly (upper)"}
+        out["agreement"] = {"student_token_is_teacher_top1": float(np.concatenate(top1).mean()),
+                            "student_token_in_teacher_topk": float(np.concatenate(in_topk).mean())}
+        out["teacher_logprob_of_sampled"] = {"mean": float(target.mean()), "quantiles": _quantiles(target)}
+        out["_plot"] = (mass, h_low, target)
+    else:
+        n_tok, n_bytes = np.concatenate(seq_tok), np.concatenate(seq_bytes)
+        out["sequence"] = {"mean_logprob_per_teacher_token": float(seq.sum() / max(n_tok.sum(), 1)),
+                           "mean_logprob_per_byte": float(seq.sum() / max(n_bytes.sum(), 1))}
+        out["_plot"] = (None, None, seq / np.maximum(n_tok, 1))
+    return out
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {}
+    return {f"q{int(q * 100):02d}": float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES))}
+
+
+def plot_stats(stats: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mass, h_low, target = stats["_plot"]
+    panels = [(mass, "top-k probability mass", MASS_BINS), (h_low, "teacher entropy, lower bound (nats)", 30),
+              (target, "teacher log-prob of the sampled token", 40)]
+    panels = [p for p in panels if p[0] is not None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4))
+    axes = np.atleast_1d(axes)
+    for ax, (values, title, bins) in zip(axes, panels):
+        ax.hist(values, bins=bins, color="#4472c4")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("tokens")
+    fig.suptitle(f"{iteration_name(stats['iteration'])}: teacher cache, k={stats['top_k']}, "
+                 f"{stats['bytes_per_token']:.0f} B/token", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def summary_line(stats: dict) -> str:
+    head = (f"{iteration_name(stats['iteration'])}: {stats['tokens']} tokens, {stats['bytes_per_token']:.1f} bytes/token "
+            f"({stats['format']}, k={stats['top_k']})")
+    if stats["token_level"]:
+        return (head + f"; top-k mass median {stats['topk_mass']['quantiles'].get('q50', float('nan')):.3f}; "
+                f"entropy {stats['entropy_nats']['lower_mean']:.2f}-{stats['entropy_nats']['upper_mean']:.2f} nats; "
+                f"top-1 agreement {stats['agreement']['student_token_is_teacher_top1']:.3f}")
+    return head + f"; mean log-prob per teacher token {stats['sequence']['mean_logprob_per_teacher_token']:.3f}"
+
+
+def run_stats(run_dir: str | Path, iteration: int | None = None, out_dir: str | Path | None = None):
+    """Yield (json path, png path, one-line summary) per iteration with a teacher cache."""
+    paths = RunPaths.of(run_dir)
+    if not paths.root.is_dir():
+        raise CacheError(f"run directory not found: {run_dir}")
+    iterations = [iteration] if iteration is not None else [
+        i for i in iterations_of(paths.root) if paths.teacher(i).is_dir()]
+    if not iterations:
+        raise CacheError(f"no teacher caches under {run_dir}")
+    out = Path(out_dir) if out_dir else paths.reports
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for it in iterations:
+        stats = iteration_stats(paths, it)
+        json_path = out / f"cache_stats_{iteration_name(it)}.json"
+        png_path = json_path.with_suffix(".png")
+        plot_stats(stats, png_path)
+        stats.pop("_plot")
+        atomic_write_json(json_path, stats)
+        results.append((json_path, png_path, summary_line(stats)))
+    return results

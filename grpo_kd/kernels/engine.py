@@ -1,0 +1,285 @@
+"""The shared differentiable engine: a few per-row statistics of the student's full-vocabulary distribution.
+
+Every loss in grpo_kd needs the student's logits z (N x V) only through
+
+    lse_n      = log sum_v exp(z_nv)                        (N,)    the normaliser
+    eq_logq_n  = sum_v q_nv log q_nv                        (N,)    minus the entropy
+    sum_z_n    = sum_v z_nv                                 (N,)    uniform-tail forward KL only
+    z_ids_nj   = z at a few given ids per row               (N, k)  targets, teacher top-k or samples
+    jsd_rest_n = sum_v f(q_nv),  f(q) = beta p log p + (1-beta) q log q - m log m,  m = beta p_n + (1-beta) q
+                                                            (N,)    JSD with a uniform tail only
+
+`LinearStatsFunction` computes them from `hidden` and `weight` without an N x V tensor and is differentiable;
+each loss is then ordinary torch autograd over these small tensors (see logprobs.py, grpo_loss.py,
+sparse_kl.py). The backward pass maps the upstream gradients to the dense gradient of the logits,
+
+    d lse / dz_v      = q_v
+    d eq_logq / dz_v  = q_v (log q_v - eq_logq)
+    d sum_z / dz_v    = 1
+    d jsd_rest / dz_v = (1-beta) q_v (log(q_v / m_v) - sum_u q_u log(q_u / m_u))
+
+i.e.  g_v = q_v (a + b log q_v) + d + c q_v log(q_v / m_v)  with per-row a, b, c, d, plus a sparse part at the
+ids, which is gathered (forward) and scattered (backward) with `W[ids]` in row chunks — O(N k H) work, no V sweep.
+
+Key design choice: one autograd primitive for all losses. The Triton path sweeps V in tiles (stats.py,
+dense_grad.py); the torch twin here walks row chunks of at most `chunk_bytes` of fp32 logits. Both produce
+dx = g * dz/dx one row chunk at a time and finish with two matrix products per chunk (grad_hidden = dx @ W,
+grad_W += dx.T @ hidden in fp32). Rows that a loss masks out are dropped before the sweep (`row_mask`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from grpo_kd.kernels._common import LinearOptions, row_chunks, transform_grad, transform_logits
+
+
+class RowStats(NamedTuple):
+    lse: torch.Tensor | None  # (N,) fp32 log-sum-exp of z
+    eq_logq: torch.Tensor | None  # (N,) fp32 E_q[log q] = -entropy
+    sum_z: torch.Tensor | None  # (N,) fp32 sum_v z_v
+    z_ids: torch.Tensor | None  # (N, k) fp32 transformed logits at the ids
+    jsd_rest: torch.Tensor | None  # (N,) fp32 sum_v f(q_v) of the uniform-tail JSD
+
+
+@dataclass(frozen=True)
+class StatsOptions:
+    """What `LinearStatsFunction` computes, besides z at the ids (always)."""
+
+    linear: LinearOptions  # temperature, softcap, resolved impl, chunk bytes
+    need_lse: bool = True  # False: no V sweep at all (renormalised top-k losses)
+    need_entropy: bool = False  # E_q[log q]
+    need_sum_z: bool = False  # sum_v z_v
+    jsd_beta: float | None = None  # set: also the uniform-tail JSD sums (needs p_rest)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result; fp32 accumulation for half inputs (cuBLAS out_dtype, or upcast on CPU)."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # older torch: accumulate in fp32, round once per chunk
+            return (a @ b).float()
+    return a.float() @ b.float()
+
+
+def _raw_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    x = mm_f32(h, weight.t())  # (c, V)
+    if bias is not None:
+        x += bias.float()
+    return x
+
+
+def _xlogx(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(t > 0, t * torch.log(t.clamp_min(1e-38)), torch.zeros_like(t))
+
+
+# ----------------------------------------------------------------------------------------------- torch twin
+
+
+def stats_torch(hidden, weight, bias, opts: LinearOptions, need_entropy: bool, need_sum_z: bool):
+    """Chunked twin of `stats.stats_triton`: (lse, E_q[log q] | None, sum_z | None), each (N,) fp32."""
+    N, V = hidden.shape[0], weight.shape[0]
+    lse = hidden.new_empty(N, dtype=torch.float32)
+    eq = hidden.new_empty(N, dtype=torch.float32) if need_entropy else None
+    sz = hidden.new_empty(N, dtype=torch.float32) if need_sum_z else None
+    for sl in row_chunks(N, V, opts.chunk_bytes):
+        z = transform_logits(_raw_logits(hidden[sl], weight, bias), opts.temperature, opts.softcap)  # (c, V)
+        lse[sl] = torch.logsumexp(z, dim=-1)
+        if sz is not None:
+            sz[sl] = z.sum(-1)
+        if eq is not None:
+            z -= lse[sl, None]  # log q, in place
+            eq[sl] = (z.exp() * z).sum(-1)
+    return lse, eq, sz
+
+
+def jsd_rest_torch(hidden, weight, bias, opts: LinearOptions, lse, p_rest, beta: float):
+    """Chunked twin of `stats.jsd_rest_triton`: (R, Rq) without the constant beta p log p terms."""
+    N, V = hidden.shape[0], weight.shape[0]
+    r = hidden.new_empty(N, dtype=torch.float32)
+    rq = torch.empty_like(r)
+    for sl in row_chunks(N, V, opts.chunk_bytes):
+        logq = transform_logits(_raw_logits(hidden[sl], weight, bias), opts.temperature, opts.softcap)
+        logq -= lse[sl, None]  # (c, V)
+        q = logq.exp()
+        mix = beta * p_rest[sl, None] + (1.0 - beta) * q  # (c, V)
+        logm = mix.clamp_min(1e-38).log()
+        r[sl] = ((1.0 - beta) * q * logq - mix * logm).sum(-1)
+        rq[sl] = (q * (logq - logm)).sum(-1)
+    return r, rq
+
+
+def dx_torch(hidden, weight, bias, opts: LinearOptions, lse, a, b, d, c, p_rest, beta: float) -> torch.Tensor:
+    """Twin of `dense_grad.dx_triton` for one row chunk: dx (c, V) in hidden's dtype."""
+    x = _raw_logits(hidden, weight, bias)  # (c, V)
+    logq = transform_logits(x, opts.temperature, opts.softcap) - lse[:, None]
+    q = logq.exp()
+    g = q * a[:, None]
+    if b is not None:
+        g += q * logq * b[:, None]
+    if d is not None:
+        g += d[:, None]
+    if c is not None:
+        mix = beta * p_rest[:, None] + (1.0 - beta) * q
+        g += c[:, None] * q * (logq - mix.clamp_min(1e-38).log())
+    g *= transform_grad(x, opts.temperature, opts.softcap)
+    return g.to(hidden.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- sparse part
+
+
+def _id_chunks(n_rows: int, k: int, H: int, budget: int) -> list[slice]:
+    step = max(1, budget // max(1, k * H * 4))
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
+def gather_raw_logits(hidden, weight, bias, ids, budget: int) -> torch.Tensor:
+    """x at the ids: (N, k) fp32, hidden[n] . W[ids[n, j]] (+ b), by chunks of gathered weight rows."""
+    N, k = ids.shape
+    out = hidden.new_empty(N, k, dtype=torch.float32)
+    for sl in _id_chunks(N, k, hidden.shape[1], budget):
+        w = weight[ids[sl]].float()  # (c, k, H)
+        out[sl] = torch.bmm(w, hidden[sl].float().unsqueeze(-1)).squeeze(-1)  # (c, k)
+    if bias is not None:
+        out += bias.float()[ids]
+    return out
+
+
+def scatter_sparse_grad(hidden, weight, ids, coef, gh, gw, gb, budget: int) -> None:
+    """Add the sparse gradient coef (N, k) at the ids into gh (N, H), gw (V, H), gb (V,) (fp32, any may be None)."""
+    N, k = ids.shape
+    for sl in _id_chunks(N, k, hidden.shape[1], budget):
+        if gh is not None:
+            w = weight[ids[sl]].float()  # (c, k, H)
+            gh[sl] += torch.bmm(coef[sl].unsqueeze(1), w).squeeze(1)  # (c, H)
+        if gw is not None:
+            rows = coef[sl].unsqueeze(-1) * hidden[sl].float().unsqueeze(1)  # (c, k, H)
+            gw.index_add_(0, ids[sl].reshape(-1), rows.reshape(-1, rows.shape[-1]))
+    if gb is not None:
+        gb.index_add_(0, ids.reshape(-1), coef.reshape(-1))
+
+
+# ----------------------------------------------------------------------------------------------- dense backward
+
+
+def dense_backward(hidden, weight, bias, opts: LinearOptions, lse, coefs, p_rest, beta, needs):
+    """fp32 (grad_hidden | None, grad_W | None, grad_bias | None) of the dense part, one row chunk at a time.
+
+    `coefs` = (a, b, d, c), each (N,) or None (a never None); `needs` = (hidden, weight, bias) flags.
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    a, b, d, c = coefs
+    gh = hidden.new_zeros(N, H, dtype=torch.float32) if needs[0] else None
+    gw = weight.new_zeros(V, H, dtype=torch.float32) if needs[1] else None
+    gb = weight.new_zeros(V, dtype=torch.float32) if needs[2] else None
+    if opts.impl == "triton":
+        from grpo_kd.kernels.dense_grad import dx_triton as make_dx
+    else:
+        make_dx = dx_torch
+    pick = lambda t, sl: None if t is None else t[sl]  # noqa: E731
+    for sl in row_chunks(N, V, opts.chunk_bytes):
+        dx = make_dx(hidden[sl], weight, bias, opts, lse[sl], a[sl], pick(b, sl), pick(d, sl), pick(c, sl),
+                     pick(p_rest, sl), beta)  # (c, V) input dtype
+        if gh is not None:
+            gh[sl] = mm_f32(dx, weight)  # (c, H)
+        if gw is not None:
+            gw += mm_f32(dx.t(), hidden[sl])  # (V, H)
+        if gb is not None:
+            gb += dx.float().sum(0)
+    return gh, gw, gb
+
+
+# ----------------------------------------------------------------------------------------------- autograd
+
+
+class LinearStatsFunction(torch.autograd.Function):
+    """(hidden, weight, bias, ids, p_rest) -> (lse, eq_logq, sum_z, z_ids, jsd_rest); unneeded outputs are empty."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, p_rest, opts: StatsOptions):
+        lin = opts.linear
+        lse = eq = sz = r = rq = None
+        if opts.need_lse:
+            if lin.impl == "triton":
+                from grpo_kd.kernels.stats import jsd_rest_triton as rest_fn, stats_triton as stats_fn
+            else:
+                rest_fn, stats_fn = jsd_rest_torch, stats_torch
+            lse, eq, sz = stats_fn(hidden, weight, bias, lin, opts.need_entropy, opts.need_sum_z)
+            if opts.jsd_beta is not None:
+                beta = opts.jsd_beta
+                r, rq = rest_fn(hidden, weight, bias, lin, lse, p_rest, beta)
+                r = r + weight.shape[0] * beta * _xlogx(p_rest)  # the constant beta p log p of every entry
+        x_ids = gather_raw_logits(hidden, weight, bias, ids, lin.chunk_bytes)  # (N, k)
+        z_ids = transform_logits(x_ids, lin.temperature, lin.softcap)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(hidden, weight, bias, ids, p_rest, lse, eq, rq, x_ids)
+        ctx.opts = opts
+        return tuple(hidden.new_empty(0, dtype=torch.float32) if t is None else t for t in (lse, eq, sz, z_ids, r))
+
+    @staticmethod
+    def backward(ctx, g_lse, g_eq, g_sz, g_zids, g_rest):
+        hidden, weight, bias, ids, p_rest, lse, eq, rq, x_ids = ctx.saved_tensors
+        opts: StatsOptions = ctx.opts
+        lin = opts.linear
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        a = g_lse.float() if g_lse is not None else None
+        b = d = c = None
+        if g_eq is not None:
+            b = g_eq.float()
+            a = -b * eq if a is None else a - b * eq
+        if g_sz is not None:
+            d = g_sz.float()
+        if g_rest is not None:
+            c = (1.0 - opts.jsd_beta) * g_rest.float()
+            a = -c * rq if a is None else a - c * rq
+        if a is None and d is None:
+            gh = hidden.new_zeros(hidden.shape, dtype=torch.float32) if needs[0] else None
+            gw = weight.new_zeros(weight.shape, dtype=torch.float32) if needs[1] else None
+            gb = weight.new_zeros(weight.shape[0], dtype=torch.float32) if needs[2] else None
+        else:
+            a = torch.zeros_like(lse) if a is None else a
+            beta = opts.jsd_beta or 0.0
+            gh, gw, gb = dense_backward(hidden, weight, bias, lin, lse, (a, b, d, c), p_rest, beta, needs)
+        if g_zids is not None and ids.numel():
+            coef = g_zids.float() * transform_grad(x_ids, lin.temperature, lin.softcap)  # (N, k) d loss / d x_ids
+            scatter_sparse_grad(hidden, weight, ids, coef, gh, gw, gb, lin.chunk_bytes)
+        return (
+            None if gh is None else gh.to(hidden.dtype),
+            None if gw is None else gw.to(weight.dtype),
+            None if gb is None else gb.to(bias.dtype),
+            None, None, None,
+        )
+
+
+def linear_stats(hidden, weight, bias, ids, opts: StatsOptions, p_rest=None, row_mask=None) -> RowStats:
+    """Differentiable `RowStats` for `hidden (N, H)`, `weight (V, H)`, `ids (N, k)` int64 in [0, V).
+
+    Rows where `row_mask (N,)` is False are skipped: their statistics are 0 and get no gradient.
+    """
+    N = hidden.shape[0]
+    if row_mask is not None and not bool(row_mask.all()):
+        keep = row_mask.nonzero().squeeze(1)  # (n,)
+        sub = linear_stats(hidden.index_select(0, keep), weight, bias, ids.index_select(0, keep), opts,
+                           None if p_rest is None else p_rest.index_select(0, keep))
+        spread = lambda t: None if t is None else t.new_zeros(N, *t.shape[1:]).index_copy(0, keep, t)  # noqa: E731
+        return RowStats(*(spread(t) for t in sub))
+    outs = LinearStatsFunction.apply(hidden, weight, bias, ids, p_rest, opts)
+    lse, eq, sz, z_ids, r = outs
+    return RowStats(
+        lse if opts.need_lse else None,
+        eq if opts.need_lse and opts.need_entropy else None,
+        sz if opts.need_lse and opts.need_sum_z else None,
+        z_ids,
+        r if opts.need_lse and opts.jsd_beta is not None else None,
+    )

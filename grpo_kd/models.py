@@ -1,0 +1,356 @@
+"""Model loading in one place: causal LMs, the student with optional LoRA, teachers, fingerprints, LM-head parts.
+
+Every phase loads models through these functions, so a tiny Llama on a laptop and a 70B teacher on a node take
+the same code path. Key design choice: the fused kernels never see logits, only the final hidden states and the
+LM-head weight, so this module exposes exactly those two (`final_hidden_states`, `lm_head`) and runs the
+decoder without the head; `B x T x V` logits are never built.
+
+    model = load_causal_lm("runs/tiny-models/teacher")           # local directory or hub id
+    student = load_student(cfg.model, checkpoint="runs/x/checkpoints/iter_0001")
+    hidden = final_hidden_states(student, input_ids, mask)      # (B, T, H)
+    head = lm_head(student)                                      # weight (V, H), bias (V,) | None, softcap
+    with adapters_disabled(student): base_hidden = final_hidden_states(student, input_ids, mask)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import torch
+from torch import nn
+
+from grpo_kd.config import ModelConfig, TeacherConfig
+from grpo_kd.device import choose_dtype, infer_device
+from grpo_kd.errors import GrpoKdError
+
+log = logging.getLogger(__name__)
+
+# Config keys left out of the model fingerprint: they change with the library or the place, not the model.
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"}
+
+
+class LMHead(NamedTuple):
+    """What the fused kernels need of the output layer: logits = softcap * tanh((hidden @ weight.T + bias) / softcap)."""
+
+    weight: torch.Tensor  # (V, H)
+    bias: torch.Tensor | None  # (V,) or None
+    softcap: float | None  # Gemma-2/3 final_logit_softcapping, None when the model has none
+
+
+# ---------------------------------------------------------------------------------------------- locating
+
+
+def _resolve_source(path: str, what: str) -> str:
+    """Return `path` if it is a local model directory or a plausible hub id; otherwise fail with one line."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise GrpoKdError(f"{what} {path!r} is a file; expected a model directory or a hub id")
+        return str(local)
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    looks_like_path = path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        looks_like_path = True
+    if looks_like_path:
+        raise GrpoKdError(f"{what} not found: {path!r} is not a local directory (nor a valid hub id)")
+    return path
+
+
+def _hub_failure(path: str, what: str, exc: BaseException) -> GrpoKdError:
+    from huggingface_hub import constants
+
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+    return GrpoKdError(f"could not load {what} {path!r}: not a local directory and not on the hub{offline}: {first}")
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).expanduser().is_dir()
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    """An HF tokenizer from a directory or hub id, with a pad token (the eos token when it has none)."""
+    from transformers import AutoTokenizer
+
+    source = _resolve_source(path, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_failure(path, "tokenizer", exc) from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise GrpoKdError(f"tokenizer {path!r} has neither a pad token nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _check_4bit() -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise GrpoKdError("4-bit loading needs bitsandbytes: pip install 'grpo-kd[quant]'")
+    if not torch.cuda.is_available():
+        raise GrpoKdError("4-bit loading (bitsandbytes) needs a CUDA GPU; none is available here")
+
+
+def load_causal_lm(
+    path: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    load_in_4bit: bool = False,
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+):
+    """Any causal LM from a local directory or a hub id, in the dtype and on the device chosen (and logged) here.
+
+    With `device_map` (e.g. "auto" for a teacher spread over a node's GPUs) accelerate places the weights and
+    `device` is only used to choose the dtype. `load_in_4bit` quantises with bitsandbytes (NF4, compute in
+    the chosen dtype).
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = _resolve_source(path, "model")
+    if _is_local(source) and not (Path(source) / "config.json").is_file():
+        raise GrpoKdError(f"model directory {path!r} has no config.json; is it a save_pretrained directory?")
+    target = infer_device(device)
+    torch_dtype, reason = choose_dtype(dtype, target)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if load_in_4bit:
+        _check_4bit()
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype
+        )
+        device_map = device_map or {"": target.index or 0}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        if _is_local(source):
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise GrpoKdError(f"could not load model from {path!r}: {first}") from None
+        raise _hub_failure(path, "model", exc) from None
+    if device_map is None:
+        model.to(target)
+    where = f"device_map={device_map!r}" if device_map is not None else f"device {target}"
+    log.info("loaded %s on %s, %s (%s)%s", path, where, torch_dtype, reason, ", 4-bit" if load_in_4bit else "")
+    return model
+
+
+def _present_targets(model: nn.Module, wanted: list[str]) -> list[str]:
+    """The LoRA target names of `wanted` that name linear layers of `model`; an error if none does."""
+    linear_names = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)})
+    present = [name for name in wanted if name in linear_names]
+    if not present:
+        raise GrpoKdError(
+            f"none of the LoRA target modules {wanted} is in the model; its linear layers are: {', '.join(linear_names)}"
+        )
+    missing = [name for name in wanted if name not in linear_names]
+    if missing:
+        log.info("LoRA: target modules %s are not in this model and are skipped", missing)
+    return present
+
+
+def _add_lora(model, cfg: ModelConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=_present_targets(model, cfg.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def _is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def load_student(cfg: ModelConfig, *, checkpoint: str | None = None, trainable: bool = True):
+    """The student: base weights from `cfg.path` (or a full-weight `checkpoint`), LoRA adapters when `cfg.lora`.
+
+    `checkpoint` is a directory written by `save_pretrained`: either a peft adapter (adapter_config.json; loaded
+    onto the base from `cfg.path`) or full weights (config.json; replaces the base, and with `cfg.lora` gets
+    fresh adapters). `trainable=False` gives an eval-mode model with no parameter requiring grad.
+    """
+    base_path = cfg.path
+    adapter_dir = None
+    if checkpoint is not None:
+        ckpt = Path(checkpoint)
+        if not ckpt.is_dir():
+            raise GrpoKdError(f"student checkpoint not found: {checkpoint}")
+        if _is_adapter_dir(ckpt):
+            adapter_dir = ckpt
+        elif (ckpt / "config.json").is_file():
+            base_path = str(ckpt)
+        else:
+            raise GrpoKdError(f"student checkpoint {checkpoint} holds neither adapter_config.json nor config.json")
+    model = load_causal_lm(
+        base_path,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation,
+    )
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+        log.info("student adapter loaded from %s", adapter_dir)
+    elif cfg.lora:
+        model = _add_lora(model, cfg)
+    if trainable:
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+        model.train()
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def load_teacher(teacher_cfg: TeacherConfig, student_cfg: ModelConfig, *, checkpoint: str | None = None):
+    """The teacher in eval mode with no grad.
+
+    kind "model": `teacher_cfg.path`, in the teacher's dtype, 4-bit and device map. The self-teachers
+    ("self_base", "self_privileged") are the student's base from `student_cfg.path`; with `teacher_cfg.adapter`
+    and a `checkpoint`, the student's trained weights or adapters are loaded too (the current student).
+    """
+    if teacher_cfg.kind == "model":
+        model = load_causal_lm(
+            teacher_cfg.path,
+            dtype=teacher_cfg.dtype,
+            device=student_cfg.device,
+            load_in_4bit=teacher_cfg.load_in_4bit,
+            device_map=teacher_cfg.device_map,
+            trust_remote_code=teacher_cfg.trust_remote_code,
+            attn_implementation=student_cfg.attn_implementation,
+        )
+    else:
+        use_ckpt = checkpoint if teacher_cfg.adapter else None
+        model = load_student(student_cfg, checkpoint=use_ckpt, trainable=False)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+
+
+def _peft_model(model) -> Any | None:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return None
+    return model if isinstance(model, PeftModel) else None
+
+
+@contextlib.contextmanager
+def adapters_disabled(model) -> Iterator[Any]:
+    """Run the frozen base with every adapter switched off; a no-op for a model without adapters."""
+    peft_model = _peft_model(model)
+    if peft_model is not None:
+        with peft_model.disable_adapter():
+            yield model
+        return
+    if getattr(model, "_hf_peft_config_loaded", False):  # adapters attached through transformers' integration
+        model.disable_adapters()
+        try:
+            yield model
+        finally:
+            model.enable_adapters()
+        return
+    yield model
+
+
+# ---------------------------------------------------------------------------------------------- fingerprints
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+    """Vocabulary size, a sha256 of the token->id mapping in id order, and the tokenizer's name."""
+    vocab = tokenizer.get_vocab()
+    pairs = sorted(((int(i), tok) for tok, i in vocab.items()))
+    digest = hashlib.sha256(json.dumps(pairs, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    return {"vocab_size": int(len(tokenizer)), "vocab_hash": digest.hexdigest(), "name": tokenizer.name_or_path}
+
+
+def same_vocabulary(fp_a: dict[str, Any], fp_b: dict[str, Any]) -> bool:
+    """True when two tokenizer fingerprints map the same tokens to the same ids."""
+    return fp_a.get("vocab_size") == fp_b.get("vocab_size") and fp_a.get("vocab_hash") == fp_b.get("vocab_hash")
+
+
+def _hf_model(model):
+    """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
+    peft_model = _peft_model(model)
+    return peft_model.get_base_model() if peft_model is not None else model
+
+
+def model_fingerprint(model) -> dict[str, Any]:
+    """name_or_path, architecture, parameter count and a sha256 of the config (without volatile keys)."""
+    hf = _hf_model(model)
+    config = hf.config.to_dict()
+    stable = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode("utf-8"))
+    architectures = config.get("architectures") or [type(hf).__name__]
+    return {
+        "name": hf.name_or_path,
+        "architecture": architectures[0],
+        "num_parameters": int(sum(p.numel() for p in hf.parameters())),
+        "config_hash": digest.hexdigest(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- LM-head parts
+
+
+def _text_config(hf):
+    config = hf.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The hidden states that feed the LM head (after the final norm), without running the head.
+
+    input_ids: (B, T) -> (B, T, H). Works for a plain HF model and a peft-wrapped one (adapters as currently
+    enabled, so under `adapters_disabled` it gives the base).
+    """
+    decoder = _hf_model(model).get_decoder()
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
+    return out.last_hidden_state  # (B, T, H)
+
+
+def lm_head(model) -> LMHead:
+    """The output layer as (weight (V, H), bias (V,) | None, softcap | None), for the fused kernels."""
+    hf = _hf_model(model)
+    head = hf.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise GrpoKdError(
+            f"the LM head of {hf.name_or_path!r} is a {type(head).__name__}, not a plain linear layer "
+            "(LoRA on lm_head is not supported by the fused kernels)"
+        )
+    config = _text_config(hf)
+    for name in ("logit_scale", "logits_scaling"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            raise GrpoKdError(f"{hf.name_or_path!r} scales its logits ({name}); the fused kernels do not support it")
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return LMHead(weight=head.weight, bias=head.bias, softcap=float(softcap) if softcap else None)

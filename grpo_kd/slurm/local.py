@@ -1,0 +1,152 @@
+"""The local executor behind `grpo-kd run`: the chain's phases one after another on this machine.
+
+    cfg, paths = prepare_run(cfg, iterations=2)      # RUN/config.yaml, which every phase reads
+    run_local(cfg, paths)                            # each phase in its own process; logs in RUN/logs/
+
+Key design choices:
+- Each phase (each shard of a sharded phase) is its own `python -m grpo_kd.cli.app <phase> ...` process, the
+  same command a SLURM job runs, so the memory of one model is returned before the next is loaded and a crash in
+  a phase cannot take the executor with it.
+- Resuming needs no state of its own: a phase (or shard) whose outputs exist is skipped (plan.py), and update
+  always gets `--resume`, so a second `grpo-kd run` continues exactly where the first one stopped.
+- Ctrl-C (or SIGTERM) is passed on to the phase as SIGTERM, which an update phase answers by checkpointing
+  and exiting with the requeue code; the phase runs in its own session, so the terminal's SIGINT reaches only
+  the executor, which then waits for the phase to finish its checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from grpo_kd.config import Config
+from grpo_kd.errors import GrpoKdError
+from grpo_kd.paths import RunPaths, iteration_name
+from grpo_kd.slurm.plan import Step, chain_steps, num_tasks, phase_args, task_done
+from grpo_kd.train.signals import REQUEUE_EXIT_CODE
+
+STOP_GRACE_SECONDS = 300  # how long a stopped phase may take to write its checkpoint before it is killed
+
+
+class PhaseFailed(GrpoKdError):
+    """A phase exited non-zero; the message names it and its log."""
+
+
+class Interrupted(GrpoKdError):
+    """The executor was asked to stop (Ctrl-C, SIGTERM); the phase stopped cleanly where it could."""
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    """One process: a phase of an iteration, or one shard of a sharded phase."""
+
+    step: Step
+    task: int | None  # shard index of a sharded phase; None: the phase is one process
+    tasks: int
+
+    @property
+    def label(self) -> str:
+        return self.step.label + (f" (shard {self.task + 1}/{self.tasks})" if self.task is not None else "")
+
+    def log(self, paths: RunPaths) -> Path:
+        shard = f"-shard{self.task}" if self.task is not None else ""
+        return paths.logs / f"{iteration_name(self.step.iteration)}-{self.step.phase}{shard}.log"
+
+
+def local_tasks(cfg: Config) -> list[LocalTask]:
+    tasks = []
+    for step in chain_steps(cfg):
+        n = num_tasks(cfg, step.phase)
+        tasks += [LocalTask(step, j if n > 1 else None, n) for j in range(n)]
+    return tasks
+
+
+def run_local(cfg: Config, paths: RunPaths, *, console: Console | None = None, python: str = sys.executable) -> None:
+    """Run every unfinished phase of the chain in order; raise `PhaseFailed` at the first that fails."""
+    console = console or Console(stderr=True)
+    tasks = local_tasks(cfg)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn())  # fmt: skip
+    with _stop_on_signals(), Progress(*columns, console=console, transient=True) as progress:
+        bar = progress.add_task(f"run {cfg.name}", total=len(tasks))
+        for task in tasks:
+            if task_done(cfg, paths, task.step, task.task or 0, task.tasks):
+                progress.console.print(f"  [dim]· {task.label}: done before[/]", highlight=False)
+            else:
+                progress.update(bar, description=task.label)
+                seconds = run_task(task, paths, python=python)
+                progress.console.print(f"  [green]✓[/] {task.label} [dim]({seconds:.1f} s)[/]", highlight=False)
+            progress.advance(bar)
+    console.print(f"run {cfg.name}: all {cfg.iterations} iterations done in {paths.root}", highlight=False)
+
+
+def run_task(task: LocalTask, paths: RunPaths, *, python: str = sys.executable) -> float:
+    """Run one phase process with its output appended to its log; returns its wall time in seconds."""
+    args = phase_args(task.step, paths.config, task=task.task, tasks=task.tasks if task.task is not None else None)
+    log = task.log(paths)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with open(log, "ab") as out:
+        out.write(f"\n==> {time.strftime('%Y-%m-%d %H:%M:%S')} grpo-kd {' '.join(args)}\n".encode())
+        out.flush()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen([python, "-m", "grpo_kd.cli.app", *args], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)  # fmt: skip
+        try:
+            code = proc.wait()
+        except _Stop:
+            code = _stop(proc)
+            raise Interrupted(
+                f"stopped during {task.label} (exit {code}); run the same command again to resume; log: {log}"
+            ) from None
+    if code == REQUEUE_EXIT_CODE:
+        raise Interrupted(f"{task.label} stopped on a signal after checkpointing; run again to resume; log: {log}")
+    if code != 0:
+        raise PhaseFailed(f"{task.label} failed (exit {code}); log: {log}{_last_line(log)}")
+    return time.monotonic() - started
+
+
+class _Stop(BaseException):
+    """Raised in the executor by SIGINT/SIGTERM (a BaseException, so no phase code path swallows it)."""
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    def handler(signum, frame):  # noqa: ARG001
+        raise _Stop()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    """Ask the phase to checkpoint and stop (SIGTERM), wait for it, and kill it if it takes too long."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not abandon a checkpoint half-written
+    proc.terminate()
+    try:
+        return proc.wait(timeout=STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return f" — {lines[-1][:200]}" if lines and not lines[-1].startswith("==>") else ""

@@ -1,0 +1,144 @@
+"""The chain of phases of a run, and when each is done, read from the run directory alone.
+
+    steps = chain_steps(cfg)                  # iteration 1 rollout, cache-teacher, update, iteration 2 ...
+    step_done(cfg, paths, steps[0])           # the phase's outputs exist
+    first_unfinished(cfg, paths, steps)       # where `chain resume` and `grpo-kd run` start again
+
+Key design choice: "done" is a property of files, never of a scheduler's memory. Both executors (SLURM and the
+local one) and `chain status` ask the same question, so a chain can move between them: a run started with
+`grpo-kd run` can be finished with `chain resume` and the other way round. A phase is done when
+
+    rollout          rollouts/manifest.json exists and every rollout shard 0..n-1 has its manifest and data
+    cache-teacher    every rollout shard i has its teacher shard i (teacher shard i scores rollout shard i)
+    update           checkpoints/iter_NNNN/ exists (it is renamed into place only when complete)
+
+Checksums are not recomputed here (the phases verify what they read); this answers "is it there", cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from grpo_kd.cache.manifest import INDEX_NAME, shard_is_complete
+from grpo_kd.config import Config, load_config, save_config
+from grpo_kd.errors import GrpoKdError
+from grpo_kd.paths import RunPaths, iteration_name
+
+PHASES = ("rollout", "cache-teacher", "update")
+ROLLOUT_SUFFIX = "arrow"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One phase of one iteration: one SLURM job (an array for sharded phases), or one or more local processes."""
+
+    iteration: int
+    phase: str  # one of PHASES
+
+    @property
+    def key(self) -> str:
+        return f"{iteration_name(self.iteration)}/{self.phase}"
+
+    @property
+    def label(self) -> str:
+        return f"iteration {self.iteration} {self.phase}"
+
+
+def chain_steps(cfg: Config, iterations: int | None = None) -> list[Step]:
+    count = cfg.iterations if iterations is None else iterations
+    return [Step(i, phase) for i in range(1, count + 1) for phase in PHASES]
+
+
+def num_tasks(cfg: Config, phase: str) -> int:
+    """Processes (array tasks) a phase runs as: its shard count; update is one job."""
+    return {"rollout": cfg.rollout.num_shards, "cache-teacher": cfg.teacher.num_shards}.get(phase, 1)
+
+
+def phase_args(step: Step, config_path: Path, *, task: int | None = None, tasks: int | None = None) -> list[str]:
+    """The `grpo-kd` arguments of a step; `task`/`tasks` for a local process of a sharded phase.
+
+    Under SLURM a sharded phase reads SLURM_ARRAY_TASK_ID/COUNT instead. update always gets `--resume`: it
+    continues from a mid-phase checkpoint when there is one (after a requeue or a kill) and starts fresh otherwise.
+    """
+    args = [step.phase, "--config", str(config_path), "--iteration", str(step.iteration)]
+    if task is not None:
+        args += ["--shard", str(task), "--num-shards", str(tasks)]
+    if step.phase == "update":
+        args.append("--resume")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- done?
+
+
+def rollout_shard_done(paths: RunPaths, iteration: int, shard: int) -> bool:
+    return shard_is_complete(paths.rollouts(iteration), shard, ROLLOUT_SUFFIX, verify_checksum=False)
+
+
+def teacher_shard_done(cfg: Config, paths: RunPaths, iteration: int, shard: int) -> bool:
+    return shard_is_complete(paths.teacher(iteration), shard, cfg.teacher.cache_format, verify_checksum=False)
+
+
+def task_done(cfg: Config, paths: RunPaths, step: Step, task: int, tasks: int) -> bool:
+    """Whether task `task` of `tasks` of a sharded phase has nothing left to do."""
+    if step.phase == "rollout":
+        return rollout_shard_done(paths, step.iteration, task)
+    if step.phase == "cache-teacher":  # task j scores the rollout shards i with i % tasks == j
+        shards = range(task, cfg.rollout.num_shards, tasks)
+        return all(teacher_shard_done(cfg, paths, step.iteration, i) for i in shards)
+    return step_done(cfg, paths, step)
+
+
+def step_done(cfg: Config, paths: RunPaths, step: Step) -> bool:
+    i = step.iteration
+    if step.phase == "rollout":  # the shard that finishes last writes the merged index
+        index = paths.rollouts(i) / INDEX_NAME
+        return index.is_file() and all(rollout_shard_done(paths, i, j) for j in range(cfg.rollout.num_shards))
+    if step.phase == "cache-teacher":
+        return step_done(cfg, paths, Step(i, "rollout")) and all(
+            teacher_shard_done(cfg, paths, i, j) for j in range(cfg.rollout.num_shards)
+        )
+    if step.phase == "update":
+        return paths.checkpoint(i).is_dir()
+    raise ValueError(f"unknown phase {step.phase!r}")
+
+
+def first_unfinished(cfg: Config, paths: RunPaths, steps: list[Step]) -> int:
+    """Index of the first step that is not done (len(steps) when all are)."""
+    for index, step in enumerate(steps):
+        if not step_done(cfg, paths, step):
+            return index
+    return len(steps)
+
+
+# ---------------------------------------------------------------------------------------------- the run dir
+
+
+def prepare_run(cfg: Config, iterations: int | None = None) -> tuple[Config, RunPaths]:
+    """Resolve what a chain needs to be reproducible and save it as RUN/config.yaml, which every phase reads.
+
+    The run directory becomes absolute (the phases may run elsewhere), and `iterations` is recorded so that
+    `chain resume` and a second `grpo-kd run` know where the chain ends.
+    """
+    if iterations is not None:
+        if iterations < 1:
+            raise GrpoKdError(f"--iterations must be at least 1, got {iterations}")
+        cfg.iterations = iterations
+    cfg.output_dir = str(Path(cfg.output_dir).expanduser().absolute())
+    paths = RunPaths.of(cfg.run_dir)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, paths.config)
+    return cfg, paths
+
+
+def load_run(run_dir: str | Path) -> tuple[Config, RunPaths]:
+    """The saved config of a run directory (written by `prepare_run`)."""
+    paths = RunPaths.of(Path(run_dir).expanduser().absolute())
+    if not paths.config.is_file():
+        raise GrpoKdError(f"{paths.root} is not a run directory: {paths.config} is missing")
+    cfg = load_config(paths.config)
+    if cfg.run_dir.absolute() != paths.root:  # the directory was moved or copied: follow it
+        cfg.output_dir, cfg.name = str(paths.root.parent), paths.root.name
+        save_config(cfg, paths.config)
+    return cfg, paths

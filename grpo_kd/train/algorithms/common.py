@@ -1,0 +1,286 @@
+"""What the algorithm files share: step normalisers, batch slicing, reward assembly and the three loss terms.
+
+An algorithm is a module (grpo.py, ppo.py, minillm.py, self_distill.py, privileged.py), not a class:
+
+    NEEDS_TOKEN_LEVEL: bool                               the teacher's top-k is needed (one shared vocabulary)
+    NEEDS_VALUE_HEAD: bool                                PPO's critic
+    prepare(batch, cfg, ctx) -> Prepared                  once per iteration per batch of whole groups, no grad:
+                                                          named rewards and advantages
+    micro_loss(micro, prepared, cfg, ctx) -> (loss, metrics)   one micro-batch, differentiable
+
+Loss normalisation. One optimizer step sees a global batch of S sequences with N completion tokens spread over
+`world_size` ranks x `grad_accum` micro-batches. DDP averages gradients over ranks, so every micro-batch loss is
+multiplied by `world_size` and divided by a normaliser of the *whole step*, never of the micro-batch:
+
+    loss_type "grpo", "dr_grpo"    the kernel's micro loss x B_micro / S      (it averages over its B_micro rows;
+                                   dr_grpo divides by B x rollout.max_new_tokens, a constant)
+    loss_type "bnpo", "dapo"       the kernel's micro loss x N_micro / N      (it averages over its N_micro tokens)
+    token means (KL to a teacher, value loss)      sum over the micro's tokens / N
+    L_PT                                            sum of NLL over the micro's tokens / (PT tokens of the step)
+
+so that the accumulated gradient is exactly that of one big batch (tests/train/test_update_invariants.py).
+"bnpo" and "dapo" therefore coincide here: both divide by the token count of the whole step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+from grpo_kd.cache.reader import CacheBatch
+from grpo_kd.config import Config
+from grpo_kd.errors import GrpoKdError
+from grpo_kd.kernels import linear_grpo_loss
+from grpo_kd.models import lm_head
+from grpo_kd.train import rewards as R
+from grpo_kd.train.advantages import masked_mean
+
+
+@dataclass(frozen=True)
+class StepNorm:
+    """Counts of the whole optimizer step (all ranks, all micro-batches): the loss normalisers."""
+
+    sequences: int  # S: completions
+    tokens: int  # N: completion tokens
+    world_size: int = 1
+
+
+@dataclass
+class Context:
+    """What a loss needs besides the batch. `module` may be DDP-wrapped; `policy` is the bare student."""
+
+    module: torch.nn.Module  # TrainModule: (input_ids, attention_mask, prompt_lengths, T) -> (hidden, values)
+    policy: torch.nn.Module  # the student: its LM head, its adapters
+    reference: Callable[[CacheBatch], torch.Tensor] | None = None  # live (B, T) reference log-probs, no grad
+    norm: StepNorm | None = None  # set by the loop before each step's micro-batches
+    impl: str = "auto"
+    temperature: float = 1.0  # the rollout's sampling temperature: behaviour log-probs were taken at it
+
+
+class Prepared(NamedTuple):
+    """Per-row results of `prepare`, aligned with the batch rows (B) and its completion width (T)."""
+
+    advantages: torch.Tensor  # (B,) per sequence or (B, T) per token
+    rewards: dict[str, torch.Tensor]  # named components for the log: (B,) or (B, T)
+    token_weights: torch.Tensor | None = None  # (B, T) MiniLLM's clipped importance weights
+    returns: torch.Tensor | None = None  # (B, T) PPO value targets
+    old_values: torch.Tensor | None = None  # (B, T) PPO values of the behaviour policy
+
+
+# ---------------------------------------------------------------------------------------------- slicing
+
+
+def _fit(t: torch.Tensor, T: int) -> torch.Tensor:
+    """Trim or zero-pad dim 1 of a (B, T', ...) tensor to T."""
+    if t.ndim < 2 or t.shape[1] == T:
+        return t
+    if t.shape[1] > T:
+        return t[:, :T]
+    pad = t.new_zeros((t.shape[0], T - t.shape[1], *t.shape[2:]))
+    return torch.cat([t, pad], dim=1)
+
+
+def take_rows(batch: CacheBatch, rows: torch.Tensor | list[int]) -> CacheBatch:
+    """Rows `rows` of `batch`, with the padding trimmed to their longest sequence and completion."""
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    L = int(batch.attention_mask[rows].sum(1).max().item()) if len(rows) else 0
+    T = int(batch.completion_mask[rows].sum(1).max().item()) if len(rows) else 0
+    T = max(T, 1)
+    out = {}
+    for name, value in batch._asdict().items():
+        if value is None:
+            out[name] = None
+            continue
+        value = value[rows]
+        if name in ("input_ids", "attention_mask"):
+            value = value[:, : max(L, 1)]
+        elif value.ndim >= 2:
+            value = _fit(value, T)
+        out[name] = value
+    return CacheBatch(**out)
+
+
+def take_prepared(prepared: Prepared, rows: torch.Tensor | list[int], T: int) -> Prepared:
+    rows = torch.as_tensor(rows, dtype=torch.long)
+
+    def pick(t):
+        return None if t is None else _fit(t[rows], T)
+
+    return Prepared(
+        advantages=pick(prepared.advantages),
+        rewards={k: pick(v) for k, v in prepared.rewards.items()},
+        token_weights=pick(prepared.token_weights),
+        returns=pick(prepared.returns),
+        old_values=pick(prepared.old_values),
+    )
+
+
+def concat_prepared(parts: list[Prepared]) -> Prepared:
+    """Stack per-group results (each with its own T) into one, zero-padded to the longest."""
+    T = max(p.advantages.shape[1] if p.advantages.ndim == 2 else 1 for p in parts)
+    T = max([T] + [v.shape[1] for p in parts for v in p.rewards.values() if v.ndim == 2])
+
+    def cat(values):
+        if values[0] is None:
+            return None
+        return torch.cat([_fit(v, T) for v in values], dim=0)
+
+    return Prepared(
+        advantages=cat([p.advantages for p in parts]),
+        rewards={k: cat([p.rewards[k] for p in parts]) for k in parts[0].rewards},
+        token_weights=cat([p.token_weights for p in parts]),
+        returns=cat([p.returns for p in parts]),
+        old_values=cat([p.old_values for p in parts]),
+    )
+
+
+def split_groups(prepared: Prepared, group_ids: torch.Tensor) -> list[Prepared]:
+    """Cut a prepared batch of whole groups back into one Prepared per group (rows with equal ids are adjacent)."""
+    cuts = (torch.nonzero(group_ids[1:] != group_ids[:-1]).flatten() + 1).tolist()
+    bounds = list(zip([0] + cuts, cuts + [len(group_ids)]))
+    return [take_prepared(prepared, list(range(a, b)), _width(prepared)) for a, b in bounds]
+
+
+def _width(prepared: Prepared) -> int:
+    widths = [v.shape[1] for v in (prepared.advantages, *prepared.rewards.values()) if v.ndim == 2]
+    return max(widths, default=1)
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+
+def group_size_of(batch: CacheBatch) -> int:
+    """G of a batch of whole groups; every group must have the same size for group-relative advantages."""
+    _, counts = torch.unique_consecutive(batch.group_ids, return_counts=True)
+    if len(set(counts.tolist())) != 1:
+        raise GrpoKdError(f"groups of unequal sizes {sorted(set(counts.tolist()))} in one batch; the rollout "
+                          "store must hold G completions per prompt")
+    return int(counts[0])
+
+
+def reward_weights(cfg: Config) -> dict[str, float]:
+    """`loss.reward_weights`, or the algorithm's default when it is empty (the one place that default lives)."""
+    if cfg.loss.reward_weights:
+        return dict(cfg.loss.reward_weights)
+    if cfg.loss.algorithm == "self_distill":
+        return {"inverse_loss": 1.0}
+    return {"log_ratio": 1.0} if cfg.loss.reward == "minillm" else {"teacher_loglik": 1.0}
+
+
+def behaviour_student_logprobs(batch: CacheBatch) -> torch.Tensor:
+    """The student's own log-probs of its sampled tokens (not the teacher-mixed sampling distribution's)."""
+    return batch.student_logprobs if batch.student_logprobs is not None else batch.old_logprobs
+
+
+def reward_components(
+    batch: CacheBatch, cfg: Config, *, base_logprobs: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Every reward component this batch and cache allow, by name (see grpo_kd.train.rewards)."""
+    mask = batch.completion_mask.float()  # (B, T)
+    out = {"length": R.length(mask, cfg.rollout.max_new_tokens)}  # (B,)
+    if batch.teacher_logprobs is not None:
+        out["teacher_loglik"] = R.teacher_loglik(batch.teacher_logprobs, mask)  # (B,)
+        out["log_ratio"] = R.log_ratio(batch.teacher_logprobs, behaviour_student_logprobs(batch), mask)  # (B, T)
+    elif batch.teacher_seq_logprob is not None:
+        num_bytes = batch.teacher_seq_bytes if batch.teacher_seq_bytes is not None else batch.teacher_seq_tokens
+        per = cfg.teacher.cross_tokenizer_norm if batch.teacher_seq_bytes is not None else "token"
+        out["teacher_loglik"] = R.teacher_loglik_retokenized(
+            batch.teacher_seq_logprob, batch.teacher_seq_tokens, num_bytes, per=per
+        )  # (B,)
+    if base_logprobs is not None:
+        out["inverse_loss"] = R.inverse_loss(base_logprobs, mask)  # (B,)
+    return out
+
+
+def sequence_reward(components: dict[str, torch.Tensor], weights: dict[str, float], mask: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of the components as one reward per sequence, `[B]`; token components are averaged."""
+    seq = {k: masked_mean(v, mask, dim=1) if v.ndim == 2 else v for k, v in components.items()}
+    return R.combine(seq, weights)
+
+
+def token_reward(components: dict[str, torch.Tensor], weights: dict[str, float], mask: torch.Tensor) -> torch.Tensor:
+    """Weighted sum as per-token rewards, `[B, T]`; a sequence component is paid at the last real token."""
+    mask = mask.float()
+    last = mask * (mask.cumsum(1) == mask.sum(1, keepdim=True)).float()  # (B, T) one-hot of the last token
+    tok = {k: v.float() * mask if v.ndim == 2 else v.float()[:, None] * last for k, v in components.items()}
+    return R.combine(tok, weights)
+
+
+# ---------------------------------------------------------------------------------------------- loss terms
+
+
+def completion_forward(micro: CacheBatch, ctx: Context) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden (B, T, H), values (B, T) | None) at the positions that predict each completion token."""
+    return ctx.module(micro.input_ids, micro.attention_mask, micro.prompt_lengths, micro.completion_ids.shape[1])
+
+
+def reference_logprobs(micro: CacheBatch, cfg: Config, ctx: Context) -> torch.Tensor | None:
+    """(B, T) reference log-probs: the cache's when it has them, else live (only when the KL term needs them)."""
+    if micro.ref_logprobs is not None:
+        return micro.ref_logprobs
+    if cfg.loss.beta == 0.0:
+        return None
+    if ctx.reference is None:
+        raise GrpoKdError("loss.beta > 0 needs reference log-probs: the cache has none and no live reference is set")
+    return ctx.reference(micro)
+
+
+def policy_loss(
+    hidden: torch.Tensor, micro: CacheBatch, advantages: torch.Tensor, cfg: Config, ctx: Context,
+    *, epsilon: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate + beta * k3 KL to the reference (`linear_grpo_loss`), scaled to the whole step.
+
+    hidden (B, T, H); advantages (B,) or (B, T); old log-probs are the recorded behaviour log-probs.
+    """
+    head = lm_head(ctx.policy)
+    mask = micro.completion_mask.float()  # (B, T)
+    loss, metrics = linear_grpo_loss(
+        hidden, head.weight, micro.completion_ids, mask, advantages,
+        old_logprobs=micro.old_logprobs, ref_logprobs=reference_logprobs(micro, cfg, ctx), beta=cfg.loss.beta,
+        epsilon_low=cfg.loss.epsilon_low if epsilon is None else epsilon,
+        epsilon_high=cfg.loss.epsilon_high if epsilon is None else epsilon,
+        loss_type=cfg.loss.loss_type, importance_sampling_level=cfg.loss.importance_sampling_level,
+        temperature=ctx.temperature, max_completion_length=cfg.rollout.max_new_tokens,
+        bias=head.bias, softcap=head.softcap, impl=ctx.impl,
+    )  # fmt: skip
+    return loss * policy_scale(cfg.loss.loss_type, micro, ctx.norm), metrics
+
+
+def policy_scale(loss_type: str, micro: CacheBatch, norm: StepNorm) -> float:
+    """Turn the kernel's micro-batch average into this micro-batch's share of the step's average (module doc)."""
+    if loss_type in ("grpo", "dr_grpo"):
+        return norm.world_size * micro.completion_ids.shape[0] / max(norm.sequences, 1)
+    tokens = max(int(micro.completion_mask.sum().item()), 1)
+    return norm.world_size * tokens / max(norm.tokens, 1)
+
+
+def token_sum_scale(norm: StepNorm) -> float:
+    """Multiply a sum over a micro-batch's tokens by this to get its share of the step's token mean."""
+    return norm.world_size / max(norm.tokens, 1)
+
+
+def teacher_kl(
+    hidden: torch.Tensor, micro: CacheBatch, cfg: Config, ctx: Context, token_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """sum_t w_t D(q_theta(.|y<t) || p_T(.|y<t)) / N over the cached top-k (`linear_sparse_kl`), step-scaled.
+
+    D is `loss.divergence` ("reverse" = KL(q || p)) with the tail handling `loss.tail`; the student is taken at
+    temperature 1 (its own distribution). token_weights (B, T), detached, default 1.
+    """
+    from grpo_kd.kernels import linear_sparse_kl
+
+    if micro.teacher_topk_ids is None:
+        raise GrpoKdError(f"loss.algorithm={cfg.loss.algorithm} needs the teacher's top-k in the cache")
+    head = lm_head(ctx.policy)
+    mask = micro.completion_mask.float()  # (B, T)
+    per_token = linear_sparse_kl(
+        hidden, head.weight, micro.teacher_topk_ids, micro.teacher_topk_logprobs, mask=mask,
+        divergence=cfg.loss.divergence, beta=cfg.loss.jsd_beta, tail=cfg.loss.tail, bias=head.bias,
+        softcap=head.softcap, reduction="none", impl=ctx.impl,
+    )  # (B, T)  # fmt: skip
+    weights = mask if token_weights is None else mask * token_weights
+    loss = (per_token * weights).sum() * token_sum_scale(ctx.norm)
+    return loss, {"teacher_kl": masked_mean(per_token.detach(), mask)}

@@ -1,0 +1,62 @@
+"""MiniLLM's policy gradient for the reverse KL (Gu et al., 2024), from the cached top-k.
+
+With r_t = log p_T(y_t | y_<t) - log q_theta(y_t | y_<t) (q_theta: the student at sampling time), the gradient of
+KL(q_theta || p_T) splits into
+
+    single step   sum_t w_t grad KL( q_theta(. | y_<t) || p_T(. | y_<t) )        exact at each position, over the
+                                                                                 cached top-k + a rest bucket
+                                                                                 (`linear_sparse_kl`, loss.tail)
+    long term     -sum_t w_t R^Norm_{t+1} grad log q_theta(y_t | y_<t),
+                  R^Norm_{t+1} = 1/(L-t-1) sum_{t'>t} gamma^{t'-t-1} r_t'        (loss.length_normalize)
+
+Teacher-mixed sampling draws y from p~ = alpha p_T + (1 - alpha) q_theta, and w_t = q_theta(y_t) / p~(y_t) corrects
+for it. The long-term term is the clipped surrogate with advantages A_t = R^Norm_{t+1} and the recorded
+behaviour (mixture) log-probs as old log-probs, its ratio clipped at loss.importance_clip; the single-step term
+is weighted by w_t = clip(q_old(y_t) / p~(y_t), 1 -+ importance_clip) from the recorded log-probs (1 without
+mixing). Plus beta * k3 KL to the reference if beta > 0, and pt_weight * L_PT (added by the update loop).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grpo_kd.cache.reader import CacheBatch
+from grpo_kd.config import Config
+from grpo_kd.train.advantages import normalized_future_rewards
+from grpo_kd.train.algorithms.common import (
+    Context,
+    Prepared,
+    completion_forward,
+    policy_loss,
+    reward_components,
+    teacher_kl,
+)
+
+NEEDS_TOKEN_LEVEL = True
+NEEDS_VALUE_HEAD = False
+
+
+def importance_weights(batch: CacheBatch, clip: float) -> torch.Tensor:
+    """(B, T) clipped q_theta / p~ of the sampled tokens; ones when sampling was not teacher-mixed."""
+    mask = batch.completion_mask.float()
+    if batch.student_logprobs is None:
+        return mask
+    ratio = torch.exp(batch.student_logprobs.float() - batch.old_logprobs.float())
+    return ratio.clamp(1 - clip, 1 + clip) * mask
+
+
+def prepare(batch: CacheBatch, cfg: Config, ctx: Context) -> Prepared:
+    mask = batch.completion_mask.float()  # (B, T)
+    components = reward_components(batch, cfg)  # log_ratio (B, T) among them
+    advantages = normalized_future_rewards(
+        components["log_ratio"], mask, gamma=cfg.loss.gamma, length_normalize=cfg.loss.length_normalize
+    )  # (B, T): R^Norm_{t+1}
+    weights = importance_weights(batch, cfg.loss.importance_clip)
+    return Prepared(advantages=advantages, rewards=components, token_weights=weights)
+
+
+def micro_loss(micro: CacheBatch, prepared: Prepared, cfg: Config, ctx: Context):
+    hidden, _ = completion_forward(micro, ctx)  # (B, T, H)
+    long_term, metrics = policy_loss(hidden, micro, prepared.advantages, cfg, ctx, epsilon=cfg.loss.importance_clip)
+    single_step, kl_metrics = teacher_kl(hidden, micro, cfg, ctx, token_weights=prepared.token_weights)
+    return long_term + single_step, {**metrics, **kl_metrics}

@@ -1,0 +1,78 @@
+"""PPO with a value head and GAE over per-token rewards, with either reward (teacher log-likelihood or MiniLLM's).
+
+    r_t   = sum_c w_c r_c,t      token components per token (log_ratio = log p_T(y_t) - log q_old(y_t)),
+                                 sequence components (teacher_loglik, length, ...) paid at the last token
+    V_t   = value head on the hidden state that predicts y_t (the state before y_t), taken before any update
+    A_t   = GAE(r, V; gamma, lambda),  returns R_t = A_t + V_t;  A whitened over the batch
+    L     = clipped surrogate(A_t) + beta * k3(q_theta, q_ref)
+            + value_coef * 1/2 max((V_t - R_t)^2, (clip(V_t, V_old -+ eps) - R_t)^2)   (token mean over the step)
+
+The value head is a float32 linear layer on the student's final hidden state, trained with the policy and saved
+beside the weights in the checkpoint (`model/value_head.safetensors`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grpo_kd.cache.reader import CacheBatch
+from grpo_kd.config import Config
+from grpo_kd.train.advantages import gae, whiten
+from grpo_kd.train.algorithms.common import (
+    Context,
+    Prepared,
+    completion_forward,
+    policy_loss,
+    reward_components,
+    reward_weights,
+    take_rows,
+    token_reward,
+    token_sum_scale,
+)
+
+NEEDS_TOKEN_LEVEL = False
+NEEDS_VALUE_HEAD = True
+
+
+@torch.no_grad()
+def old_values(batch: CacheBatch, cfg: Config, ctx: Context) -> torch.Tensor:
+    """(B, T) values of the current value head, computed in micro-batches without gradients."""
+    bare = getattr(ctx.module, "module", ctx.module)
+    step = max(cfg.optim.micro_batch_size, 1)
+    B, T = batch.completion_ids.shape
+    out = torch.zeros(B, T)
+    for start in range(0, B, step):
+        rows = list(range(start, min(start + step, B)))
+        micro = take_rows(batch, rows)
+        _, values = bare(micro.input_ids, micro.attention_mask, micro.prompt_lengths, micro.completion_ids.shape[1])
+        out[start : start + len(rows), : values.shape[1]] = values.float().cpu()
+    return out * batch.completion_mask.float()
+
+
+def prepare(batch: CacheBatch, cfg: Config, ctx: Context) -> Prepared:
+    mask = batch.completion_mask.float()  # (B, T)
+    components = reward_components(batch, cfg)
+    rewards = token_reward(components, reward_weights(cfg), mask)  # (B, T)
+    values = old_values(batch, cfg, ctx)  # (B, T)
+    advantages, returns = gae(rewards, values, mask, gamma=cfg.loss.gamma, lam=cfg.loss.gae_lambda)  # (B, T)
+    advantages = whiten(advantages, mask)
+    return Prepared(advantages=advantages, rewards={**components, "total": rewards}, returns=returns,
+                    old_values=values)
+
+
+def value_loss(values: torch.Tensor, prepared: Prepared, mask: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Sum over tokens of PPO's clipped value loss, (B, T) -> scalar."""
+    old = prepared.old_values.to(values.device)
+    returns = prepared.returns.to(values.device)
+    clipped = old + (values - old).clamp(-epsilon, epsilon)
+    per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)  # (B, T)
+    return (per_token * mask).sum()
+
+
+def micro_loss(micro: CacheBatch, prepared: Prepared, cfg: Config, ctx: Context):
+    hidden, values = completion_forward(micro, ctx)  # (B, T, H), (B, T)
+    loss, metrics = policy_loss(hidden, micro, prepared.advantages, cfg, ctx)
+    mask = micro.completion_mask.float().to(values.device)
+    v_loss = value_loss(values.float(), prepared, mask, cfg.loss.epsilon_low) * token_sum_scale(ctx.norm)
+    metrics["value_loss"] = v_loss.detach() / token_sum_scale(ctx.norm) / mask.sum().clamp(min=1)
+    return loss + cfg.loss.value_coef * v_loss, metrics

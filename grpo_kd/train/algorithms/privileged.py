@@ -1,0 +1,32 @@
+"""The privileged-information self-teacher: token-level reverse KL to the student itself, shown the answer.
+
+    L = 1/N sum_{b,t} KL( q_theta(. | x, y_<t) || p_priv(. | x_priv, y_<t) )           over the step's N tokens
+
+on the student's own rollouts y (on-policy, so the KL's sampling distribution is the student's); p_priv is the
+student with the privileged information (answer, demonstration, feedback) in its prompt, scored by the
+cache-teacher pass (`teacher.kind: self_privileged`) into the top-k cache, and the KL is taken over the k
+cached ids plus a "rest" bucket (`loss.tail`) by `linear_sparse_kl` — no full-vocabulary logits. The reverse
+direction is mode-seeking: the student concentrates on what the informed self would say.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grpo_kd.cache.reader import CacheBatch
+from grpo_kd.config import Config
+from grpo_kd.train.algorithms.common import Context, Prepared, completion_forward, reward_components, teacher_kl
+
+NEEDS_TOKEN_LEVEL = True
+NEEDS_VALUE_HEAD = False
+
+
+def prepare(batch: CacheBatch, cfg: Config, ctx: Context) -> Prepared:
+    """No advantages: the loss is a divergence, not a policy gradient. Rewards are only logged."""
+    B = batch.completion_ids.shape[0]
+    return Prepared(advantages=torch.zeros(B), rewards=reward_components(batch, cfg))
+
+
+def micro_loss(micro: CacheBatch, prepared: Prepared, cfg: Config, ctx: Context):
+    hidden, _ = completion_forward(micro, ctx)  # (B, T, H)
+    return teacher_kl(hidden, micro, cfg, ctx)

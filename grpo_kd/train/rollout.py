@@ -1,0 +1,371 @@
+"""The rollout phase of iteration i: the current student samples G completions for each prompt of the iteration.
+
+    run_rollout(cfg, iteration=2, shard=0, num_shards=4) -> runs/NAME/iter_0002/rollouts/part-00000.arrow
+
+Which student: the initial model (`cfg.model.path`) at iteration 1, else the `model/` directory of the update
+checkpoint of iteration i-1 (full weights or a peft adapter).
+
+Which prompts (deterministic in `cfg.seed`): the training prompts are `data.prompts` minus the held-out slice
+(`split_heldout`, as the evaluator holds it out; nothing is held out when `data.heldout_prompts` is given).
+They are laid end to end as an endless stream of epochs, each epoch a seeded permutation of all of them, and
+iteration i takes stream positions `[(i-1) P, i P)` for `P = rollout.prompts_per_iteration`: every prompt is
+used once per epoch before any is used again. `group_id` is the position within the iteration (0..P-1). Shard
+j of n takes the contiguous block of groups `[j P // n, (j+1) P // n)`, so groups never split.
+
+What is stored as `old_logprobs`: the behaviour log-probs recomputed after sampling with
+`grpo_kd.train.policy.completion_logprobs` (one full forward, right padding, the same kernel and temperature
+the update phase uses), so that the first importance ratio of the update is 1 up to float rounding. They are
+log-probs of the *untruncated* temperature-scaled distribution: top-k / top-p truncation shapes what is drawn
+but is not part of the recorded log-probs (TRL does the same; a truncated log-prob would make the ratio of a
+token differ from 1 by the kept mass, and could not be recomputed from the kernel). With teacher-mixed
+sampling, `old_logprobs = log(alpha p_T(y) + (1 - alpha) q_S(y))` of the same two recomputed terms (both at
+the sampling temperature) and `student_logprobs = log q_S(y)`; the manifest records the largest difference
+between the stored values and those of the KV-cache sampling loop (`logprob_drift_max`) as a cross-check.
+
+Idempotent: a shard whose manifest and checksum are complete is skipped (after checking that it was made with
+the same plan: seed, prompts, sampling parameters, shard layout); the store writes atomically, so a killed
+run leaves nothing that looks finished and a re-run redoes the shard. The merged `manifest.json` is written by
+whichever shard finishes last (it sees all n shard manifests); concurrent writers would write the same
+content, each through its own temporary file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from grpo_kd.cache.manifest import describe_vocab, list_shard_manifests, shard_is_complete, write_index
+from grpo_kd.cache.rollouts import ROLLOUT_KIND, ROLLOUT_SUFFIX, RolloutRecord, write_rollout_shard
+from grpo_kd.config import Config
+from grpo_kd.data import Prompt, prompts_from_config, render_prompt, split_heldout
+from grpo_kd.errors import GrpoKdError
+from grpo_kd.models import (
+    load_student,
+    load_teacher,
+    load_tokenizer,
+    model_fingerprint,
+    same_vocabulary,
+    tokenizer_fingerprint,
+)
+from grpo_kd.paths import RunPaths, part_name
+from grpo_kd.slurm.shards import shard_range
+from grpo_kd.train.checkpoint import model_dir
+from grpo_kd.train.policy import collate, completion_logprobs
+from grpo_kd.train.sampling import Sample, SamplingParams, sample_batch
+
+log = logging.getLogger(__name__)
+
+RNG_SCHEME = "per-row torch.Generator seeded by sha256(seed, iteration, group_id, sample_index); inverse CDF"
+# Keys of a shard manifest's meta that must match for a finished shard to be reused.
+PLAN_KEYS = ("iteration", "seed", "num_shards", "group_range", "prompts", "sampling")
+
+
+@dataclass(frozen=True)
+class RolloutSummary:
+    path: Path
+    shard: int
+    num_shards: int
+    completions: int
+    tokens: int  # completion tokens
+    seconds: float  # sampling + log-prob recompute
+    skipped: bool  # the shard was already complete
+
+    def line(self) -> str:
+        if self.skipped:
+            return (f"rollout shard {self.shard}/{self.num_shards}: already complete ({self.completions} completions, "
+                    f"{self.tokens} tokens): {self.path}")
+        rate = self.tokens / self.seconds if self.seconds > 0 else float("nan")
+        return (f"rollout shard {self.shard}/{self.num_shards}: {self.completions} completions, {self.tokens} tokens, "
+                f"{rate:.1f} tokens/s -> {self.path}")
+
+
+# ---------------------------------------------------------------------------------------------- what to sample
+
+
+def training_prompts(cfg: Config) -> list[Prompt]:
+    """`data.prompts` without the held-out slice (the whole of it when `data.heldout_prompts` is set)."""
+    prompts = prompts_from_config(cfg.data)
+    if cfg.data.heldout_prompts:
+        return prompts
+    train, _ = split_heldout(prompts, cfg.data.heldout_fraction, cfg.seed)
+    if not train:
+        raise GrpoKdError(f"{cfg.data.prompts}: no training prompts are left after holding out "
+                          f"data.heldout_fraction={cfg.data.heldout_fraction}")
+    return train
+
+
+def _epoch_order(count: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(count))
+    random.Random(f"grpo-kd:prompts:{seed}:{epoch}").shuffle(order)  # str seeds hash with sha512: stable
+    return order
+
+
+def iteration_prompts(prompts: Sequence[Prompt], per_iteration: int, iteration: int, seed: int) -> list[Prompt]:
+    """The `per_iteration` prompts of `iteration` (1-based): stream positions [(i-1) P, i P) of seeded epochs."""
+    if iteration < 1:
+        raise GrpoKdError(f"iteration must be at least 1, got {iteration}")
+    orders: dict[int, list[int]] = {}
+    chosen = []
+    for position in range((iteration - 1) * per_iteration, iteration * per_iteration):
+        epoch, index = divmod(position, len(prompts))
+        if epoch not in orders:
+            orders[epoch] = _epoch_order(len(prompts), seed, epoch)
+        chosen.append(prompts[orders[epoch][index]])
+    return chosen
+
+
+def sample_seed(seed: int, iteration: int, group_id: int, sample_index: int) -> int:
+    """The seed of one completion's generator: a 63-bit hash of where it sits in the run."""
+    digest = hashlib.sha256(f"grpo-kd:sample:{seed}:{iteration}:{group_id}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def encode_prompt(tokenizer, prompt: Prompt, cfg: Config) -> list[int]:
+    """The prompt's token ids as the student sees them, keeping the last `data.max_prompt_tokens`.
+
+    A chat-rendered prompt carries its own special tokens (the template writes them), so only a plain prompt
+    gets the tokenizer's (e.g. bos).
+    """
+    text = render_prompt(tokenizer, prompt, chat_template=cfg.data.chat_template)
+    ids = tokenizer(text, add_special_tokens=not cfg.data.chat_template)["input_ids"]
+    if not ids:
+        raise GrpoKdError(f"prompt {prompt.id!r} is empty after tokenization")
+    return list(ids[-cfg.data.max_prompt_tokens :])
+
+
+def sampling_params(cfg: Config) -> SamplingParams:
+    r = cfg.rollout
+    params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.teacher_mix_alpha)
+    params.check()
+    for name in ("prompts_per_iteration", "group_size", "batch_size"):
+        if getattr(r, name) < 1:
+            raise GrpoKdError(f"rollout.{name} must be at least 1, got {getattr(r, name)}")
+    if r.teacher_mix_alpha > 0 and cfg.teacher.kind == "self_privileged":
+        raise GrpoKdError("rollout.teacher_mix_alpha > 0 is not supported with teacher.kind=self_privileged "
+                          "(the teacher would need another prompt); use kind model or self_base")
+    return params
+
+
+def plan_meta(cfg: Config, iteration: int, shard: int, num_shards: int) -> dict[str, Any]:
+    """What a shard is made from, apart from the models: compared before a finished shard is reused."""
+    r = cfg.rollout
+    start, stop = shard_range(r.prompts_per_iteration, shard, num_shards)
+    return {
+        "iteration": iteration,
+        "seed": cfg.seed,
+        "num_shards": num_shards,
+        "group_range": [start, stop],
+        "prompts": {
+            "source": cfg.data.prompts,
+            "heldout_fraction": None if cfg.data.heldout_prompts else cfg.data.heldout_fraction,
+            "max_prompts": cfg.data.max_prompts,
+            "prompts_per_iteration": r.prompts_per_iteration,
+            "chat_template": cfg.data.chat_template,
+            "max_prompt_tokens": cfg.data.max_prompt_tokens,
+        },
+        "sampling": {
+            **sampling_params(cfg).as_dict(),
+            "group_size": r.group_size,
+            "rng": RNG_SCHEME,
+            "logprobs": "completion_logprobs at the sampling temperature, untruncated (top-k/top-p not applied)",
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def student_checkpoint(paths: RunPaths, iteration: int) -> Path | None:
+    """None (the initial model) at iteration 1, else the model of the update checkpoint of iteration i-1."""
+    if iteration == 1:
+        return None
+    directory = model_dir(paths.checkpoint(iteration - 1))
+    if not directory.is_dir():
+        raise GrpoKdError(f"the student of iteration {iteration} is missing: {directory} does not exist; "
+                          f"the update of iteration {iteration - 1} is not finished (run grpo-kd update "
+                          f"--iteration {iteration - 1})")
+    return directory
+
+
+def _check_teacher_vocabulary(cfg: Config, student_fp: dict[str, Any]) -> dict[str, Any]:
+    """The teacher's tokenizer fingerprint; a one-line error naming both when it is not the student's."""
+    if cfg.teacher.kind != "model":
+        return student_fp  # the self-teachers are the student's own base
+    teacher_tok = load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
+    teacher_fp = tokenizer_fingerprint(teacher_tok)
+    if not same_vocabulary(student_fp, teacher_fp):
+        raise GrpoKdError(
+            f"teacher-mixed sampling needs one vocabulary: the teacher {cfg.teacher.path} has "
+            f"{describe_vocab(teacher_fp)} but the student {cfg.model.path} has {describe_vocab(student_fp)}; "
+            "set rollout.teacher_mix_alpha=0"
+        )
+    return teacher_fp
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """The ids that end a completion: the model's generation config, else the tokenizer's eos."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+    if not ids:
+        raise GrpoKdError(f"the tokenizer {tokenizer.name_or_path!r} has no eos token to stop completions at")
+    return {int(i) for i in ids}
+
+
+# ---------------------------------------------------------------------------------------------- recording
+
+
+def recorded_logprobs(
+    student, teacher, prompt_ids: Sequence[Sequence[int]], samples: Sequence[Sample], params: SamplingParams,
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(old_logprobs (R, T), student_logprobs (R, T) | None, completion_mask (R, T)) recomputed on CPU tensors.
+
+    Without a teacher old = student and the second is None; with one, old = log(alpha p_T + (1 - alpha) q_S).
+    """
+    batch = collate(prompt_ids, [s.completion_ids for s in samples], pad_id=pad_id)
+    device = next(student.parameters()).device
+    with torch.no_grad():
+        student_lp, _ = completion_logprobs(student, batch.to(device), temperature=params.temperature)  # (R, T)
+        student_lp = student_lp.float().cpu()
+        alpha = params.teacher_mix_alpha
+        if alpha == 0:
+            return student_lp, None, batch.completion_mask
+        teacher_device = next(teacher.parameters()).device
+        teacher_lp, _ = completion_logprobs(teacher, batch.to(teacher_device), temperature=params.temperature)
+        teacher_lp = teacher_lp.float().cpu()  # (R, T)
+    return mixture_logprobs(teacher_lp, student_lp, alpha) * batch.completion_mask, student_lp, batch.completion_mask
+
+
+def mixture_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """log(alpha exp(teacher) + (1 - alpha) exp(student)), elementwise and stable; exact at alpha 0 and 1."""
+    if alpha == 0:
+        return student_logprobs.clone()
+    if alpha == 1:
+        return teacher_logprobs.clone()
+    return torch.logaddexp(teacher_logprobs + math.log(alpha), student_logprobs + math.log1p(-alpha))
+
+
+def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# ---------------------------------------------------------------------------------------------- the phase
+
+
+def run_rollout(cfg: Config, iteration: int, shard: int = 0, num_shards: int = 1) -> Path:
+    """Write rollout shard `shard` of `num_shards` for `iteration` (skipped when complete); return its path."""
+    return rollout_shard(cfg, iteration, shard, num_shards).path
+
+
+def rollout_shard(
+    cfg: Config, iteration: int, shard: int = 0, num_shards: int = 1, *, show_progress: bool = False
+) -> RolloutSummary:
+    """`run_rollout` with the counts and timing the command line prints."""
+    paths = RunPaths.of(cfg.run_dir)
+    directory = paths.rollouts(iteration)
+    plan = plan_meta(cfg, iteration, shard, num_shards)
+    _refuse_other_layout(directory, num_shards)
+    if shard_is_complete(directory, shard, ROLLOUT_SUFFIX):
+        return _reuse(directory, shard, num_shards, plan)
+    started = time.perf_counter()
+    records, meta = _sample_shard(cfg, paths, iteration, plan, show_progress)
+    seconds = time.perf_counter() - started
+    meta["generation_seconds"] = round(seconds, 3)
+    path = write_rollout_shard(directory, shard, records, meta=meta, index=False)
+    _write_index_if_all_done(directory, num_shards)
+    tokens = sum(len(r.completion_ids) for r in records)
+    log.info("rollout shard %d/%d: %d completions, %d tokens in %.1fs", shard, num_shards, len(records), tokens, seconds)
+    return RolloutSummary(path, shard, num_shards, len(records), tokens, seconds, skipped=False)
+
+
+def _refuse_other_layout(directory: Path, num_shards: int) -> None:
+    extra = sorted(j for j in list_shard_manifests(directory) if j >= num_shards)
+    if extra:
+        raise GrpoKdError(f"{directory} holds rollout shard {extra[0]}, from a run with more than {num_shards} "
+                          f"shard(s); remove the directory to sample this iteration again with {num_shards}")
+
+
+def _reuse(directory: Path, shard: int, num_shards: int, plan: dict[str, Any]) -> RolloutSummary:
+    from grpo_kd.cache.manifest import read_json, shard_manifest_path
+
+    manifest = read_json(shard_manifest_path(directory, shard))
+    meta = manifest.get("meta", {})
+    for key in PLAN_KEYS:
+        if meta.get(key) != plan[key]:
+            raise GrpoKdError(f"rollout shard {shard} in {directory} is complete but was made with another {key} "
+                              f"({meta.get(key)!r}, now {plan[key]!r}); remove it to sample it again")
+    log.info("rollout shard %d/%d in %s is already complete; skipping", shard, num_shards, directory)
+    _write_index_if_all_done(directory, num_shards)
+    path = directory / part_name(shard, ROLLOUT_SUFFIX)
+    return RolloutSummary(path, shard, num_shards, int(manifest["rows"]), int(manifest["tokens"]),
+                          float(meta.get("generation_seconds", 0.0)), skipped=True)
+
+
+def _write_index_if_all_done(directory: Path, num_shards: int) -> None:
+    """The merged manifest.json, once every shard 0..n-1 has its manifest (the last shard to finish writes it)."""
+    if set(list_shard_manifests(directory)) >= set(range(num_shards)):
+        write_index(directory, ROLLOUT_KIND)
+
+
+def _sample_shard(cfg: Config, paths: RunPaths, iteration: int, plan: dict[str, Any], show_progress: bool):
+    """Load the models, sample every group of the shard, and return (records, manifest meta)."""
+    params = sampling_params(cfg)
+    start, stop = plan["group_range"]
+    prompts = iteration_prompts(training_prompts(cfg), cfg.rollout.prompts_per_iteration, iteration, cfg.seed)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    student_fp = tokenizer_fingerprint(tokenizer)
+    teacher_fp = _check_teacher_vocabulary(cfg, student_fp) if params.teacher_mix_alpha > 0 else None
+    checkpoint = student_checkpoint(paths, iteration)
+    student = load_student(cfg.model, checkpoint=None if checkpoint is None else str(checkpoint), trainable=False)
+    teacher = None
+    if params.teacher_mix_alpha > 0:
+        teacher = load_teacher(cfg.teacher, cfg.model, checkpoint=None if checkpoint is None else str(checkpoint))
+    meta = {**plan, "student": student_fp, "model": model_fingerprint(student),
+            "checkpoint": None if checkpoint is None else str(checkpoint)}
+    if teacher is not None:
+        meta["teacher"] = {"tokenizer": teacher_fp, "model": model_fingerprint(teacher), "kind": cfg.teacher.kind}
+    groups = [(g, prompts[g], encode_prompt(tokenizer, prompts[g], cfg)) for g in range(start, stop)]
+    records, drift = _sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, show_progress)
+    meta["logprob_drift_max"] = drift
+    return records, meta
+
+
+def _sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, show_progress):
+    """Sample G completions for each (group_id, prompt, prompt_ids), `rollout.batch_size` prompts at a time."""
+    from grpo_kd.evaluate.progress import progress
+
+    eos_ids = eos_token_ids(student, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    size = cfg.rollout.group_size
+    records: list[RolloutRecord] = []
+    drift = 0.0
+    batches = list(_batches(groups, cfg.rollout.batch_size))
+    for batch in (progress(batches, "rollout") if show_progress else batches):
+        rows = [(g, prompt, ids, s) for g, prompt, ids in batch for s in range(size)]
+        prompt_ids = [ids for _, _, ids, _ in rows]
+        seeds = [sample_seed(cfg.seed, iteration, g, s) for g, _, _, s in rows]
+        samples = sample_batch(student, prompt_ids, seeds, params, eos_ids=eos_ids, pad_id=pad_id, teacher=teacher)
+        old, student_lp, _ = recorded_logprobs(student, teacher, prompt_ids, samples, params, pad_id)
+        for r, ((g, prompt, ids, s), sample) in enumerate(zip(rows, samples)):
+            n = len(sample.completion_ids)
+            drift = max(drift, float((old[r, :n] - torch.tensor(sample.sampling_logprobs)).abs().max()))
+            records.append(RolloutRecord(
+                prompt_id=prompt.id, group_id=g, sample_index=s, prompt_ids=ids,
+                completion_ids=sample.completion_ids, old_logprobs=old[r, :n].numpy(),
+                finish_reason=sample.finish_reason, prompt_text=prompt.text,
+                completion_text=tokenizer.decode(sample.completion_ids, skip_special_tokens=True),
+                privileged=prompt.privileged,
+                student_logprobs=None if student_lp is None else student_lp[r, :n].numpy(),
+            ))  # fmt: skip
+    return records, drift

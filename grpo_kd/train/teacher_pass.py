@@ -1,0 +1,390 @@
+"""The cache-teacher phase: score every rollout token with the teacher and write the teacher cache.
+
+    run_teacher_pass(cfg, iteration=1, task=0, num_tasks=1)    # what `grpo-kd cache-teacher` calls
+
+Shard mapping: teacher shard i scores rollout shard i, row for row (by rollout row number). Array task j of n
+handles the rollout shards i with i % n == j, so n may be smaller than the number of rollout shards.
+
+Per shard: rows sorted by length (stable), cut into batches of at most `teacher.token_budget` padded tokens;
+for each batch `final_hidden_states` (the LM head never runs) and then, on the completion positions only,
+`linear_topk` (top-k ids and log-probs and the exact sampled-token log-prob), optionally m samples from the
+teacher. Alignment: completion token t sits at position P + t of `prompt + completion` and is predicted by the
+hidden state at P + t - 1 (`grpo_kd.cache.reader.completion_hidden`).
+
+Teachers: kind "model" (its own weights; with another vocabulary and `teacher.cross_tokenizer` it re-tokenises
+the prompt and completion texts and scores whole sequences only), "self_base" (the student's base, adapters off
+unless `teacher.adapter`) and "self_privileged" (the same model, with the prompt rebuilt by
+`render_prompt(..., privileged_template=teacher.prompt_template)`; the completion tokens are unchanged).
+The reference log-probs (`teacher.reference`) come from the student's initial model with adapters off, in a
+first pass whose [C] float32 results are kept in memory, so that two models are never loaded at once.
+
+Idempotence: a shard whose manifest exists, whose checksum matches and which scored the current rollout file
+with the current settings is skipped. Anything else (a killed run) is redone from scratch into a temporary
+name (`TeacherShardSink`); a kill therefore costs at most one shard's work, never correctness.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from grpo_kd.cache.manifest import CacheError, describe_vocab, read_json, shard_is_complete, shard_manifest_path
+from grpo_kd.cache.reader import completion_hidden
+from grpo_kd.cache.rollouts import RolloutShard, RolloutStore
+from grpo_kd.cache.teacher import CacheSpec, ScoredRows, TeacherShardSink, bf16_bits
+from grpo_kd.config import Config
+from grpo_kd.errors import GrpoKdError
+from grpo_kd.paths import RunPaths
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassResult:
+    shards_done: list[int]  # scored by this call
+    shards_skipped: list[int]  # already finished
+    tokens: int  # completion tokens scored by this call
+
+
+def resolve_task(shard: int | None, num_shards: int | None) -> tuple[int, int]:
+    """`--shard/--num-shards`, else SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else task 0 of 1."""
+    if shard is None and num_shards is None and "SLURM_ARRAY_TASK_ID" in os.environ:
+        shard = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        num_shards = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
+    shard = 0 if shard is None else shard
+    num_shards = 1 if num_shards is None else num_shards
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise GrpoKdError(f"shard {shard} of {num_shards} is out of range (want 0 <= shard < num_shards)")
+    return shard, num_shards
+
+
+def encode_prompt(tokenizer, text: str, *, chat_template: bool, max_tokens: int | None = None) -> list[int]:
+    """A rendered prompt -> ids: special tokens added unless a chat template already placed them; truncated
+    from the left to `max_tokens`. The rollout phase encodes with the same function."""
+    ids = tokenizer(text, add_special_tokens=not chat_template)["input_ids"]
+    return ids[-max_tokens:] if max_tokens else ids
+
+
+# ----------------------------------------------------------------------------------------------- the pass
+
+
+def run_teacher_pass(cfg: Config, *, iteration: int, task: int = 0, num_tasks: int = 1,
+                     progress: bool = True) -> PassResult:
+    """Score the rollout shards of task `task` of `num_tasks`; see the module doc."""
+    from grpo_kd.models import load_tokenizer, tokenizer_fingerprint
+
+    paths = RunPaths.of(cfg.run_dir)
+    rollouts_dir, teacher_dir = paths.rollouts(iteration), paths.teacher(iteration)
+    store = _open_rollouts(rollouts_dir)
+    mine = [s for s in store.shards if s.shard % num_tasks == task]
+    if not mine:
+        log.info("task %d of %d has no rollout shard to score (shards %s)", task, num_tasks, store.shard_ids)
+        return PassResult([], [], 0)
+    student_tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    teacher_tok = student_tok if cfg.teacher.kind != "model" else load_tokenizer(
+        cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
+    student_fp, teacher_fp = tokenizer_fingerprint(student_tok), tokenizer_fingerprint(teacher_tok)
+    spec = _cache_spec(cfg, student_fp, teacher_fp)
+    params = _params(cfg, spec)
+    pending = [s for s in mine if not _finished(teacher_dir, s, spec, params)]
+    skipped = [s.shard for s in mine if s not in pending]
+    for j in skipped:
+        log.info("teacher shard %d is already complete; nothing to do", j)
+    if not pending:
+        return PassResult([], skipped, 0)
+    ref = _reference_pass(cfg, pending, progress) if spec.reference else {}
+    teacher = _load_teacher(cfg)
+    scorer = Scorer(cfg, teacher, teacher_tok, spec)
+    common = {"iteration": iteration, "task": {"index": task, "count": num_tasks}, "params": params,
+              "teacher": {**_teacher_desc(cfg), "model": _model_fp(teacher), "tokenizer": teacher_fp},
+              "student": {"tokenizer": student_fp}, "token_level": spec.token_level}
+    tokens = 0
+    for shard in pending:
+        scored_rollouts = {"file": shard.path.name, "sha256": shard.manifest["sha256"], "rows": shard.num_rows,
+                           "tokens": shard.manifest["tokens"]}
+        manifest = {**common, "rollouts": scored_rollouts, "reference": ref.get("_desc")}
+        with TeacherShardSink(teacher_dir, shard.shard, spec, total_rows=shard.num_rows,
+                              total_tokens=int(shard.lengths().sum()), manifest=manifest) as sink:
+            for scored in scorer.score_shard(shard, ref.get(shard.shard), progress=progress):
+                sink.add(scored)
+        tokens += int(shard.lengths().sum())
+        log.info("teacher shard %d written: %d rows, %d tokens", shard.shard, shard.num_rows, sink.tokens_written)
+    return PassResult([s.shard for s in pending], skipped, tokens)
+
+
+def _open_rollouts(directory) -> RolloutStore:
+    try:
+        return RolloutStore.open(directory)
+    except CacheError as exc:
+        raise GrpoKdError(f"cannot score rollouts: {exc}") from None
+
+
+def _cache_spec(cfg: Config, student_fp: dict, teacher_fp: dict) -> CacheSpec:
+    from grpo_kd.models import same_vocabulary
+
+    t = cfg.teacher
+    cross = not same_vocabulary(student_fp, teacher_fp)
+    if cross and not t.cross_tokenizer:
+        raise GrpoKdError(f"teacher vocabulary {describe_vocab(teacher_fp)} differs from the student's "
+                          f"{describe_vocab(student_fp)}: token-level caching needs a shared vocabulary; set "
+                          "teacher.cross_tokenizer=true to cache sequence-level scores only")
+    return CacheSpec(format=t.cache_format, top_k=t.top_k, num_samples=0 if cross else t.num_samples,
+                     logprob_dtype=t.logprob_dtype, token_level=not cross, reference=t.reference,
+                     cross_tokenizer=cross)
+
+
+def _params(cfg: Config, spec: CacheSpec) -> dict[str, Any]:
+    """Everything that changes the cache's content; a finished shard with other params is redone."""
+    t = cfg.teacher
+    return {"spec": spec.__dict__, "kind": t.kind, "path": t.path if t.kind == "model" else cfg.model.path,
+            "adapter": t.adapter, "prompt_template": t.prompt_template if t.kind == "self_privileged" else None,
+            "temperature": t.temperature, "softcap": t.softcap, "token_budget": t.token_budget, "seed": cfg.seed,
+            "cross_tokenizer_norm": t.cross_tokenizer_norm if spec.cross_tokenizer else None}
+
+
+def _finished(teacher_dir, shard: RolloutShard, spec: CacheSpec, params: dict) -> bool:
+    if not shard_is_complete(teacher_dir, shard.shard, spec.suffix, verify_checksum=True):
+        return False
+    manifest = read_json(shard_manifest_path(teacher_dir, shard.shard))
+    same_rollouts = manifest.get("rollouts", {}).get("sha256") == shard.manifest.get("sha256")
+    return same_rollouts and manifest.get("params") == params
+
+
+def _teacher_desc(cfg: Config) -> dict[str, Any]:
+    t = cfg.teacher
+    return {"kind": t.kind, "path": t.path if t.kind == "model" else cfg.model.path, "adapter": t.adapter,
+            "temperature": t.temperature, "top_k": t.top_k, "num_samples": t.num_samples,
+            "prompt_template": t.prompt_template if t.kind == "self_privileged" else None}
+
+
+def _model_fp(model) -> dict[str, Any]:
+    from grpo_kd.models import model_fingerprint
+
+    return model_fingerprint(model)
+
+
+def _load_teacher(cfg: Config):
+    from grpo_kd.models import load_teacher
+
+    return load_teacher(cfg.teacher, cfg.model)
+
+
+def _free(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------- reference
+
+
+def _reference_pass(cfg: Config, shards: list[RolloutShard], progress: bool) -> dict:
+    """{shard: [R] list of (C,) float32 arrays} of the reference model's log-probs of each rollout's tokens."""
+    from grpo_kd.models import adapters_disabled, load_student
+
+    model = load_student(cfg.model, checkpoint=None, trainable=False)
+    scorer = Scorer(cfg, model, None, CacheSpec(format=cfg.teacher.cache_format, token_level=False),
+                    reference=True)
+    out: dict[Any, Any] = {"_desc": {"path": cfg.model.path, "adapters": "off", "model": _model_fp(model)}}
+    with adapters_disabled(model):
+        for shard in shards:
+            out[shard.shard] = scorer.reference_logprobs(shard, progress=progress)
+    _free(model)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+class Scorer:
+    """One loaded model scoring rollout shards batch by batch (see the module doc)."""
+
+    def __init__(self, cfg: Config, model, tokenizer, spec: CacheSpec, reference: bool = False):
+        from grpo_kd.models import lm_head
+
+        self.cfg, self.model, self.tokenizer, self.spec = cfg, model, tokenizer, spec
+        self.head = lm_head(model)
+        self.reference = reference
+        self.temperature = 1.0 if reference else cfg.teacher.temperature
+        cap = cfg.teacher.softcap if not reference else None
+        self.softcap = cap if cap is not None else self.head.softcap
+        self.device = model.get_input_embeddings().weight.device
+        self.privileged = (not reference) and cfg.teacher.kind == "self_privileged"
+
+    # -- inputs
+    def _prompts(self, shard: RolloutShard) -> list[np.ndarray]:
+        """Prompt ids the model is conditioned on, per row (rebuilt for the privileged or another tokenizer)."""
+        offsets, values = shard.list_column("prompt_ids")
+        if not (self.privileged or self.spec.cross_tokenizer):
+            return [values[offsets[i]:offsets[i + 1]] for i in range(shard.num_rows)]
+        from grpo_kd.data import Prompt, render_prompt
+
+        texts = shard.table.column("prompt_text").to_pylist()
+        privileged = shard.table.column("privileged").to_pylist()
+        ids = shard.table.column("prompt_id").to_pylist()
+        template = self.cfg.teacher.prompt_template if self.privileged else None
+        chat = self.cfg.data.chat_template
+        return [np.asarray(encode_prompt(self.tokenizer, render_prompt(self.tokenizer, Prompt(pid, text, priv),
+                                                                       chat_template=chat,
+                                                                       privileged_template=template),
+                                         chat_template=chat), np.int64)
+                for pid, text, priv in zip(ids, texts, privileged)]
+
+    def _completions(self, shard: RolloutShard) -> list[np.ndarray]:
+        if self.spec.cross_tokenizer and not self.reference:
+            return [np.asarray(self.tokenizer(t, add_special_tokens=False)["input_ids"], np.int64)
+                    for t in shard.table.column("completion_text").to_pylist()]
+        offsets, values = shard.list_column("completion_ids")
+        return [values[offsets[i]:offsets[i + 1]] for i in range(shard.num_rows)]
+
+    def _batches(self, prompts, completions) -> list[np.ndarray]:
+        lengths = np.array([len(p) + len(c) for p, c in zip(prompts, completions)], np.int64)
+        order = np.argsort(-lengths, kind="stable")  # longest first: an out-of-memory shows at once
+        batches, current, longest = [], [], 0
+        for i in order.tolist():
+            if current and (len(current) + 1) * max(longest, lengths[i]) > self.cfg.teacher.token_budget:
+                batches.append(np.array(current))
+                current, longest = [], 0
+            current.append(i)
+            longest = max(longest, int(lengths[i]))
+        return batches + ([np.array(current)] if current else [])
+
+    @torch.no_grad()
+    def _hidden(self, prompts, completions, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Flat completion hidden states (N, H), their target ids (N,), and C per row, in `rows` order."""
+        from grpo_kd.models import final_hidden_states
+
+        P = np.array([len(prompts[i]) for i in rows], np.int64)
+        C = np.array([len(completions[i]) for i in rows], np.int64)
+        L, T = int((P + C).max()), int(C.max(initial=0))
+        ids = np.zeros((len(rows), L), np.int64)
+        for b, i in enumerate(rows):
+            ids[b, :P[b]] = prompts[i]
+            ids[b, P[b]:P[b] + C[b]] = completions[i]
+        input_ids = torch.from_numpy(ids).to(self.device)  # (B, L)
+        mask = torch.from_numpy(np.arange(L)[None, :] < (P + C)[:, None]).to(self.device)  # (B, L)
+        hidden = final_hidden_states(self.model, input_ids, mask.long())  # (B, L, H)
+        P_t = torch.from_numpy(P)
+        h = completion_hidden(hidden, P_t, T)  # (B, T, H)
+        keep = torch.from_numpy(np.arange(T)[None, :] < C[:, None]).to(h.device)  # (B, T)
+        targets = torch.from_numpy(ids).to(h.device).gather(1, (P_t[:, None] + torch.arange(T)[None, :])
+                                                            .clamp(max=L - 1).to(h.device))  # (B, T)
+        weight = self.head.weight
+        return h[keep].to(weight.device), targets[keep].to(weight.device), C  # (N, H), (N,)
+
+    def _progress(self, total: int, label: str, enabled: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                        TimeRemainingColumn(), disable=not enabled, transient=False)
+
+    def _loop(self, shard: RolloutShard, label: str, progress: bool) -> Iterator[tuple[np.ndarray, torch.Tensor,
+                                                                                       torch.Tensor, np.ndarray]]:
+        prompts, completions = self._prompts(shard), self._completions(shard)
+        batches = self._batches(prompts, completions)
+        total = int(sum(len(c) for c in completions))
+        with self._progress(total, label, progress) as bar:
+            task = bar.add_task(label, total=total)
+            for rows in batches:
+                h, targets, C = self._hidden(prompts, completions, rows)
+                yield rows, h, targets, C
+                bar.advance(task, int(C.sum()))
+
+    def reference_logprobs(self, shard: RolloutShard, progress: bool) -> list[np.ndarray]:
+        from grpo_kd.kernels import linear_logprobs
+
+        out: list[np.ndarray] = [np.zeros(0, np.float32)] * shard.num_rows
+        for rows, h, targets, C in self._loop(shard, f"reference  shard {shard.shard}", progress):
+            logprobs, _, _ = linear_logprobs(h, self.head.weight, targets, bias=self.head.bias)  # (N,)
+            for i, part in zip(rows, np.split(logprobs.float().cpu().numpy(), np.cumsum(C)[:-1])):
+                out[i] = part
+        return out
+
+    def score_shard(self, shard: RolloutShard, ref: list[np.ndarray] | None, progress: bool) -> Iterator[ScoredRows]:
+        """ScoredRows per batch, in the batch order (longest rows first)."""
+        from grpo_kd.kernels import linear_logprobs
+
+        linear_topk = _linear_topk()
+
+        group_ids = shard.table.column("group_id").to_numpy()
+        student_C = shard.lengths()
+        for n, (rows, h, targets, C) in enumerate(self._loop(shard, f"teacher    shard {shard.shard}", progress)):
+            token: dict[str, np.ndarray] = {}
+            extra = None
+            if self.spec.token_level:
+                ids, logprobs, _, target = linear_topk(h, self.head.weight, self.spec.top_k, bias=self.head.bias,
+                                                       temperature=self.temperature, softcap=self.softcap,
+                                                       target_ids=targets)
+                token["topk_ids"] = ids.to(torch.int32).cpu().numpy()
+                token["topk_logprobs"] = (logprobs.to(torch.float16).cpu().numpy() if self.spec.logprob_dtype
+                                          == "float16" else bf16_bits(logprobs))
+                token["target_logprobs"] = target.float().cpu().numpy()
+                if self.spec.num_samples:
+                    seed = hash((self.cfg.seed, shard.shard, n)) % 2**31
+                    token["sample_ids"], token["sample_weights"] = sample_teacher(
+                        h, self.head.weight, self.head.bias, self.spec.num_samples, temperature=self.temperature,
+                        softcap=self.softcap, seed=seed)
+                seq = _row_sums(token["target_logprobs"], C)
+            else:
+                target, _, _ = linear_logprobs(h, self.head.weight, targets, bias=self.head.bias,
+                                               temperature=self.temperature, softcap=self.softcap)
+                seq = _row_sums(target.float().cpu().numpy(), C)
+                texts = shard.table.column("completion_text")
+                extra = {"xtok_num_tokens": C.astype(np.int32),
+                         "xtok_num_bytes": np.array([len(texts[int(i)].as_py().encode("utf-8")) for i in rows],
+                                                    np.int64)}
+            if self.spec.reference:
+                token["ref_logprobs"] = np.concatenate([ref[i] for i in rows]) if len(rows) else np.zeros(0)
+            yield ScoredRows(row=rows.astype(np.int64), group_id=group_ids[rows].astype(np.int64),
+                             num_tokens=student_C[rows].astype(np.int32), seq_logprob=seq, token=token, extra=extra)
+
+
+def _linear_topk():
+    try:
+        from grpo_kd.kernels import linear_topk
+    except ImportError:  # the package namespace may not export it yet
+        from grpo_kd.kernels.topk import linear_topk
+    return linear_topk
+
+
+def _row_sums(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per-row sums (float64) of a flat per-token array."""
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    sums = np.add.reduceat(values.astype(np.float64), starts) if len(values) else np.zeros(len(counts))
+    return np.where(counts > 0, sums, 0.0)
+
+
+@torch.no_grad()
+def sample_teacher(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, m: int, *,
+                   temperature: float, softcap: float | None, seed: int,
+                   chunk_bytes: int = 64 * 2**20) -> tuple[np.ndarray, np.ndarray]:
+    """m draws (with replacement) from the teacher per row -> (ids [N, m] int32, weights [N, m] float32).
+
+    The distinct drawn ids come first, sorted by count; weight = count / m (an unbiased estimate of p(id),
+    "Sparse Logit Sampling"); unused slots hold id 0 and weight 0. Logits are built for a row chunk at a time
+    (at most `chunk_bytes` of float32), never for all N rows.
+    """
+    from grpo_kd.kernels._common import row_chunks, transform_logits
+
+    generator = torch.Generator(device=hidden.device).manual_seed(seed)
+    ids_out, weights_out = [], []
+    for rows in row_chunks(hidden.shape[0], weight.shape[0], chunk_bytes // 2):
+        logits = hidden[rows].float() @ weight.float().T  # (n, V)
+        if bias is not None:
+            logits = logits + bias.float()
+        probs = torch.softmax(transform_logits(logits, temperature, softcap), dim=-1)  # (n, V)
+        draws = torch.multinomial(probs, m, replacement=True, generator=generator)  # (n, m)
+        counts = torch.zeros_like(probs).scatter_add_(1, draws, torch.ones_like(draws, dtype=probs.dtype))
+        top_counts, top_ids = counts.topk(m, dim=-1)  # (n, m)
+        ids_out.append(torch.where(top_counts > 0, top_ids, 0).to(torch.int32).cpu())
+        weights_out.append((top_counts / m).float().cpu())
+    if not ids_out:
+        return np.zeros((0, m), np.int32), np.zeros((0, m), np.float32)
+    return torch.cat(ids_out).numpy(), torch.cat(weights_out).numpy()

@@ -1,0 +1,249 @@
+"""The update phase: the student trains on one iteration's rollouts and teacher cache, then checkpoints.
+
+    run_update(cfg, iteration=1)                   # what `grpo-kd update` calls (also under torchrun)
+
+Flow: load the student (checkpoint i-1, or the initial model) -> open the rollouts and the cache (whole groups)
+-> `prepare` every group once (named rewards, advantages; saved to iter_i/prepared.safetensors so a resumed run
+uses the very same values) -> `epochs_per_iteration` epochs of optimizer steps -> checkpoints/iter_i/.
+
+The data plan. One optimizer step takes `micro_batch_size x grad_accum` completions (whole groups) per rank, so
+`micro_batch_size x grad_accum` must be a multiple of the group size. Epoch e visits the groups in a permutation
+seeded by (seed, iteration, e), cut into steps of `ranks x groups per rank` groups (a partial last step is
+dropped, with a warning); rank r takes its contiguous slice of each step. The global batch of a step therefore
+does not depend on how it is split over ranks and micro-batches, and each loss is normalised by counts of the
+whole step (algorithms/common.py): one process, many micro-batches, or many ranks give the same update.
+
+Stops and restarts: SIGTERM / SIGUSR2 (and `checkpoint.save_every_steps`) write checkpoints/iter_i.step-SSSSSSS
+after the current step; on a signal the phase then raises `UpdateInterrupted` (the CLI exits with
+REQUEUE_EXIT_CODE). `resume=True` continues from the newest step checkpoint (weights, optimizer, scheduler, RNG,
+data position; metrics after it are dropped). A finished iteration (checkpoints/iter_i exists) does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from grpo_kd.cache.reader import CacheBatch, CacheReader
+from grpo_kd.config import Config
+from grpo_kd.errors import GrpoKdError
+from grpo_kd.paths import RunPaths
+from grpo_kd.train import algorithms
+from grpo_kd.train.algorithms.common import Context, StepNorm, concat_prepared, take_prepared, take_rows
+from grpo_kd.train.checkpoint import prune_step_checkpoints, step_checkpoints
+from grpo_kd.train.distributed import Dist, TrainModule, all_reduce_sum, barrier, init_distributed, shutdown, wrap
+from grpo_kd.train.metrics import MetricsLog
+from grpo_kd.train.signals import stop_on_signals
+from grpo_kd.train.update_state import (
+    Plan,
+    StepStats,
+    load_prepared,
+    load_student_parts,
+    make_reference,
+    save_prepared,
+    save_state,
+    start_point,
+)
+
+log = logging.getLogger(__name__)
+
+
+class UpdateInterrupted(Exception):
+    """A stop signal arrived; the step checkpoint `checkpoint` is complete. Exit with REQUEUE_EXIT_CODE."""
+
+    def __init__(self, checkpoint: Path, signal_name: str | None):
+        super().__init__(f"update stopped by {signal_name} after checkpoint {checkpoint}; run again with --resume")
+        self.checkpoint = checkpoint
+
+
+def run_update(cfg: Config, iteration: int, *, resume: bool = False) -> Path:
+    """Train iteration `iteration`; returns checkpoints/iter_NNNN (immediately if it already exists)."""
+    paths = RunPaths.of(cfg.run_dir)
+    final = paths.checkpoint(iteration)
+    if final.exists():
+        log.info("update of iteration %d is already done: %s", iteration, final)
+        return final
+    dist = init_distributed(cfg.model.device)
+    try:
+        return _train(cfg, iteration, resume, paths, dist)
+    finally:
+        shutdown(dist)
+
+
+def open_reader(cfg: Config, paths: RunPaths, iteration: int, tokenizer, algorithm) -> CacheReader:
+    from grpo_kd.models import tokenizer_fingerprint
+
+    teacher_dir = paths.teacher(iteration)
+    return CacheReader.open(
+        paths.rollouts(iteration), teacher_dir if teacher_dir.is_dir() else None,
+        student_vocab=tokenizer_fingerprint(tokenizer), require_token_level=algorithm.NEEDS_TOKEN_LEVEL,
+    )  # fmt: skip
+
+
+def make_plan(reader: CacheReader, cfg: Config, world_size: int) -> Plan:
+    group_size = int(reader.group_lengths()[:, 0].max()) if reader.num_groups else 0
+    rows_per_rank = cfg.optim.micro_batch_size * cfg.optim.grad_accum
+    if reader.num_groups == 0:
+        raise GrpoKdError("the rollouts of this iteration hold no group")
+    if rows_per_rank % group_size:
+        raise GrpoKdError(f"optim.micro_batch_size x optim.grad_accum = {rows_per_rank} completions per rank and "
+                          f"step must be a multiple of the group size {group_size} (steps take whole groups)")
+    plan = Plan(groups_per_rank=rows_per_rank // group_size, world_size=world_size, num_groups=reader.num_groups,
+                epochs=cfg.optim.epochs_per_iteration)
+    if plan.steps_per_epoch == 0:
+        raise GrpoKdError(f"{reader.num_groups} groups are fewer than one optimizer step needs "
+                          f"({plan.groups_per_step} = {world_size} ranks x {plan.groups_per_rank}); lower "
+                          "optim.micro_batch_size or optim.grad_accum")
+    dropped = reader.num_groups - plan.steps_per_epoch * plan.groups_per_step
+    if dropped:
+        log.warning("%d of %d groups do not fill a last step and are left out of each epoch", dropped, reader.num_groups)
+    return plan
+
+
+def step_groups(plan: Plan, seed: int, iteration: int, index: int, rank: int) -> list[int]:
+    """The groups rank `rank` trains on in step `index` (0-based over all epochs of the iteration)."""
+    epoch, within = divmod(index, plan.steps_per_epoch)
+    order = np.random.default_rng([seed, iteration, epoch]).permutation(plan.num_groups)
+    start = within * plan.groups_per_step + rank * plan.groups_per_rank
+    return order[start : start + plan.groups_per_rank].tolist()
+
+
+def prepare_all(algorithm, reader: CacheReader, cfg: Config, ctx: Context, plan: Plan) -> dict[int, object]:
+    """`prepare` on every group, in chunks of one step's worth of groups; {group index: Prepared}."""
+    from grpo_kd.train.algorithms.common import split_groups
+
+    prepared = {}
+    for start in range(0, reader.num_groups, plan.groups_per_rank):
+        groups = list(range(start, min(start + plan.groups_per_rank, reader.num_groups)))
+        batch = reader.batch(groups)
+        with torch.no_grad():
+            result = algorithm.prepare(batch, cfg, ctx)
+        prepared.update(zip(groups, split_groups(result, batch.group_ids)))
+    return prepared
+
+
+def _train(cfg: Config, iteration: int, resume: bool, paths: RunPaths, dist: Dist) -> Path:
+    """The main loop (long by nature: it wires every part once; each part lives in its own function)."""
+    from grpo_kd.evaluate.progress import progress
+    from grpo_kd.models import load_tokenizer
+    from grpo_kd.train.optim import build_optimizer, build_scheduler
+    from grpo_kd.train.pretrain import PretrainBatches
+
+    final = paths.checkpoint(iteration)
+    algorithm = algorithms.get(cfg.loss.algorithm)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    reader = open_reader(cfg, paths, iteration, tokenizer, algorithm)
+    plan = make_plan(reader, cfg, dist.world_size)
+    start = start_point(paths, iteration, resume, dist)
+    torch.manual_seed(cfg.seed * 1_000_003 + iteration)
+    train_module = TrainModule(*load_student_parts(cfg, start, dist, algorithm.NEEDS_VALUE_HEAD))
+    module = wrap(train_module, dist, cfg)
+    optimizer = build_optimizer(train_module.named_parameters(), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.iterations * plan.total_steps)
+    done = start.restore(optimizer, scheduler, plan)
+    ctx = Context(module=module, policy=train_module.policy, reference=make_reference(cfg, train_module.policy, dist),
+                  impl=cfg.optim.impl, temperature=cfg.rollout.temperature)
+    prepared_path = paths.iteration(iteration) / "prepared.safetensors"
+    prepared = load_prepared(prepared_path) if done else None
+    if prepared is None:
+        prepared = prepare_all(algorithm, reader, cfg, ctx, plan)
+        if dist.is_main:
+            save_prepared(prepared_path, prepared)
+    pretrain = PretrainBatches(cfg, tokenizer) if cfg.loss.pt_weight > 0 else None
+    if pretrain is not None and cfg.loss.pt_batch_size < dist.world_size:
+        raise GrpoKdError(f"loss.pt_batch_size={cfg.loss.pt_batch_size} is smaller than the {dist.world_size} ranks")
+    metrics_log = MetricsLog(paths.metrics)
+    if dist.is_main:
+        metrics_log.truncate_after(iteration, done)
+    barrier(dist)
+    log.info("update %d: %s, %d groups, %d steps x %d epochs, starting after step %d", iteration,
+             cfg.loss.algorithm, plan.num_groups, plan.steps_per_epoch, plan.epochs, done)
+    with stop_on_signals() as stop:
+        for index in progress(range(done, plan.total_steps), f"update {iteration}", total=plan.total_steps - done):
+            groups = step_groups(plan, cfg.seed, iteration, index, dist.rank)
+            batch = reader.batch(groups)
+            step_prepared = concat_prepared([prepared[g] for g in groups])
+            stats = train_step(algorithm, batch, step_prepared, cfg, ctx, optimizer, scheduler, dist,
+                               pt_blocks=pretrain.draw(iteration, index, dist.rank, dist.world_size) if pretrain else None,
+                               pt_tokens=pretrain.tokens_per_step if pretrain else 0)
+            record = {"iteration": iteration, "step": index + 1, "epoch": index // plan.steps_per_epoch,
+                      **stats.record, "lr": scheduler.get_last_lr()[0]}
+            if dist.is_main:
+                metrics_log.log(record)
+            stopping = bool(all_reduce_sum(torch.tensor([float(stop.requested)]), dist)[0] > 0)
+            periodic = cfg.checkpoint.save_every_steps and (index + 1) % cfg.checkpoint.save_every_steps == 0
+            if (stopping or periodic) and index + 1 < plan.total_steps:
+                saved = save_state(paths, iteration, index + 1, train_module, optimizer, scheduler, plan, cfg,
+                                   dist, record, tokenizer, step=True)
+                if stopping:
+                    raise UpdateInterrupted(saved, stop.signal_name)
+    save_state(paths, iteration, plan.total_steps, train_module, optimizer, scheduler, plan, cfg, dist,
+               None, tokenizer, step=False)
+    if dist.is_main:
+        prune_step_checkpoints(final, 0)
+        prepared_path.unlink(missing_ok=True)
+    return final
+
+
+def train_step(algorithm, batch: CacheBatch, prepared, cfg: Config, ctx: Context, optimizer, scheduler,
+               dist: Dist, *, pt_blocks: torch.Tensor | None, pt_tokens: int) -> StepStats:
+    """One optimizer step over this rank's rows: L_PT units first, then the micro-batches, one backward each."""
+    started = time.perf_counter()
+    B = batch.completion_ids.shape[0]
+    counts = all_reduce_sum(torch.tensor([B, float(batch.completion_mask.sum())], dtype=torch.float64), dist)
+    ctx.norm = StepNorm(sequences=int(counts[0]), tokens=int(counts[1]), world_size=dist.world_size)
+    stats = StepStats(dist)
+    units = pt_units(pt_blocks, cfg, ctx, pt_tokens) + rl_units(algorithm, batch, prepared, cfg, ctx)
+    optimizer.zero_grad(set_to_none=True)
+    for position, (weight, compute) in enumerate(units):
+        last = position == len(units) - 1
+        sync = contextlib.nullcontext() if last or not dist.active else ctx.module.no_sync()
+        with sync:
+            loss, metrics = compute()
+            loss.backward()
+        stats.add_loss(loss)
+        stats.add_metrics(metrics, weight)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    stats.add_rewards(prepared, batch.completion_mask.float())
+    stats.set("ref_source", "cache" if batch.ref_logprobs is not None else ("live" if ctx.reference else "none"))
+    return stats.finish(grad_norm, counts[1] + pt_tokens, time.perf_counter() - started)
+
+
+def rl_units(algorithm, batch: CacheBatch, prepared, cfg: Config, ctx: Context) -> list:
+    """(token weight, closure -> (loss, metrics)) per micro-batch of `micro_batch_size` rows."""
+    units = []
+    B = batch.completion_ids.shape[0]
+    for start in range(0, B, cfg.optim.micro_batch_size):
+        rows = list(range(start, min(start + cfg.optim.micro_batch_size, B)))
+        micro = take_rows(batch, rows)
+        micro_prepared = take_prepared(prepared, rows, micro.completion_ids.shape[1])
+        weight = float(micro.completion_mask.sum())
+        units.append((weight, lambda m=micro, p=micro_prepared: algorithm.micro_loss(m, p, cfg, ctx)))
+    return units
+
+
+def pt_units(blocks: torch.Tensor | None, cfg: Config, ctx: Context, pt_tokens: int) -> list:
+    """L_PT micro-batches of this rank's pre-training blocks, each scaled to its share of the step's L_PT."""
+    from grpo_kd.train.pretrain import pretrain_loss
+
+    if blocks is None or len(blocks) == 0:
+        return []
+    scale = cfg.loss.pt_weight * ctx.norm.world_size / max(pt_tokens, 1)
+    units = []
+    for start in range(0, len(blocks), cfg.optim.micro_batch_size):
+        chunk = blocks[start : start + cfg.optim.micro_batch_size]
+
+        def compute(chunk=chunk):
+            loss = pretrain_loss(ctx.module, ctx.policy, chunk, scale=scale, impl=ctx.impl)
+            return loss, {"pt_loss": loss.detach() / scale / (chunk.numel() - len(chunk))}
+
+        units.append((float(chunk.numel() - len(chunk)), compute))
+    return units

@@ -1,0 +1,278 @@
+"""The update phase's state around the loop: where it starts, what it saves, what it logs.
+
+- `start_point`: a step checkpoint of this iteration (`--resume`), the final checkpoint of iteration i-1, or the
+  initial model; `StartPoint.restore` brings back the optimizer, scheduler, RNG and data position.
+- `save_state`: a step or final checkpoint through `grpo_kd.train.checkpoint.save_checkpoint` (rank 0 writes;
+  the model directory holds `save_pretrained` output — the adapter only with LoRA — plus PPO's value head).
+- `save_prepared` / `load_prepared`: the iteration's advantages, so a resumed run trains on the same ones even
+  when they came from a model (PPO's values).
+- `StepStats`: one step's metrics, reduced over micro-batches and ranks into one `logs/metrics.jsonl` line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from grpo_kd.config import Config
+from grpo_kd.errors import GrpoKdError
+from grpo_kd.paths import RunPaths
+from grpo_kd.train.algorithms.common import Prepared
+from grpo_kd.train.checkpoint import (
+    load_trainer_state,
+    model_dir,
+    prune_step_checkpoints,
+    restore_checkpoint,
+    save_checkpoint,
+    step_checkpoint,
+    step_checkpoints,
+)
+from grpo_kd.train.distributed import Dist, all_reduce_sum, barrier, new_value_head, student_config
+
+log = logging.getLogger(__name__)
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the iteration's groups are cut into optimizer steps (see update.py)."""
+
+    groups_per_rank: int
+    world_size: int
+    num_groups: int
+    epochs: int
+
+    @property
+    def groups_per_step(self) -> int:
+        return self.groups_per_rank * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_groups // self.groups_per_step
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+# ---------------------------------------------------------------------------------------------- starting
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    checkpoint: Path | None
+    kind: str  # "step" (resume), "previous" (iteration i-1), "initial"
+
+    def restore(self, optimizer, scheduler, plan: Plan) -> int:
+        """Load optimizer/scheduler (and RNG for a resume); returns the optimizer steps already done."""
+        if self.checkpoint is None:
+            return 0
+        has_optimizer = (self.checkpoint / "optimizer.json").is_file()
+        if self.kind == "previous":
+            if has_optimizer:
+                restore_checkpoint(self.checkpoint, optimizer=optimizer, scheduler=scheduler, restore_rng=False)
+            return 0
+        state = load_trainer_state(self.checkpoint)
+        if state.get("plan") != dataclasses.asdict(plan):
+            raise GrpoKdError(f"cannot resume from {self.checkpoint}: it was made with the data plan "
+                              f"{state.get('plan')}, this run has {dataclasses.asdict(plan)} (same ranks, batch "
+                              "sizes and epochs are needed)")
+        restore_checkpoint(self.checkpoint, optimizer=optimizer if has_optimizer else None, scheduler=scheduler)
+        log.info("resuming iteration %d after step %d from %s", state["iteration"], state["step"], self.checkpoint)
+        return int(state["step"])
+
+
+def start_point(paths: RunPaths, iteration: int, resume: bool, dist: Dist) -> StartPoint:
+    final = paths.checkpoint(iteration)
+    steps = step_checkpoints(final)
+    if resume and steps:
+        return StartPoint(steps[-1], "step")
+    if resume:
+        log.info("nothing to resume for iteration %d: starting it from the beginning", iteration)
+    elif steps:
+        log.warning("iteration %d has step checkpoints but --resume was not given: starting over", iteration)
+        if dist.is_main:
+            prune_step_checkpoints(final, 0)
+        barrier(dist)
+    if iteration > 1:
+        previous = paths.checkpoint(iteration - 1)
+        if not previous.is_dir():
+            raise GrpoKdError(f"iteration {iteration} starts from {previous}, which does not exist; run the update "
+                              f"of iteration {iteration - 1} first")
+        return StartPoint(previous, "previous")
+    return StartPoint(None, "initial")
+
+
+def load_student_parts(cfg: Config, start: StartPoint, dist: Dist, value_head: bool):
+    """(student, value head | None) from the start point's `model/` directory, or the initial model."""
+    from grpo_kd.models import load_student
+
+    source = model_dir(start.checkpoint) if start.checkpoint is not None else None
+    policy = load_student(student_config(cfg, dist), checkpoint=str(source) if source else None, trainable=True)
+    head = None
+    if value_head:
+        head = new_value_head(policy)
+        saved = source / VALUE_HEAD_FILE if source is not None else None
+        if saved is not None and saved.is_file():
+            head.load_state_dict(load_file(str(saved), device=str(dist.device)))
+    return policy, head
+
+
+class Reference:
+    """Live reference log-probs (B, T): the student with adapters off (LoRA), or the initial model, loaded lazily."""
+
+    def __init__(self, cfg: Config, policy, dist: Dist):
+        from grpo_kd.models import _peft_model
+
+        self.cfg, self.policy, self.dist = cfg, policy, dist
+        self.uses_adapters = _peft_model(policy) is not None
+        self.model = None
+
+    @torch.no_grad()
+    def __call__(self, batch) -> torch.Tensor:
+        from grpo_kd.models import adapters_disabled, load_student
+        from grpo_kd.train.distributed import TrainModule
+
+        if self.uses_adapters:
+            with adapters_disabled(self.policy):
+                return self._logprobs(TrainModule(self.policy), self.policy, batch)
+        if self.model is None:
+            model_cfg = dataclasses.replace(student_config(self.cfg, self.dist), lora=False)
+            self.model = load_student(model_cfg, checkpoint=None, trainable=False)
+            log.info("reference log-probs: computed live with the initial model %s", model_cfg.path)
+        return self._logprobs(TrainModule(self.model), self.model, batch)
+
+    def _logprobs(self, module, model, batch) -> torch.Tensor:
+        from grpo_kd.kernels import linear_logprobs
+        from grpo_kd.models import lm_head
+
+        hidden, _ = module(batch.input_ids, batch.attention_mask, batch.prompt_lengths, batch.completion_ids.shape[1])
+        head = lm_head(model)
+        logprobs, _, _ = linear_logprobs(hidden, head.weight, batch.completion_ids.to(hidden.device), bias=head.bias,
+                                         softcap=head.softcap, temperature=self.cfg.rollout.temperature,
+                                         impl=self.cfg.optim.impl)  # (B, T)
+        return (logprobs * batch.completion_mask.to(logprobs.device)).cpu()
+
+
+def make_reference(cfg: Config, policy, dist: Dist) -> Reference | None:
+    needed = cfg.loss.beta != 0.0 or cfg.loss.algorithm == "self_distill"
+    return Reference(cfg, policy, dist) if needed else None
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+class _SaveView:
+    """What `save_checkpoint` saves as `model/`: the student's own `save_pretrained` plus the value head."""
+
+    def __init__(self, policy, value_head):
+        self.policy, self.value_head = policy, value_head
+
+    def save_pretrained(self, path, safe_serialization: bool = True) -> None:
+        self.policy.save_pretrained(path, safe_serialization=True)
+        if self.value_head is not None:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
+            save_file(tensors, str(Path(path) / VALUE_HEAD_FILE))
+
+
+def save_state(paths: RunPaths, iteration: int, steps_done: int, train_module, optimizer, scheduler, plan: Plan,
+               cfg: Config, dist: Dist, record: dict | None, tokenizer, *, step: bool) -> Path:
+    """Write a step checkpoint (step=True) or the iteration's final one; rank 0 writes, everyone waits."""
+    final = paths.checkpoint(iteration)
+    target = step_checkpoint(final, steps_done) if step else final
+    if dist.is_main:
+        state = {"iteration": iteration, "step": steps_done, "epoch": steps_done // max(plan.steps_per_epoch, 1),
+                 "plan": dataclasses.asdict(plan), "finished": not step, "algorithm": cfg.loss.algorithm,
+                 "data_position": {"next_step": steps_done, "order": "permutation(seed, iteration, epoch)"},
+                 "metrics": record or {}}
+        save_checkpoint(target, model=_SaveView(train_module.policy, train_module.value_head),
+                        optimizer=optimizer if cfg.checkpoint.save_optimizer else None, scheduler=scheduler,
+                        state=state, tokenizer=tokenizer)
+        if step:
+            prune_step_checkpoints(final, max(cfg.checkpoint.keep_last, 1))
+    barrier(dist)
+    return target
+
+
+def save_prepared(path: Path, prepared: dict[int, Prepared]) -> None:
+    tensors = {}
+    for group, item in prepared.items():
+        for name, value in item._asdict().items():
+            if name == "rewards":
+                tensors.update({f"{group}.rewards.{k}": v.contiguous().clone() for k, v in value.items()})
+            elif value is not None:
+                tensors[f"{group}.{name}"] = value.contiguous().clone()
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_prepared(path: Path) -> dict[int, Prepared] | None:
+    if not path.is_file():
+        return None
+    fields: dict[int, dict] = {}
+    for key, value in load_file(str(path)).items():
+        group, name = key.split(".", 1)
+        entry = fields.setdefault(int(group), {"rewards": {}})
+        if name.startswith("rewards."):
+            entry["rewards"][name.split(".", 1)[1]] = value
+        else:
+            entry[name] = value
+    return {group: Prepared(**entry) for group, entry in fields.items()}
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+class StepStats:
+    """Sums and weights of one step's metrics; `finish` reduces them over ranks into `record`."""
+
+    def __init__(self, dist: Dist):
+        self.dist = dist
+        self.loss = 0.0
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+        self.record: dict = {}
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.loss += float(loss.detach())
+
+    def add_metrics(self, metrics: dict[str, torch.Tensor], weight: float) -> None:
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value) * weight
+            self.weights[name] = self.weights.get(name, 0.0) + weight
+
+    def add_rewards(self, prepared: Prepared, mask: torch.Tensor) -> None:
+        for name, value in prepared.rewards.items():
+            key = f"reward/{name}"
+            if value.ndim == 2:
+                m = mask[:, : value.shape[1]]
+                total, weight = float((value[:, : m.shape[1]] * m).sum()), float(m.sum())
+            else:
+                total, weight = float(value.float().sum()), float(value.numel())
+            self.sums[key] = self.sums.get(key, 0.0) + total
+            self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def set(self, name: str, value) -> None:
+        self.record[name] = value
+
+    def finish(self, grad_norm: torch.Tensor, tokens: float, seconds: float) -> "StepStats":
+        names = sorted(self.sums)
+        packed = torch.tensor([self.loss] + [self.sums[n] for n in names] + [self.weights[n] for n in names],
+                              dtype=torch.float64)
+        packed = all_reduce_sum(packed, self.dist)
+        k = len(names)
+        self.record = {
+            "loss": float(packed[0]) / self.dist.world_size,
+            **{n: float(packed[1 + i]) / max(float(packed[1 + k + i]), 1e-12) for i, n in enumerate(names)},
+            "grad_norm": float(grad_norm),
+            "tokens_per_second": float(tokens) / max(seconds, 1e-9),
+            **self.record,
+        }
+        return self

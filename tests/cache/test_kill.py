@@ -1,0 +1,71 @@
+"""SIGKILL `grpo-kd cache-teacher` (a real subprocess) at random moments, then let it finish: the final cache is
+byte-identical to an uninterrupted run's, nothing unfinished ever looks finished, and `cache verify` passes."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from grpo_kd.cache.manifest import list_shard_manifests, shard_is_complete, tmp_leftovers
+from grpo_kd.cli.app import main
+from grpo_kd.fsutil import sha256_file
+from grpo_kd.paths import RunPaths
+
+from conftest import make_run
+
+KILLS = 10
+
+
+def cache_teacher(config, run_name, root) -> list[str]:
+    return [sys.executable, "-m", "grpo_kd.cli.app", "cache-teacher", "--config", str(config),
+            f"output_dir={root}", f"name={run_name}"]
+
+
+def shard_hashes(teacher_dir):
+    return {p.name: sha256_file(p) for p in sorted(teacher_dir.glob("part-*.arrow"))}
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_rerun(tmp_path, cache_models):
+    config, clean_run = make_run(tmp_path, cache_models, name="clean", num_prompts=8, group_size=4,
+                                 max_new_tokens=16, num_shards=3, teacher={"token_budget": 48})
+    killed_run = tmp_path / "killed"
+    shutil.copytree(RunPaths.of(clean_run).rollouts(1), RunPaths.of(killed_run).rollouts(1))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    started = time.perf_counter()
+    subprocess.run(cache_teacher(config, "clean", tmp_path), check=True, env=env, capture_output=True)
+    full_seconds = time.perf_counter() - started
+    expected = shard_hashes(RunPaths.of(clean_run).teacher(1))
+    assert len(expected) == 3
+
+    teacher_dir = RunPaths.of(killed_run).teacher(1)
+    rng = random.Random(1234)
+    mid_write = 0
+    for attempt in range(KILLS):
+        proc = subprocess.Popen(cache_teacher(config, "killed", tmp_path), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if attempt % 2 == 0:  # anywhere in the run: start-up, model loading, reference pass, writing
+            time.sleep(rng.uniform(0.1, 1.0) * full_seconds)
+        else:  # once the teacher has begun a shard, after a random share of a second
+            while proc.poll() is None and not tmp_leftovers(teacher_dir):
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        mid_write += bool(tmp_leftovers(teacher_dir))
+        for shard in list_shard_manifests(teacher_dir):  # whatever has a manifest is whole
+            assert shard_is_complete(teacher_dir, shard, "arrow", verify_checksum=True)
+    assert mid_write >= 1, "no kill landed while a shard was being written"
+    subprocess.run(cache_teacher(config, "killed", tmp_path), check=True, env=env, capture_output=True)
+
+    assert shard_hashes(teacher_dir) == expected
+    assert main(["cache", "verify", str(killed_run)]) == 0
+    print(f"{KILLS} kills, {mid_write} of them left a half-written shard; full run {full_seconds:.1f} s")

@@ -1,0 +1,234 @@
+"""The rollout sampler on real tiny Llamas: KV-cache steps against float64 full-sequence references.
+
+What is asserted exactly and what only up to rounding:
+- batched (left-padded, KV cache) and one-row-at-a-time sampling give the *same tokens* for the same row
+  seeds — rows draw from their own generators, so only float rounding of the probabilities could move a token
+  across a CDF boundary (chance ~1e-6 per token; these seeds are checked) — and log-probs equal to 1e-5;
+- the log-probs of the loop and of the recompute equal log-softmax of the full float64 logits at the sampled
+  tokens to 1e-4 (float32 model against float64 truth);
+- alpha = 1 draws exactly the teacher's tokens, alpha = 0 exactly the student's.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+
+from grpo_kd.models import load_causal_lm, load_tokenizer
+from grpo_kd.train.rollout import mixture_logprobs, recorded_logprobs
+from grpo_kd.train.sampling import SamplingParams, inverse_cdf, sample_batch, truncate
+
+TEXTS = ["Eg eri", "Tað var einaferð ein gamal maður, sum búði", "Hvar", "Í gjár fóru vit til Havnar"]
+
+
+@pytest.fixture(scope="session")
+def tiny(request, tmp_path_factory):
+    """The shared tiny pair when tests/conftest.py provides it, else a random-weight pair built here (~5 s)."""
+    try:
+        return request.getfixturevalue("tiny_models")
+    except pytest.FixtureLookupError:
+        from grpo_kd.tiny import build_tiny_models
+
+        return build_tiny_models(tmp_path_factory.getbasetemp() / "tiny-random", pretrain_steps=0)
+
+
+@pytest.fixture(scope="module")
+def models(tiny):
+    student = load_causal_lm(str(tiny.student), dtype="float32", device="cpu").eval()
+    teacher = load_causal_lm(str(tiny.teacher), dtype="float32", device="cpu").eval()
+    return student, teacher, load_tokenizer(str(tiny.student))
+
+
+def _prompts(tokenizer, group_size=2):
+    ids = [tokenizer(t)["input_ids"] for t in TEXTS]
+    return [p for p in ids for _ in range(group_size)]  # rows: each prompt G times, lengths differ
+
+
+def _seeds(count, offset=0):
+    return [1000 + offset + r for r in range(count)]
+
+
+def _half_vocab_eos(model):
+    """Every odd id ends a completion, so that rows stop at different steps even with random weights."""
+    return set(range(1, model.config.vocab_size, 2))
+
+
+@torch.no_grad()
+def _reference_logprobs(model, prompt, completion, temperature):
+    """log-softmax of the full float64 logits at the completion tokens, one unpadded row: (C,)."""
+    ids = torch.tensor([list(prompt) + list(completion)])  # (1, L)
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].double()  # (C, V)
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    return logprobs.gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1)  # (C,)
+
+
+@pytest.fixture(scope="module")
+def model64(models):
+    return copy.deepcopy(models[0]).double(), copy.deepcopy(models[1]).double()
+
+
+def test_batched_left_padded_sampling_equals_one_row_at_a_time(models):
+    student, _, tokenizer = models
+    prompts = _prompts(tokenizer)
+    seeds = _seeds(len(prompts))
+    params = SamplingParams(max_new_tokens=10, temperature=0.8)
+    eos = _half_vocab_eos(student)
+    batched = sample_batch(student, prompts, seeds, params, eos_ids=eos, pad_id=tokenizer.pad_token_id)
+    assert len({len(s.completion_ids) for s in batched}) > 1  # rows finished at different steps
+    for prompt, seed, together in zip(prompts, seeds, batched):
+        alone = sample_batch(student, [prompt], [seed], params, eos_ids=eos, pad_id=tokenizer.pad_token_id)[0]
+        assert alone.completion_ids == together.completion_ids
+        assert alone.finish_reason == together.finish_reason
+        torch.testing.assert_close(torch.tensor(alone.sampling_logprobs), torch.tensor(together.sampling_logprobs),
+                                   rtol=0, atol=1e-5)
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(models):
+    student, _, tokenizer = models
+    prompts = _prompts(tokenizer, group_size=1)
+    params = SamplingParams(max_new_tokens=8)
+    eos = {tokenizer.eos_token_id}
+    first = sample_batch(student, prompts, _seeds(4), params, eos_ids=eos, pad_id=tokenizer.pad_token_id)
+    again = sample_batch(student, prompts, _seeds(4), params, eos_ids=eos, pad_id=tokenizer.pad_token_id)
+    other = sample_batch(student, prompts, _seeds(4, offset=50), params, eos_ids=eos, pad_id=tokenizer.pad_token_id)
+    assert [s.completion_ids for s in first] == [s.completion_ids for s in again]
+    assert [s.completion_ids for s in first] != [s.completion_ids for s in other]
+
+
+def test_eos_ends_a_completion_and_is_kept(models):
+    student, _, tokenizer = models
+    params = SamplingParams(max_new_tokens=6)
+    eos = _half_vocab_eos(student)
+    prompts = _prompts(tokenizer, group_size=4)
+    samples = sample_batch(student, prompts, _seeds(len(prompts)), params, eos_ids=eos, pad_id=tokenizer.pad_token_id)
+    reasons = {s.finish_reason for s in samples}
+    assert reasons == {"stop", "length"}
+    for s in samples:
+        assert len(s.sampling_logprobs) == len(s.completion_ids) >= 1
+        assert not any(t in eos for t in s.completion_ids[:-1])  # nothing after the first eos
+        if s.finish_reason == "stop":
+            assert s.completion_ids[-1] in eos
+        else:
+            assert len(s.completion_ids) == params.max_new_tokens and s.completion_ids[-1] not in eos
+
+
+def test_logprobs_equal_float64_full_logits_and_the_recompute(models, model64):
+    student, _, tokenizer = models
+    prompts = _prompts(tokenizer)
+    params = SamplingParams(max_new_tokens=8, temperature=0.7, top_k=20, top_p=0.9)  # truncation is not recorded
+    pad = tokenizer.pad_token_id
+    samples = sample_batch(student, prompts, _seeds(len(prompts)), params, eos_ids={tokenizer.eos_token_id}, pad_id=pad)
+    old, student_lp, _ = recorded_logprobs(student, None, prompts, samples, params, pad)
+    assert student_lp is None
+    for r, (prompt, s) in enumerate(zip(prompts, samples)):
+        n = len(s.completion_ids)
+        reference = _reference_logprobs(model64[0], prompt, s.completion_ids, params.temperature)  # (C,)
+        torch.testing.assert_close(old[r, :n].double(), reference, rtol=0, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(s.sampling_logprobs, dtype=torch.float64), reference, rtol=0, atol=1e-4)
+        assert torch.all(old[r, n:] == 0)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(models, model64):
+    student, _, tokenizer = models
+    prompts = _prompts(tokenizer, group_size=1)
+    eos = {tokenizer.eos_token_id}
+    for params in (SamplingParams(max_new_tokens=6, top_k=1), SamplingParams(max_new_tokens=6, top_p=1e-6)):
+        samples = sample_batch(student, prompts, _seeds(4), params, eos_ids=eos, pad_id=tokenizer.pad_token_id)
+        for prompt, s in zip(prompts, samples):
+            ids = torch.tensor([list(prompt) + s.completion_ids])
+            with torch.no_grad():
+                logits = model64[0](input_ids=ids).logits[0, len(prompt) - 1 : -1]  # (C, V)
+            assert logits.argmax(-1).tolist() == s.completion_ids
+
+
+def test_truncate_keeps_top_k_then_the_nucleus():
+    probs = torch.tensor([[0.05, 0.4, 0.3, 0.15, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    assert truncate(probs, 3, 1.0)[0].tolist() == pytest.approx([0, 0.4, 0.3, 0.15, 0])
+    # nucleus 0.6: 0.4 alone is below it, 0.4 + 0.3 reaches it -> keep two tokens
+    assert (truncate(probs, 0, 0.6)[0] > 0).tolist() == [False, True, True, False, False]
+    assert (truncate(probs, 0, 0.5)[1] > 0).sum() == 3  # ties: the sort order decides, the mass rule holds
+
+
+def test_inverse_cdf_follows_the_weights_and_never_picks_a_zero():
+    weights = torch.tensor([[0.0, 2.0, 0.0, 1.0, 1.0, 0.0]]).expand(40000, -1)  # (R, V) unnormalised
+    uniforms = torch.rand(40000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tokens = inverse_cdf(weights, uniforms)
+    counts = torch.bincount(tokens, minlength=6).double() / len(tokens)
+    assert counts[[0, 2, 5]].tolist() == [0, 0, 0]
+    torch.testing.assert_close(counts[[1, 3, 4]], torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64), atol=0.01, rtol=0)
+    edge = inverse_cdf(weights[:2], torch.tensor([0.0, 1.0 - 1e-16], dtype=torch.float64))
+    assert edge.tolist() == [1, 4]
+
+
+def test_teacher_mix_alpha_one_draws_the_teachers_tokens(models, model64):
+    student, teacher, tokenizer = models
+    prompts = _prompts(tokenizer)
+    seeds = _seeds(len(prompts))
+    pad, eos = tokenizer.pad_token_id, {tokenizer.eos_token_id}
+    mixed_params = SamplingParams(max_new_tokens=8, temperature=0.9, teacher_mix_alpha=1.0)
+    mixed = sample_batch(student, prompts, seeds, mixed_params, eos_ids=eos, pad_id=pad, teacher=teacher)
+    alone = sample_batch(teacher, prompts, seeds, SamplingParams(max_new_tokens=8, temperature=0.9), eos_ids=eos,
+                         pad_id=pad)
+    assert [s.completion_ids for s in mixed] == [s.completion_ids for s in alone]
+    old, student_lp, _ = recorded_logprobs(student, teacher, prompts, mixed, mixed_params, pad)
+    for r, (prompt, s) in enumerate(zip(prompts, mixed)):
+        n = len(s.completion_ids)
+        teacher_ref = _reference_logprobs(model64[1], prompt, s.completion_ids, 0.9)
+        student_ref = _reference_logprobs(model64[0], prompt, s.completion_ids, 0.9)
+        torch.testing.assert_close(old[r, :n].double(), teacher_ref, rtol=0, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(s.sampling_logprobs, dtype=torch.float64), teacher_ref, rtol=0, atol=1e-4)
+        torch.testing.assert_close(student_lp[r, :n].double(), student_ref, rtol=0, atol=1e-4)
+
+
+def test_teacher_mix_alpha_zero_is_the_plain_student(models):
+    student, teacher, tokenizer = models
+    prompts = _prompts(tokenizer)
+    seeds = _seeds(len(prompts))
+    params = SamplingParams(max_new_tokens=8, teacher_mix_alpha=0.0)
+    pad, eos = tokenizer.pad_token_id, {tokenizer.eos_token_id}
+    with_teacher = sample_batch(student, prompts, seeds, params, eos_ids=eos, pad_id=pad, teacher=teacher)
+    plain = sample_batch(student, prompts, seeds, params, eos_ids=eos, pad_id=pad)
+    assert with_teacher == plain
+
+
+def test_teacher_mix_stores_the_mixture_logprob(models, model64):
+    student, teacher, tokenizer = models
+    prompts = _prompts(tokenizer)
+    alpha = 0.3
+    params = SamplingParams(max_new_tokens=8, temperature=1.2, top_p=0.95, teacher_mix_alpha=alpha)
+    pad = tokenizer.pad_token_id
+    samples = sample_batch(student, prompts, _seeds(len(prompts)), params, eos_ids={tokenizer.eos_token_id},
+                           pad_id=pad, teacher=teacher)
+    old, student_lp, _ = recorded_logprobs(student, teacher, prompts, samples, params, pad)
+    for r, (prompt, s) in enumerate(zip(prompts, samples)):
+        n = len(s.completion_ids)
+        p = _reference_logprobs(model64[1], prompt, s.completion_ids, 1.2).exp()
+        q = _reference_logprobs(model64[0], prompt, s.completion_ids, 1.2).exp()
+        mixture = torch.log(alpha * p + (1 - alpha) * q)  # (C,) float64
+        torch.testing.assert_close(old[r, :n].double(), mixture, rtol=0, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(s.sampling_logprobs, dtype=torch.float64), mixture, rtol=0, atol=1e-4)
+        torch.testing.assert_close(student_lp[r, :n].double(), q.log(), rtol=0, atol=1e-4)
+
+
+def test_mixture_logprobs_is_exact_at_the_ends():
+    teacher, student = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -0.5])
+    assert torch.equal(mixture_logprobs(teacher, student, 1.0), teacher)
+    assert torch.equal(mixture_logprobs(teacher, student, 0.0), student)
+    expected = torch.log(0.25 * teacher.exp() + 0.75 * student.exp())
+    torch.testing.assert_close(mixture_logprobs(teacher, student, 0.25), expected)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("temperature", 0.0, "temperature must be > 0"), ("top_p", 0.0, "top_p must be in (0, 1]"),
+     ("top_k", -1, "top_k must be >= 0"), ("teacher_mix_alpha", 1.5, "teacher_mix_alpha must be in [0, 1]"),
+     ("max_new_tokens", 0, "max_new_tokens must be at least 1")],
+)
+def test_bad_sampling_parameters_are_one_line_errors(field, value, message):
+    from grpo_kd.errors import GrpoKdError
+
+    with pytest.raises(GrpoKdError, match=re.escape(message)):
+        SamplingParams(**{field: value}).check()

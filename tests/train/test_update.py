@@ -1,0 +1,150 @@
+"""The update phase end to end on tiny models: metrics, checkpoints, idempotence, and the trainer invariants
+(micro-batch x accumulation equivalence, killed-and-resumed == uninterrupted, LoRA across iterations)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from _update_helpers import (
+    assert_same_weights,
+    build_run,
+    copy_run,
+    final_weights,
+    losses,
+    make_config,
+)
+from grpo_kd.config import save_config
+from grpo_kd.paths import RunPaths
+from grpo_kd.train.checkpoint import load_trainer_state, step_checkpoints
+from grpo_kd.train.metrics import MetricsLog
+from grpo_kd.train.signals import REQUEUE_EXIT_CODE
+from grpo_kd.train.update import run_update
+
+EPOCHS = "optim.epochs_per_iteration=2"  # 3 steps per epoch -> 6 optimizer steps
+
+
+@pytest.fixture(scope="module")
+def template(tiny_models_quick, tmp_path_factory):
+    root = tmp_path_factory.mktemp("update") / "template"
+    build_run(make_config(root, tiny_models_quick))
+    return root
+
+
+@pytest.fixture(scope="module")
+def baseline(template, tiny_models_quick, tmp_path_factory):
+    """The reference run: one process, micro-batch 4 x accumulation 2, 2 epochs, uninterrupted."""
+    run = copy_run(template, tmp_path_factory.mktemp("update") / "baseline")
+    cfg = make_config(run, tiny_models_quick, EPOCHS)
+    run_update(cfg, 1)
+    return run, cfg
+
+
+def test_grpo_end_to_end(baseline):
+    run, cfg = baseline
+    paths = RunPaths.of(run)
+    records = MetricsLog(paths.metrics).read()
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in records] == [0, 0, 0, 1, 1, 1]
+    for key in ("loss", "reward/teacher_loglik", "reward/length", "kl", "clip_fraction", "ratio", "entropy",
+                "grad_norm", "lr", "tokens_per_second"):
+        assert all(isinstance(r[key], float) for r in records), key
+    assert records[0]["ratio"] == pytest.approx(1.0, abs=1e-5)  # behaviour log-probs == recomputed ones
+    assert records[0]["ref_source"] == "cache"
+    final = paths.checkpoint(1)
+    for name in ("model/model.safetensors", "model/config.json", "optimizer.safetensors", "optimizer.json",
+                 "scheduler.json", "rng.safetensors", "trainer_state.json"):
+        assert (final / name).is_file(), name
+    state = load_trainer_state(final)
+    assert state["finished"] and state["step"] == 6
+    assert step_checkpoints(final) == [] and not (paths.iteration(1) / "prepared.safetensors").exists()
+    initial = final_weights(run)  # a finished iteration is left alone by a second call
+    started = time.perf_counter()
+    assert run_update(cfg, 1) == final
+    assert time.perf_counter() - started < 1.0
+    assert len(MetricsLog(paths.metrics).read()) == 6
+    assert_same_weights(initial, final_weights(run), atol=0.0)
+
+
+@pytest.mark.parametrize("micro,accum", [(8, 1), (2, 4)])
+def test_micro_batches_times_accumulation_equal_one_batch(baseline, template, tiny_models_quick, tmp_path, micro, accum):
+    base_run, _ = baseline
+    run = copy_run(template, tmp_path / "run")
+    run_update(make_config(run, tiny_models_quick, EPOCHS, f"optim.micro_batch_size={micro}",
+                           f"optim.grad_accum={accum}"), 1)
+    assert losses(run) == pytest.approx(losses(base_run), rel=1e-4, abs=1e-6)
+    assert_same_weights(final_weights(run), final_weights(base_run))
+
+
+def test_killed_by_sigterm_then_resumed_equals_uninterrupted(baseline, template, tiny_models_quick, tmp_path):
+    base_run, _ = baseline
+    run = copy_run(template, tmp_path / "run")
+    cfg = make_config(run, tiny_models_quick, EPOCHS)
+    config_file = tmp_path / "config.yaml"
+    save_config(cfg, config_file)
+    metrics = RunPaths.of(run).metrics
+    proc = subprocess.Popen([sys.executable, "-m", "grpo_kd.cli.app", "update", "--config", str(config_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no optimizer step within 120 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == REQUEUE_EXIT_CODE, output
+    saved = step_checkpoints(RunPaths.of(run).checkpoint(1))
+    assert saved and not RunPaths.of(run).checkpoint(1).exists()
+    stopped_at = load_trainer_state(saved[-1])["step"]
+    assert 1 <= stopped_at < 6
+    run_update(cfg, 1, resume=True)
+    assert [r["step"] for r in MetricsLog(metrics).read()] == [1, 2, 3, 4, 5, 6]
+    assert losses(run) == pytest.approx(losses(base_run), rel=1e-5, abs=1e-7)
+    assert_same_weights(final_weights(run), final_weights(base_run), atol=1e-6)
+
+
+def test_periodic_step_checkpoints_are_pruned(template, tiny_models_quick, tmp_path):
+    run = copy_run(template, tmp_path / "run")
+    cfg = make_config(run, tiny_models_quick, "checkpoint.save_every_steps=1", "optim.grad_accum=1",
+                      "optim.micro_batch_size=4")  # 6 steps of one group each
+    run_update(cfg, 1)
+    final = RunPaths.of(run).checkpoint(1)
+    assert final.is_dir() and step_checkpoints(final) == []
+    assert not list(final.parent.glob("*.tmp-*"))
+
+
+def test_lora_saves_the_adapter_only_and_the_next_iteration_starts_from_it(template, tiny_models_quick, tmp_path):
+    run = copy_run(template, tmp_path / "run")
+    shutil.copytree(run / "iter_0001", run / "iter_0002")  # the same rollouts and cache as iteration 2
+    cfg = make_config(run, tiny_models_quick, "model.lora=true", "model.lora_r=4", "optim.lr=0.01", "iterations=2")
+    first = run_update(cfg, 1)
+    names = {p.name for p in (first / "model").iterdir()}
+    assert "adapter_model.safetensors" in names and "model.safetensors" not in names
+    second = run_update(cfg, 2)
+    a, b = final_weights(run, 1), final_weights(run, 2)
+    assert a.keys() == b.keys()
+    assert any((a[k] - b[k]).abs().max() > 0 for k in a)  # iteration 2 trained on from iteration 1's adapter
+    lrs = [r["lr"] for r in MetricsLog(RunPaths.of(run).metrics).read()]
+    assert len(lrs) == 6 and second.is_dir()
+
+
+def test_fsdp_is_refused_with_a_clear_message(template, tiny_models_quick, tmp_path):
+    from grpo_kd.errors import GrpoKdError
+
+    run = copy_run(template, tmp_path / "run")
+    with pytest.raises(GrpoKdError, match="fsdp is not supported"):
+        run_update(make_config(run, tiny_models_quick, "optim.data_parallel=fsdp"), 1)
+
+
+def test_steps_must_take_whole_groups(template, tiny_models_quick, tmp_path):
+    from grpo_kd.errors import GrpoKdError
+
+    run = copy_run(template, tmp_path / "run")
+    with pytest.raises(GrpoKdError, match="multiple of the group size"):
+        run_update(make_config(run, tiny_models_quick, "optim.micro_batch_size=3", "optim.grad_accum=1"), 1)
+    assert not RunPaths.of(run).checkpoint(1).exists()
