@@ -57,3 +57,10 @@ def test_bad_override_is_one_line_on_stderr():
     assert out.returncode == 1
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines == ["error: unknown config key loss.betaa; did you mean loss.beta?"]
+
+
+def test_error_lines_keep_square_brackets(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss:\n  loss_type: '[dapo]'\n", encoding="utf-8")
+    assert main(["config", "show", "--config", str(bad)]) == 1
+    assert "'[dapo]' is not one of" in capsys.readouterr().err

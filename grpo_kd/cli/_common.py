@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from grpo_kd.config import Config, load_config
 from grpo_kd.errors import NotAvailableYet
@@ -27,7 +28,7 @@ def resolve_config(config: Optional[Path], overrides: Optional[list[str]]) -> Co
 
 def fail(message: str, code: int = 1) -> None:
     """Print one line on stderr and exit non-zero."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

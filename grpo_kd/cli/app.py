@@ -12,6 +12,8 @@ import sys
 import typer
 
 from grpo_kd.cli import bench, cache, chain, config_cmd, evaluate, phases, tiny
+from rich.markup import escape
+
 from grpo_kd.cli._common import console
 from grpo_kd.errors import GrpoKdError, NotAvailableYet
 
@@ -32,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=True)
     except NotAvailableYet as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except GrpoKdError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 1
     except SystemExit as exc:  # click's normal exit path
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

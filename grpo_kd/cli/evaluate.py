@@ -47,7 +47,7 @@ def _auto_baseline(reports: Path, iteration: Optional[int]) -> Optional[dict]:
 def evaluate(
     checkpoint: Path = typer.Option(..., help="Model or checkpoint directory to evaluate (or a hub id)."),
     teacher: Optional[Path] = typer.Option(None, help="Teacher model directory (distill suite; default: teacher.path)."),
-    suite: str = typer.Option("perplexity,distill,diversity", help="Comma list: foqa,perplexity,distill,diversity,euroeval."),
+    suite: Optional[str] = typer.Option(None, help="Comma list of foqa,perplexity,distill,diversity,euroeval (default: eval.suites)."),
     config: Optional[Path] = CONFIG_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
     out: Optional[Path] = typer.Option(None, help="Reports directory (default: RUN/reports for a run's checkpoint, else ./reports)."),
@@ -69,7 +69,7 @@ def evaluate(
     iteration = int(match.group(1)) if match else iteration
     base = _read_baseline(baseline) if baseline else _auto_baseline(reports, iteration)
     result = evaluate_checkpoint(
-        checkpoint, teacher, suites=suite, cfg=cfg, foqa=foqa, texts=str(text) if text else None, baseline=base,
+        checkpoint, teacher, suites=suite or cfg.eval.suites, cfg=cfg, foqa=foqa, texts=str(text) if text else None, baseline=base,
         euroeval_dir=reports / "euroeval" / name,
     )
     result["iteration"] = iteration

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from grpo_kd.evaluate.generation import Generation
-from grpo_kd.evaluate.scoring import completion_hidden_states, model_device, sequence_logprobs
+from grpo_kd.evaluate.scoring import completion_hidden_states, sequence_logprobs
 from grpo_kd.kernels._common import row_chunks, transform_logits
 from grpo_kd.models import LMHead, lm_head
 
@@ -41,7 +41,7 @@ class StudentSide:
     """What the distill metrics need of the student once it is unloaded."""
 
     hidden: list[torch.Tensor]  # per sample (C_i, H_s), float32, CPU
-    head: LMHead  # weight (V, H_s) and bias on CPU
+    head: LMHead  # weight (V, H_s) and bias on CPU, in the student's dtype
     completion_ids: list[list[int]]
     prompt_ids: list[list[int]]
     texts: list[str]
@@ -56,8 +56,8 @@ def student_side(model, tokenizer, samples: Sequence[Generation], prompts: Seque
     )
     head = lm_head(model)
     cpu_head = LMHead(
-        weight=head.weight.detach().float().cpu().clone(),
-        bias=None if head.bias is None else head.bias.detach().float().cpu().clone(),
+        weight=head.weight.detach().cpu().clone(),
+        bias=None if head.bias is None else head.bias.detach().cpu().clone(),
         softcap=head.softcap,
     )
     return StudentSide(
@@ -67,12 +67,18 @@ def student_side(model, tokenizer, samples: Sequence[Generation], prompts: Seque
 
 
 def _head_logprobs(hidden: torch.Tensor, head: LMHead, temperature: float = 1.0) -> torch.Tensor:
-    """hidden (n, H) -> log-softmax of the transformed logits (n, V), float32; n is one row chunk."""
-    weight = head.weight.to(hidden.device, torch.float32)
-    logits = hidden.float() @ weight.T  # (n, V)
+    """hidden (n, H) -> log-softmax of the transformed logits (n, V), float32; n is one row chunk.
+
+    The product runs in the head's dtype (as in the model's own forward), the softmax in float32."""
+    logits = (hidden.to(head.weight.dtype) @ head.weight.T).float()  # (n, V)
     if head.bias is not None:
-        logits = logits + head.bias.to(hidden.device, torch.float32)
+        logits = logits + head.bias.float()
     return torch.log_softmax(transform_logits(logits, temperature, head.softcap), dim=-1)
+
+
+def _on(head: LMHead, device: torch.device) -> LMHead:
+    bias = None if head.bias is None else head.bias.to(device)
+    return LMHead(weight=head.weight.to(device), bias=bias, softcap=head.softcap)
 
 
 def _truncate(head: LMHead, vocab: int) -> LMHead:
@@ -133,12 +139,13 @@ def distill_metrics(student: StudentSide, teacher_model, *, batch_size: int = 8,
         teacher_model, student.prompt_ids, student.completion_ids, pad_id=pad_id, batch_size=batch_size,
         description="teacher pass",
     )
-    device = model_device(teacher_model)
+    teacher_head = lm_head(teacher_model)
+    device = teacher_head.weight.device  # the last GPU of a teacher spread over several
     per_token = token_divergences(
         torch.cat(student.hidden).to(device),
-        student.head,
+        _on(student.head, device),
         torch.cat(teacher_hidden).to(device),
-        lm_head(teacher_model),
+        teacher_head,
         torch.tensor([t for ids in student.completion_ids for t in ids], dtype=torch.long),
     )
     lengths = [len(ids) for ids in student.completion_ids]

@@ -75,11 +75,13 @@ def generate(
     batch_size: int = 8,
     max_prompt_tokens: int = 1024,
     stop_at_newline: bool = False,
+    add_special_tokens: bool = True,
     seed: int = 0,
     description: str = "generating",
 ) -> list[Generation]:
     """Decode a completion for each prompt, in batches of `batch_size`; prompts longer than
-    `max_prompt_tokens` keep their last tokens (the question sits at the end of a FoQA prompt)."""
+    `max_prompt_tokens` keep their last tokens (the question sits at the end of a FoQA prompt).
+    `add_special_tokens=False` for chat-rendered prompts, whose template already wrote them (as in rollout)."""
     device = next(model.parameters()).device
     eos_ids = _eos_ids(model, tokenizer)
     stop_ids = newline_token_ids(tokenizer) if stop_at_newline else set()
@@ -89,7 +91,7 @@ def generate(
     try:
         for start in progress(range(0, len(prompts), batch_size), description=description):
             batch = list(prompts[start : start + batch_size])
-            encoded = [tokenizer(p, add_special_tokens=True)["input_ids"][-max_prompt_tokens:] for p in batch]
+            encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"][-max_prompt_tokens:] for p in batch]
             results.extend(
                 _generate_batch(model, tokenizer, encoded, device, eos_ids, stop_ids, max_new_tokens,
                                 do_sample, temperature, top_p)

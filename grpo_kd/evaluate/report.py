@@ -127,8 +127,20 @@ def save_evaluation(result: dict, reports_dir: str | Path, name: str) -> dict[st
 # ---------------------------------------------------------------------------------------------- a run
 
 
+def _flatten(row: dict, prefix: str = "") -> dict:
+    """{"reward": {"teacher_loglik": 1}} -> {"reward/teacher_loglik": 1}."""
+    flat = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a metrics.jsonl; lines that are not JSON objects (a write cut short) are skipped."""
+    """The rows of a metrics.jsonl, nested keys joined with "/"; lines that are not JSON objects (a write cut
+    short) are skipped."""
     rows = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
@@ -136,7 +148,7 @@ def read_metrics(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
         if isinstance(row, dict):
-            rows.append(row)
+            rows.append(_flatten(row))
     return rows
 
 

@@ -65,10 +65,10 @@ class SuiteInputs:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def heldout_prompts(cfg: Config) -> list[str]:
+def heldout_prompts(cfg: Config, tokenizer) -> list[str]:
     """Held-out prompts: data.heldout_prompts, else a held-out slice of data.prompts, else the first
-    `eval.prompt_words` words of each sentence of eval.heldout_text."""
-    from grpo_kd.data import load_prompts, prompts_from_config, split_heldout
+    `eval.prompt_words` words of each sentence of eval.heldout_text; rendered as in training (chat template)."""
+    from grpo_kd.data import load_prompts, prompts_from_config, render_prompt, split_heldout
 
     limit = cfg.eval.max_examples
     if cfg.data.heldout_prompts:
@@ -82,7 +82,7 @@ def heldout_prompts(cfg: Config) -> list[str]:
         prompts = load_prompts(cfg.eval.heldout_text, prefix_words=cfg.eval.prompt_words, limit=limit)
     else:
         raise GrpoKdError("distill/diversity need held-out prompts: set data.heldout_prompts, data.prompts or eval.heldout_text")
-    return [p.text for p in prompts[:limit]]
+    return [render_prompt(tokenizer, p, chat_template=cfg.data.chat_template) for p in prompts[:limit]]
 
 
 def _foqa_inputs(source: str, cfg: Config) -> tuple[list[QAExample], list[QAExample]]:
@@ -139,7 +139,7 @@ def resolve_inputs(suites, cfg: Config, tokenizer, *, teacher=None, prompts=None
             raise GrpoKdError("perplexity: no held-out text; pass --text FILE or set eval.heldout_text")
         inputs.texts = list(source) if not isinstance(source, (str, Path)) else load_texts(str(source), limit=cfg.eval.max_examples)
     if "distill" in inputs.suites or "diversity" in inputs.suites:
-        inputs.prompts = list(prompts) if prompts is not None else heldout_prompts(cfg)
+        inputs.prompts = list(prompts) if prompts is not None else heldout_prompts(cfg, tokenizer)
     if "distill" in inputs.suites:
         inputs.teacher = str(teacher) if teacher else (cfg.teacher.path if cfg.teacher.kind == "model" else None)
         if not inputs.teacher:
@@ -186,7 +186,7 @@ def evaluate_checkpoint(
     checkpoint: str | Path,
     teacher: str | Path | None = None,
     *,
-    suites: str | Sequence[str] = ("perplexity", "distill", "diversity"),
+    suites: str | Sequence[str] | None = None,
     cfg: Config | None = None,
     prompts: Sequence[str] | None = None,
     texts: str | Sequence[str] | None = None,
@@ -194,49 +194,60 @@ def evaluate_checkpoint(
     baseline: dict | None = None,
     euroeval_dir: str | Path | None = None,
 ) -> dict:
-    """Evaluate one model on `suites`; returns `{"checkpoint", "suites", <suite>: {...}, "warnings", ...}`.
+    """Evaluate one model on `suites` (default `eval.suites`); returns
+    `{"checkpoint", "teacher", "suites", <suite>: {...}, "warnings", "created", "seconds"}`.
 
-    `prompts`, `texts` and `foqa` override the config's sources; `baseline` is an earlier result (or its
-    "diversity" section) for the collapse warning; `euroeval_dir` is where EuroEval runs and writes its files.
+    `prompts` (rendered text), `texts` and `foqa` override the config's sources; `baseline` is an earlier result
+    (or its "diversity" section) for the collapse warning; `euroeval_dir` is where EuroEval runs.
     """
-    from grpo_kd.evaluate.perplexity import perplexity
-
     cfg = cfg or Config()
     started = time.time()
     checkpoint = str(checkpoint)
-    names, warnings = drop_unavailable_euroeval(parse_suites(suites))
+    names, warnings = drop_unavailable_euroeval(parse_suites(suites or cfg.eval.suites))
     needs_model = any(s in names for s in ("foqa", "perplexity", "distill", "diversity"))
     tokenizer = checkpoint_tokenizer(checkpoint, cfg) if needs_model else None
     inputs = resolve_inputs(names, cfg, tokenizer, teacher=teacher, prompts=prompts, texts=texts, foqa=foqa)
     result: dict = {"checkpoint": checkpoint, "teacher": inputs.teacher, "suites": inputs.suites,
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "warnings": warnings}
+    student = None
+    if needs_model:
+        model = load_checkpoint(checkpoint, cfg)
+        student = _student_suites(model, tokenizer, inputs, cfg, baseline, result)
+        del model  # the student leaves memory before the teacher comes in
+        _collect()
+    if student is not None:
+        result["distill"] = _distill(student, inputs, cfg, tokenizer)
+    if "euroeval" in inputs.suites:
+        ev = cfg.eval
+        work_dir = Path(euroeval_dir) if euroeval_dir else Path("reports") / "euroeval" / Path(checkpoint).name
+        result["euroeval"] = run_euroeval(checkpoint, work_dir, language=ev.euroeval_language, extra_args=ev.euroeval_args)
+    result["seconds"] = round(time.time() - started, 2)
+    return result
+
+
+def _student_suites(model, tokenizer, inputs: SuiteInputs, cfg: Config, baseline: dict | None, result: dict):
+    """FoQA, perplexity and diversity into `result`; returns the student's side of `distill` (or None)."""
+    from grpo_kd.evaluate.perplexity import perplexity
+
     ev = cfg.eval
-    model = load_checkpoint(checkpoint, cfg) if needs_model else None
     if inputs.foqa is not None:
         shots, examples = inputs.foqa
         result["foqa"] = evaluate_foqa(model, tokenizer, examples, shots, batch_size=ev.batch_size,
                                        max_new_tokens=ev.max_new_tokens, language=ev.language)
     if inputs.texts is not None:
         result["perplexity"] = perplexity(model, tokenizer, inputs.texts, batch_size=ev.batch_size, max_tokens=ev.max_tokens)
-    student = None
-    if inputs.prompts is not None:
-        samples = generate(model, tokenizer, inputs.prompts, max_new_tokens=ev.max_new_tokens, do_sample=True,
-                           temperature=ev.temperature, batch_size=ev.batch_size, seed=cfg.seed, description="sampling")
-        if "diversity" in inputs.suites:
-            result["diversity"] = _diversity(samples, baseline, cfg, result["warnings"])
-        if "distill" in inputs.suites:
-            from grpo_kd.evaluate.distill import student_side
+    if inputs.prompts is None:
+        return None
+    samples = generate(model, tokenizer, inputs.prompts, max_new_tokens=ev.max_new_tokens, do_sample=True,
+                       temperature=ev.temperature, batch_size=ev.batch_size, seed=cfg.seed, description="sampling",
+                       add_special_tokens=not cfg.data.chat_template)
+    if "diversity" in inputs.suites:
+        result["diversity"] = _diversity(samples, baseline, cfg, result["warnings"])
+    if "distill" not in inputs.suites:
+        return None
+    from grpo_kd.evaluate.distill import student_side
 
-            student = student_side(model, tokenizer, samples, inputs.prompts, ev.batch_size)
-    del model
-    _collect()
-    if student is not None:
-        result["distill"] = _distill(student, inputs, cfg, tokenizer)
-    if "euroeval" in inputs.suites:
-        work_dir = Path(euroeval_dir) if euroeval_dir else Path("reports") / "euroeval" / Path(checkpoint).name
-        result["euroeval"] = run_euroeval(checkpoint, work_dir, language=ev.euroeval_language, extra_args=ev.euroeval_args)
-    result["seconds"] = round(time.time() - started, 2)
-    return result
+    return student_side(model, tokenizer, samples, inputs.prompts, ev.batch_size)
 
 
 def _diversity(samples, baseline: dict | None, cfg: Config, warnings: list[str]) -> dict:

@@ -1,14 +1,14 @@
-"""Fixtures for the evaluation tests: tiny models, Faroese text, and a small FoQA-format file written here."""
+"""Fixtures for the evaluation tests: a small FoQA-format file and held-out Faroese text written here.
+
+The models (`tiny_models`) and the shared Faroese data (`faroese_dir`) come from the root conftest.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # Faroese reading-comprehension examples written for these tests (SQuAD fields, three answer layouts).
 FOQA_RECORDS = [
@@ -32,30 +32,6 @@ HELDOUT_TEXT = [
     "Seyðurin gekk á bønum, og bóndin fór niður til sjóvar at fiska.",
     "Ólavsøka er tjóðhátíð føroyinga, og hon verður hildin í juli.",
 ]
-
-
-@pytest.fixture(scope="session")
-def eval_models(request, tmp_path_factory):
-    """The shared `tiny_models` fixture when the suite has one, else a small build of our own."""
-    try:
-        return request.getfixturevalue("tiny_models")
-    except pytest.FixtureLookupError:
-        from grpo_kd.tiny import build_tiny_models
-
-        root = os.environ.get("GRPO_KD_TEST_MODELS") or tmp_path_factory.mktemp("tiny-models")
-        return build_tiny_models(Path(root), pretrain_steps=40)
-
-
-@pytest.fixture
-def faroese_data(request) -> Path:
-    """../shared/data/faroese (the shared `faroese_dir` fixture when there is one); skips when absent."""
-    try:
-        return request.getfixturevalue("faroese_dir")
-    except pytest.FixtureLookupError:
-        path = ROOT.parent / "shared" / "data" / "faroese"
-        if not path.is_dir():
-            pytest.skip("../shared/data/faroese is not present")
-        return path
 
 
 @pytest.fixture

@@ -22,10 +22,10 @@ def _one_error_line(capsys) -> str:
     return err[0]
 
 
-def test_evaluate_every_local_suite(eval_models, foqa_file, heldout_file, tmp_path, capsys):
+def test_evaluate_every_local_suite(tiny_models, foqa_file, heldout_file, tmp_path, capsys):
     out = tmp_path / "reports"
     code = main([
-        "evaluate", "--checkpoint", str(eval_models.student), "--teacher", str(eval_models.teacher),
+        "evaluate", "--checkpoint", str(tiny_models.student), "--teacher", str(tiny_models.teacher),
         "--suite", "foqa,perplexity,distill,diversity", "--foqa", str(foqa_file), "--text", str(heldout_file),
         "--out", str(out), f"eval.heldout_text={heldout_file}", *FAST,
     ])
@@ -47,10 +47,10 @@ def test_evaluate_every_local_suite(eval_models, foqa_file, heldout_file, tmp_pa
     assert "| foqa/f1 |" in (out / "eval_student.md").read_text(encoding="utf-8")
 
 
-def test_perplexity_is_the_models_own_cross_entropy(eval_models):
+def test_perplexity_is_the_models_own_cross_entropy(tiny_models):
     from grpo_kd.models import load_causal_lm, load_tokenizer
 
-    model, tok = load_causal_lm(str(eval_models.student), device="cpu"), load_tokenizer(str(eval_models.student))
+    model, tok = load_causal_lm(str(tiny_models.student), device="cpu"), load_tokenizer(str(tiny_models.student))
     text = "Seyðurin gekk á bønum, og bóndin fór niður til sjóvar."
     ids = torch.tensor([[tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]])
     with torch.no_grad():
@@ -68,13 +68,13 @@ def test_windows_predict_every_token_once():
     assert sum(len(p) - 1 for p in parts) == len(seq) - 1
 
 
-def test_exact_kl_matches_full_logits(eval_models):
+def test_exact_kl_matches_full_logits(tiny_models):
     from grpo_kd.evaluate.distill import distill_metrics, student_side
     from grpo_kd.evaluate.generation import generate
     from grpo_kd.models import load_causal_lm, load_tokenizer
 
-    tok = load_tokenizer(str(eval_models.student))
-    student, teacher = (load_causal_lm(str(p), device="cpu") for p in (eval_models.student, eval_models.teacher))
+    tok = load_tokenizer(str(tiny_models.student))
+    student, teacher = (load_causal_lm(str(p), device="cpu") for p in (tiny_models.student, tiny_models.teacher))
     prompts = ["Tórshavn er", "Í Føroyum eru"]
     samples = generate(student, tok, prompts, max_new_tokens=6, do_sample=True, seed=3)
     got = distill_metrics(student_side(student, tok, samples, prompts, 2), teacher, pad_id=tok.pad_token_id)
@@ -93,35 +93,35 @@ def test_exact_kl_matches_full_logits(eval_models):
     assert got["top1_agreement"] == pytest.approx(sum(agree) / len(agree))
 
 
-def test_distill_refuses_a_teacher_with_another_vocabulary(eval_models, heldout_file, tmp_path, capsys):
+def test_distill_refuses_a_teacher_with_another_vocabulary(tiny_models, heldout_file, tmp_path, capsys):
     from grpo_kd.tiny import train_tokenizer
 
     other = tmp_path / "other-teacher"
     train_tokenizer(heldout_file.read_text(encoding="utf-8").splitlines() * 3, 300).save_pretrained(str(other))
-    code = main(["evaluate", "--checkpoint", str(eval_models.student), "--teacher", str(other), "--suite", "distill",
+    code = main(["evaluate", "--checkpoint", str(tiny_models.student), "--teacher", str(other), "--suite", "distill",
                  "--out", str(tmp_path / "r"), f"eval.heldout_text={heldout_file}"])
     assert code == 1
     assert "vocabulary" in _one_error_line(capsys) and not (tmp_path / "r").exists()
 
 
-def test_euroeval_missing(eval_models, heldout_file, tmp_path, monkeypatch, capsys):
+def test_euroeval_missing(tiny_models, heldout_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(suite_module, "euroeval_launcher", lambda: None)
-    assert main(["evaluate", "--checkpoint", str(eval_models.student), "--suite", "euroeval", "--out", str(tmp_path)]) == 1
+    assert main(["evaluate", "--checkpoint", str(tiny_models.student), "--suite", "euroeval", "--out", str(tmp_path)]) == 1
     assert "EuroEval is not installed: pip install euroeval (" in _one_error_line(capsys)
-    code = main(["evaluate", "--checkpoint", str(eval_models.student), "--suite", "diversity,euroeval",
+    code = main(["evaluate", "--checkpoint", str(tiny_models.student), "--suite", "diversity,euroeval",
                  "--out", str(tmp_path), f"eval.heldout_text={heldout_file}", *FAST])
     assert code == 0
     result = json.loads((tmp_path / "eval_student.json").read_text(encoding="utf-8"))
     assert result["suites"] == ["diversity"] and result["warnings"][0].startswith("euroeval skipped: EuroEval is not installed")
 
 
-def test_run_evaluations_and_report(eval_models, heldout_file, tmp_path, capsys):
+def test_run_evaluations_and_report(tiny_models, heldout_file, tmp_path, capsys):
     run = tmp_path / "runs" / "demo"
-    shutil.copytree(eval_models.student, run / "checkpoints" / "iter_0001")
+    shutil.copytree(tiny_models.student, run / "checkpoints" / "iter_0001")
     (run / "config.yaml").write_text(f"eval:\n  heldout_text: {heldout_file}\n  max_new_tokens: 10\n", encoding="utf-8")
     base = ["evaluate", "--suite", "diversity", "eval.prompt_words=3"]
     # the initial model as iteration 0, then the run's checkpoint (reports land in RUN/reports by themselves)
-    assert main([*base, "--checkpoint", str(eval_models.student), "--config", str(run / "config.yaml"),
+    assert main([*base, "--checkpoint", str(tiny_models.student), "--config", str(run / "config.yaml"),
                  "--out", str(run / "reports"), "--name", "iter_0000"]) == 0
     assert main([*base, "--checkpoint", str(run / "checkpoints" / "iter_0001")]) == 0
     first = json.loads((run / "reports" / "eval_iter_0001.json").read_text(encoding="utf-8"))
@@ -135,12 +135,12 @@ def test_run_evaluations_and_report(eval_models, heldout_file, tmp_path, capsys)
     assert flagged["warnings"][0].startswith("possible mode collapse: distinct_1 fell to")
 
     rows = [{"step": s, "iteration": 1, "loss": 1.0 / (s + 1), "reward/teacher_loglik": -3 + 0.1 * s, "kl": 0.01 * s,
-             "clip_fraction": 0.1, "entropy": 2.0, "grad_norm": 0.5, "tokens_per_second": 100.0, "note": "x"} for s in range(6)]
+             "clip_fraction": 0.1, "entropy": 2.0, "grad_norm": 0.5, "tokens_per_second": 100.0, "note": "x", "time": {"rollout_s": 2.0}} for s in range(6)]
     (run / "logs").mkdir()
     (run / "logs" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{cut sho", encoding="utf-8")
     assert main(["report", str(run)]) == 0
     markdown = (run / "reports" / "report.md").read_text(encoding="utf-8")
-    assert "| reward/teacher_loglik | -3 | -2.5 | -3 | -2.5 |" in markdown
+    assert "| reward/teacher_loglik | -3 | -2.5 | -3 | -2.5 |" in markdown and "| time/rollout_s | 2 |" in markdown
     assert "| iter_0000 |" in markdown and "| iter_0001 |" in markdown and "possible mode collapse" in markdown
     for png in ("learning_curves.png", "evaluations.png"):
         assert (run / "reports" / png).read_bytes()[:4] == b"\x89PNG"
@@ -154,13 +154,22 @@ def test_report_with_nothing_to_report(tmp_path, capsys):
     assert "run directory not found" in _one_error_line(capsys)
 
 
-def test_perplexity_on_faroese_treebank(eval_models, faroese_data):
+def test_perplexity_on_faroese_treebank(tiny_models, faroese_dir):
     from grpo_kd.data import load_texts
 
     cfg = load_config(None, ["eval.max_examples=24", "eval.batch_size=8"])
-    source = faroese_data / "farpahc-dev.conllu"
-    result = suite_module.evaluate_checkpoint(eval_models.student, suites="perplexity", texts=str(source), cfg=cfg)
+    source = faroese_dir / "farpahc-dev.conllu"
+    result = suite_module.evaluate_checkpoint(tiny_models.student, suites="perplexity", texts=str(source), cfg=cfg)
     texts = load_texts(str(source), limit=24)
     ppl = result["perplexity"]
     assert ppl["num_texts"] == 24 and ppl["num_bytes"] == sum(len(t.encode("utf-8")) for t in texts)
     assert 0 < ppl["bits_per_byte"] < 20 and ppl["num_tokens"] > 24
+
+
+def test_cross_tokenizer_teacher_score_when_asked(tiny_models, tiny_student_other_vocab):
+    cfg = load_config(None, ["eval.distill_cross_tokenizer=true", "eval.max_new_tokens=8"])
+    result = suite_module.evaluate_checkpoint(tiny_student_other_vocab, tiny_models.teacher, suites="distill", cfg=cfg,
+                                              prompts=["Tórshavn er", "Í Føroyum eru"])
+    distill = result["distill"]
+    assert distill["kl_method"].startswith("none") and "forward_kl" not in distill
+    assert distill["num_samples"] == 2 and distill["teacher_nll_per_byte"] > 0 and distill["teacher_logprob_mean"] < 0
