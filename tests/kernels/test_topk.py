@@ -119,16 +119,21 @@ def test_triton_equals_torch_twin(k):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_ties_go_to_the_lower_id(impl):
-    """hidden = 0, so z = bias exactly on both paths: many exact ties, across tiles and splits."""
+    """Rows with hidden = 0 have z = bias exactly on both paths: many exact ties, across tiles and splits.
+    Rows with random hidden states (no ties) sit between them."""
     vocab, k = 300, 12
     bias = torch.tensor([float((v * 7) % 5) for v in range(vocab)])  # values 0..4, each ~60 times
     bias[250] = bias[17] = 9.0
-    hidden = torch.zeros(4, 16)
-    weight = torch.randn(vocab, 16, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(6, 16, generator=gen)
+    hidden[[0, 2, 3, 5]] = 0.0
+    weight = torch.randn(vocab, 16, generator=gen)
     launch = TopkLaunch(16, 64, 16, num_splits=2) if impl == "triton" else None
-    ids, logprobs, _, _ = linear_topk(hidden, weight, k, bias=bias, impl=impl, launch=launch)
+    ids, _, _, _ = linear_topk(hidden, weight, k, bias=bias, impl=impl, launch=launch)
     order = sorted(range(vocab), key=lambda v: (-bias[v].item(), v))[:k]
-    assert ids.tolist() == [order] * 4
+    assert ids[[0, 2, 3, 5]].tolist() == [order] * 4
+    ref_logq, _, _ = _reference(hidden[[1, 4]], weight, bias, 1.0, None)
+    assert ids[[1, 4]].tolist() == ref_logq.topk(k, dim=1).indices.tolist()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
