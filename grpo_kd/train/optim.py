@@ -6,7 +6,8 @@ steps per iteration` optimizer steps — so that a linear or cosine decay spans 
 numbers) travels in each checkpoint, so iteration i continues where iteration i-1 stopped.
 
     lr(s) = lr * s / warmup                                     s < warmup
-          = lr * {1, 1 - p, (1 + cos(pi p)) / 2}                 constant, linear, cosine;  p = (s - warmup) / (total - warmup)
+          = lr * {1, 1 - p, (1 + cos(pi p)) / 2}                 constant, linear, cosine,
+                                                                  p = (s - warmup) / (total - warmup)
 """
 
 from __future__ import annotations

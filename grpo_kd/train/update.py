@@ -12,6 +12,8 @@ seeded by (seed, iteration, e), cut into steps of `ranks x groups per rank` grou
 dropped, with a warning); rank r takes its contiguous slice of each step. The global batch of a step therefore
 does not depend on how it is split over ranks and micro-batches, and each loss is normalised by counts of the
 whole step (algorithms/common.py): one process, many micro-batches, or many ranks give the same update.
+Every rank prepares every group (cheap: cached quantities; only PPO's value pass is repeated on each rank), so
+a rank can train on any group in any epoch.
 
 Stops and restarts: SIGTERM / SIGUSR2 (and `checkpoint.save_every_steps`) write checkpoints/iter_i.step-SSSSSSS
 after the current step; on a signal the phase then raises `UpdateInterrupted` (the CLI exits with
@@ -34,8 +36,15 @@ from grpo_kd.config import Config
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.paths import RunPaths
 from grpo_kd.train import algorithms
-from grpo_kd.train.algorithms.common import Context, StepNorm, concat_prepared, take_prepared, take_rows
-from grpo_kd.train.checkpoint import prune_step_checkpoints, step_checkpoints
+from grpo_kd.train.algorithms.common import (
+    Context,
+    StepNorm,
+    concat_prepared,
+    take_prepared,
+    take_rows,
+    to_device,
+)
+from grpo_kd.train.checkpoint import prune_step_checkpoints
 from grpo_kd.train.distributed import Dist, TrainModule, all_reduce_sum, barrier, init_distributed, shutdown, wrap
 from grpo_kd.train.metrics import MetricsLog
 from grpo_kd.train.signals import stop_on_signals
@@ -101,7 +110,8 @@ def make_plan(reader: CacheReader, cfg: Config, world_size: int) -> Plan:
                           "optim.micro_batch_size or optim.grad_accum")
     dropped = reader.num_groups - plan.steps_per_epoch * plan.groups_per_step
     if dropped:
-        log.warning("%d of %d groups do not fill a last step and are left out of each epoch", dropped, reader.num_groups)
+        log.warning("%d of %d groups do not fill a last step and are left out of each epoch", dropped,
+                    reader.num_groups)
     return plan
 
 
@@ -168,11 +178,11 @@ def _train(cfg: Config, iteration: int, resume: bool, paths: RunPaths, dist: Dis
             groups = step_groups(plan, cfg.seed, iteration, index, dist.rank)
             batch = reader.batch(groups)
             step_prepared = concat_prepared([prepared[g] for g in groups])
+            pt_blocks = pretrain.draw(iteration, index, dist.rank, dist.world_size) if pretrain else None
             stats = train_step(algorithm, batch, step_prepared, cfg, ctx, optimizer, scheduler, dist,
-                               pt_blocks=pretrain.draw(iteration, index, dist.rank, dist.world_size) if pretrain else None,
-                               pt_tokens=pretrain.tokens_per_step if pretrain else 0)
+                               pt_blocks=pt_blocks, pt_tokens=pretrain.tokens_per_step if pretrain else 0)
             record = {"iteration": iteration, "step": index + 1, "epoch": index // plan.steps_per_epoch,
-                      **stats.record, "lr": scheduler.get_last_lr()[0]}
+                      **stats.record}
             if dist.is_main:
                 metrics_log.log(record)
             stopping = bool(all_reduce_sum(torch.tensor([float(stop.requested)]), dist)[0] > 0)
@@ -210,6 +220,7 @@ def train_step(algorithm, batch: CacheBatch, prepared, cfg: Config, ctx: Context
         stats.add_metrics(metrics, weight)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+    stats.set("lr", scheduler.get_last_lr()[0])  # the rate this step used
     optimizer.step()
     scheduler.step()
     stats.add_rewards(prepared, batch.completion_mask.float())
@@ -221,10 +232,12 @@ def rl_units(algorithm, batch: CacheBatch, prepared, cfg: Config, ctx: Context) 
     """(token weight, closure -> (loss, metrics)) per micro-batch of `micro_batch_size` rows."""
     units = []
     B = batch.completion_ids.shape[0]
+    device = ctx.policy.get_input_embeddings().weight.device
     for start in range(0, B, cfg.optim.micro_batch_size):
         rows = list(range(start, min(start + cfg.optim.micro_batch_size, B)))
         micro = take_rows(batch, rows)
-        micro_prepared = take_prepared(prepared, rows, micro.completion_ids.shape[1])
+        micro_prepared = to_device(take_prepared(prepared, rows, micro.completion_ids.shape[1]), device)
+        micro = to_device(micro, device)
         weight = float(micro.completion_mask.sum())
         units.append((weight, lambda m=micro, p=micro_prepared: algorithm.micro_loss(m, p, cfg, ctx)))
     return units

@@ -76,7 +76,11 @@ class StartPoint:
         has_optimizer = (self.checkpoint / "optimizer.json").is_file()
         if self.kind == "previous":
             if has_optimizer:
-                restore_checkpoint(self.checkpoint, optimizer=optimizer, scheduler=scheduler, restore_rng=False)
+                try:
+                    restore_checkpoint(self.checkpoint, optimizer=optimizer, scheduler=scheduler, restore_rng=False)
+                except (ValueError, KeyError) as exc:  # other trainable parameters (LoRA switched, a value head)
+                    log.warning("the optimizer state of %s does not fit this student (%s): starting a fresh one",
+                                self.checkpoint, exc)
             return 0
         state = load_trainer_state(self.checkpoint)
         if state.get("plan") != dataclasses.asdict(plan):
@@ -128,10 +132,10 @@ class Reference:
     """Live reference log-probs (B, T): the student with adapters off (LoRA), or the initial model, loaded lazily."""
 
     def __init__(self, cfg: Config, policy, dist: Dist):
-        from grpo_kd.models import _peft_model
+        from peft import PeftModel
 
         self.cfg, self.policy, self.dist = cfg, policy, dist
-        self.uses_adapters = _peft_model(policy) is not None
+        self.uses_adapters = isinstance(policy, PeftModel)
         self.model = None
 
     @torch.no_grad()
@@ -157,7 +161,8 @@ class Reference:
         logprobs, _, _ = linear_logprobs(hidden, head.weight, batch.completion_ids.to(hidden.device), bias=head.bias,
                                          softcap=head.softcap, temperature=self.cfg.rollout.temperature,
                                          impl=self.cfg.optim.impl)  # (B, T)
-        return (logprobs * batch.completion_mask.to(logprobs.device)).cpu()
+        mask = batch.completion_mask.to(logprobs.device)
+        return (logprobs * mask).to(batch.completion_ids.device)  # (B, T) where the batch lives
 
 
 def make_reference(cfg: Config, policy, dist: Dist) -> Reference | None:

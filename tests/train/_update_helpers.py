@@ -59,10 +59,10 @@ def write_rollouts(cfg: Config, iteration: int = 1, *, seed: int = 0, privileged
     write_rollout_shard(RunPaths.of(cfg.run_dir).rollouts(iteration), 0, records, meta=meta)
 
 
-def build_run(cfg: Config, iteration: int = 1, *, cache: bool = True) -> None:
+def build_run(cfg: Config, iteration: int = 1, *, cache: bool = True, privileged: bool = False) -> None:
     from grpo_kd.train.teacher_pass import run_teacher_pass
 
-    write_rollouts(cfg, iteration)
+    write_rollouts(cfg, iteration, privileged=privileged)
     if cache:
         run_teacher_pass(cfg, iteration=iteration, progress=False)
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +149,61 @@ def test_steps_must_take_whole_groups(template, tiny_models_quick, tmp_path):
     with pytest.raises(GrpoKdError, match="multiple of the group size"):
         run_update(make_config(run, tiny_models_quick, "optim.micro_batch_size=3", "optim.grad_accum=1"), 1)
     assert not RunPaths.of(run).checkpoint(1).exists()
+
+
+def test_two_process_ddp_equals_one_process(baseline, template, tiny_models_quick, tmp_path):
+    """torchrun, 2 CPU ranks on gloo, micro-batch 4 x accumulation 1 each == 1 rank, 4 x 2: the same global batch."""
+    base_run, _ = baseline
+    run = copy_run(template, tmp_path / "run")
+    cfg = make_config(run, tiny_models_quick, EPOCHS, "optim.grad_accum=1")
+    config_file = tmp_path / "config.yaml"
+    save_config(cfg, config_file)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "grpo_kd.cli.app", "update",
+               "--config", str(config_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert losses(run) == pytest.approx(losses(base_run), rel=1e-4, abs=1e-6)
+    assert_same_weights(final_weights(run), final_weights(base_run))
+
+
+ONE_MICRO = ("optim.micro_batch_size=8", "optim.grad_accum=1")  # 3 steps of 2 groups, one micro-batch each
+
+
+def test_minillm_with_pretraining_loss(template, tiny_models_quick, tmp_path):
+    from grpo_kd.tiny import BUILTIN_CORPUS
+
+    run = copy_run(template, tmp_path / "run")
+    cfg = make_config(run, tiny_models_quick, *ONE_MICRO, "loss.algorithm=minillm", "loss.pt_weight=1.0",
+                      f"data.pretrain_text={BUILTIN_CORPUS}", "loss.pt_seq_len=16", "loss.pt_batch_size=4")
+    run_update(cfg, 1)
+    records = MetricsLog(RunPaths.of(run).metrics).read()
+    assert len(records) == 3
+    for key in ("pt_loss", "teacher_kl", "reward/log_ratio", "reward/teacher_loglik", "clip_fraction"):
+        assert all(isinstance(r[key], float) for r in records), key
+    assert records[0]["pt_loss"] > 0 and records[0]["teacher_kl"] > 0
+
+
+def test_ppo_saves_its_value_head_beside_the_weights(template, tiny_models_quick, tmp_path):
+    from grpo_kd.train.distributed import Dist
+    from grpo_kd.train.update_state import StartPoint, load_student_parts
+
+    run = copy_run(template, tmp_path / "run")
+    cfg = make_config(run, tiny_models_quick, *ONE_MICRO, "loss.algorithm=ppo")
+    final = run_update(cfg, 1)
+    assert (final / "model" / "value_head.safetensors").is_file()
+    assert all("value_loss" in r for r in MetricsLog(RunPaths.of(run).metrics).read())
+    _, head = load_student_parts(cfg, StartPoint(final, "previous"), Dist(), value_head=True)
+    assert head.weight.abs().sum() > 0  # trained from its zero start, and loaded back
+
+
+def test_privileged_self_teacher_from_its_own_cache(tiny_models_quick, tmp_path):
+    run = tmp_path / "run"
+    cfg = make_config(run, tiny_models_quick, *ONE_MICRO, "loss.algorithm=privileged", "teacher.kind=self_privileged",
+                      "teacher.reference=false", "loss.beta=0.0")
+    build_run(cfg, privileged=True)
+    run_update(cfg, 1)
+    records = MetricsLog(RunPaths.of(run).metrics).read()
+    assert len(records) == 3 and all(r["teacher_kl"] >= 0 for r in records)
+    assert records[0]["ref_source"] == "none"

@@ -102,6 +102,16 @@ def take_rows(batch: CacheBatch, rows: torch.Tensor | list[int]) -> CacheBatch:
     return CacheBatch(**out)
 
 
+def to_device(item, device: torch.device | str):
+    """A CacheBatch or Prepared with every tensor (also inside `rewards`) on `device`."""
+    def move(value):
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+    return type(item)(*(move(v) for v in item))
+
+
 def take_prepared(prepared: Prepared, rows: torch.Tensor | list[int], T: int) -> Prepared:
     rows = torch.as_tensor(rows, dtype=torch.long)
 
@@ -224,7 +234,7 @@ def reference_logprobs(micro: CacheBatch, cfg: Config, ctx: Context) -> torch.Te
         return None
     if ctx.reference is None:
         raise GrpoKdError("loss.beta > 0 needs reference log-probs: the cache has none and no live reference is set")
-    return ctx.reference(micro)
+    return ctx.reference(micro).to(micro.old_logprobs.device)
 
 
 def policy_loss(
