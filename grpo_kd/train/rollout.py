@@ -16,11 +16,19 @@ What is stored as `old_logprobs`: the behaviour log-probs recomputed after sampl
 `grpo_kd.train.policy.completion_logprobs` (one full forward, right padding, the same kernel and temperature
 the update phase uses), so that the first importance ratio of the update is 1 up to float rounding. They are
 log-probs of the *untruncated* temperature-scaled distribution: top-k / top-p truncation shapes what is drawn
-but is not part of the recorded log-probs (TRL does the same; a truncated log-prob would make the ratio of a
-token differ from 1 by the kept mass, and could not be recomputed from the kernel). With teacher-mixed
-sampling, `old_logprobs = log(alpha p_T(y) + (1 - alpha) q_S(y))` of the same two recomputed terms (both at
-the sampling temperature) and `student_logprobs = log q_S(y)`; the manifest records the largest difference
-between the stored values and those of the KV-cache sampling loop (`logprob_drift_max`) as a cross-check.
+but is not part of the recorded log-probs (TRL does the same: the update recomputes full-distribution
+log-probs with the kernel, which knows nothing of truncation, so a truncated old log-prob would put the first
+ratio off 1 by the kept mass). With teacher-mixed sampling, `old_logprobs = log(alpha p_T(y) + (1 - alpha)
+q_S(y))` of the two recomputed terms and `student_logprobs = log q_S(y)`, both at the *rollout* temperature
+(the teacher cache scores at `teacher.temperature`, which may differ; importance weights q_S / mixture need
+these). The manifest records the largest difference between the stored values and those of the KV-cache
+sampling loop (`logprob_drift_max`): float rounding in float32, bf16 noise on a GPU.
+
+Randomness is per completion (see `grpo_kd.train.sampling`): a completion depends on the seed, the iteration,
+its group id and sample index, not on the batch size or the shard layout, so 1 shard and n shards write the
+same rows. `prompt_ids` are exactly what the student saw (chat-rendered when `data.chat_template`, the last
+`data.max_prompt_tokens`); `prompt_text` is the raw prompt, so a teacher with another template or tokenizer can
+render it its own way.
 
 Idempotent: a shard whose manifest and checksum are complete is skipped (after checking that it was made with
 the same plan: seed, prompts, sampling parameters, shard layout); the store writes atomically, so a killed
@@ -42,7 +50,14 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from grpo_kd.cache.manifest import describe_vocab, list_shard_manifests, shard_is_complete, write_index
+from grpo_kd.cache.manifest import (
+    describe_vocab,
+    list_shard_manifests,
+    read_json,
+    shard_is_complete,
+    shard_manifest_path,
+    write_index,
+)
 from grpo_kd.cache.rollouts import ROLLOUT_KIND, ROLLOUT_SUFFIX, RolloutRecord, write_rollout_shard
 from grpo_kd.config import Config
 from grpo_kd.data import Prompt, prompts_from_config, render_prompt, split_heldout
@@ -70,12 +85,14 @@ PLAN_KEYS = ("iteration", "seed", "num_shards", "group_range", "prompts", "sampl
 
 @dataclass(frozen=True)
 class RolloutSummary:
+    """What one `grpo-kd rollout` did, for its one-line summary."""
+
     path: Path
     shard: int
     num_shards: int
     completions: int
     tokens: int  # completion tokens
-    seconds: float  # sampling + log-prob recompute
+    seconds: float  # sampling and the log-prob recompute (model loading excluded)
     skipped: bool  # the shard was already complete
 
     def line(self) -> str:
@@ -278,14 +295,13 @@ def rollout_shard(
     _refuse_other_layout(directory, num_shards)
     if shard_is_complete(directory, shard, ROLLOUT_SUFFIX):
         return _reuse(directory, shard, num_shards, plan)
-    started = time.perf_counter()
     records, meta = _sample_shard(cfg, paths, iteration, plan, show_progress)
-    seconds = time.perf_counter() - started
-    meta["generation_seconds"] = round(seconds, 3)
+    seconds = meta["generation_seconds"]
     path = write_rollout_shard(directory, shard, records, meta=meta, index=False)
     _write_index_if_all_done(directory, num_shards)
     tokens = sum(len(r.completion_ids) for r in records)
-    log.info("rollout shard %d/%d: %d completions, %d tokens in %.1fs", shard, num_shards, len(records), tokens, seconds)
+    log.info("rollout shard %d/%d: %d completions, %d tokens in %.1fs", shard, num_shards, len(records), tokens,
+             seconds)
     return RolloutSummary(path, shard, num_shards, len(records), tokens, seconds, skipped=False)
 
 
@@ -297,8 +313,7 @@ def _refuse_other_layout(directory: Path, num_shards: int) -> None:
 
 
 def _reuse(directory: Path, shard: int, num_shards: int, plan: dict[str, Any]) -> RolloutSummary:
-    from grpo_kd.cache.manifest import read_json, shard_manifest_path
-
+    """The summary of a complete shard, after checking that it was made with this plan."""
     manifest = read_json(shard_manifest_path(directory, shard))
     meta = manifest.get("meta", {})
     for key in PLAN_KEYS:
@@ -318,27 +333,37 @@ def _write_index_if_all_done(directory: Path, num_shards: int) -> None:
         write_index(directory, ROLLOUT_KIND)
 
 
+def _load_models(cfg: Config, params: SamplingParams, checkpoint: Path | None):
+    """(tokenizer, student, teacher | None, their fingerprints for the manifest); the vocabulary is checked first."""
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    student_fp = tokenizer_fingerprint(tokenizer)
+    mixed = params.teacher_mix_alpha > 0
+    teacher_fp = _check_teacher_vocabulary(cfg, student_fp) if mixed else None
+    ckpt = None if checkpoint is None else str(checkpoint)
+    student = load_student(cfg.model, checkpoint=ckpt, trainable=False)
+    teacher = load_teacher(cfg.teacher, cfg.model, checkpoint=ckpt) if mixed else None
+    fingerprints = {"student": student_fp, "model": model_fingerprint(student), "checkpoint": ckpt}
+    if teacher is not None:
+        fingerprints["teacher"] = {
+            "tokenizer": teacher_fp, "model": model_fingerprint(teacher), "kind": cfg.teacher.kind
+        }
+    return tokenizer, student, teacher, fingerprints
+
+
 def _sample_shard(cfg: Config, paths: RunPaths, iteration: int, plan: dict[str, Any], show_progress: bool):
     """Load the models, sample every group of the shard, and return (records, manifest meta)."""
     params = sampling_params(cfg)
-    start, stop = plan["group_range"]
-    prompts = iteration_prompts(training_prompts(cfg), cfg.rollout.prompts_per_iteration, iteration, cfg.seed)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    student_fp = tokenizer_fingerprint(tokenizer)
-    teacher_fp = _check_teacher_vocabulary(cfg, student_fp) if params.teacher_mix_alpha > 0 else None
     checkpoint = student_checkpoint(paths, iteration)
-    student = load_student(cfg.model, checkpoint=None if checkpoint is None else str(checkpoint), trainable=False)
-    teacher = None
-    if params.teacher_mix_alpha > 0:
-        teacher = load_teacher(cfg.teacher, cfg.model, checkpoint=None if checkpoint is None else str(checkpoint))
-    meta = {**plan, "student": student_fp, "model": model_fingerprint(student),
-            "checkpoint": None if checkpoint is None else str(checkpoint)}
-    if teacher is not None:
-        meta["teacher"] = {"tokenizer": teacher_fp, "model": model_fingerprint(teacher), "kind": cfg.teacher.kind}
-    groups = [(g, prompts[g], encode_prompt(tokenizer, prompts[g], cfg)) for g in range(start, stop)]
+    prompts = iteration_prompts(training_prompts(cfg), cfg.rollout.prompts_per_iteration, iteration, cfg.seed)
+    tokenizer, student, teacher, fingerprints = _load_models(cfg, params, checkpoint)
+    groups = [(g, prompts[g], encode_prompt(tokenizer, prompts[g], cfg)) for g in range(*plan["group_range"])]
+    if not groups:
+        log.warning("this rollout shard has no groups (%d shards for %d prompts per iteration); it is written empty",
+                    plan["num_shards"], cfg.rollout.prompts_per_iteration)
+    started = time.perf_counter()
     records, drift = _sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, show_progress)
-    meta["logprob_drift_max"] = drift
-    return records, meta
+    seconds = round(time.perf_counter() - started, 3)  # sampling and the recompute, not the loading
+    return records, {**plan, **fingerprints, "generation_seconds": seconds, "logprob_drift_max": drift}
 
 
 def _sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, show_progress):

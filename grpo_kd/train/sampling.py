@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from grpo_kd.errors import GrpoKdError
-from grpo_kd.models import lm_head
+from grpo_kd.models import lm_head, position_ids_from_mask
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class _Stepper:
         self.head = lm_head(model)
         device = _device(model)
         self.mask = attention_mask.to(device)  # (R, P) 1 on real tokens
-        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (R, P) position of each real token
+        positions = position_ids_from_mask(self.mask)  # (R, P) counts real tokens only, pads at 0
         self.next_position = positions[:, -1:] + 1  # (R, 1)
         self.past = None
         self.logits = self._forward(input_ids.to(device), positions)  # (R, V)
@@ -241,7 +241,10 @@ def sample_batch(
     return _samples(tokens_out.cpu(), logprobs_out.cpu(), lengths.cpu(), done.cpu())
 
 
-def _samples(tokens: torch.Tensor, logprobs: torch.Tensor, lengths: torch.Tensor, stopped: torch.Tensor) -> list[Sample]:
+def _samples(
+    tokens: torch.Tensor, logprobs: torch.Tensor, lengths: torch.Tensor, stopped: torch.Tensor
+) -> list[Sample]:
+    """Per-row `Sample`s from the (R, N) token and log-prob buffers cut at each row's length."""
     samples = []
     for row in range(len(tokens)):
         n = int(lengths[row])

@@ -24,14 +24,9 @@ GROUPS, G = 5, 3
 
 
 @pytest.fixture(scope="session")
-def tiny(request, tmp_path_factory):
-    """The shared tiny pair when tests/conftest.py provides it, else a random-weight pair built here (~5 s)."""
-    try:
-        return request.getfixturevalue("tiny_models")
-    except pytest.FixtureLookupError:
-        from grpo_kd.tiny import build_tiny_models
-
-        return build_tiny_models(tmp_path_factory.getbasetemp() / "tiny-random", pretrain_steps=0)
+def tiny(tiny_models):
+    """The shared tiny pair of tests/conftest.py (one tokenizer, pre-trained a few steps)."""
+    return tiny_models
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +90,8 @@ def test_resolve_shard_from_flags_slurm_and_defaults():
     assert resolve_shard(2, 3, 1, env={"SLURM_ARRAY_TASK_ID": "0"}) == (2, 3)  # flags win
     slurm = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}
     assert resolve_shard(None, None, 1, env=slurm) == (3, 4)
-    assert resolve_shard(None, None, 1, env={**slurm, "SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "1"}) == (3, 4)
+    offset = {**slurm, "SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "1"}  # --array=1-4
+    assert resolve_shard(None, None, 1, env=offset) == (3, 4)
     for args, env, message in [
         ((4, 4, 1), {}, "shard 4 is out of range for 4 shard(s)"),
         ((-1, 2, 1), {}, "shard -1 is out of range"),
@@ -219,16 +215,14 @@ def test_teacher_mixed_rollout_stores_mixture_and_student_logprobs(tiny, prompts
                                    rtol=0, atol=1e-5)
 
 
-def test_teacher_mix_refuses_another_vocabulary(tiny, prompts_file, tmp_path):
-    from grpo_kd.tiny import build_tiny_student
-
-    other = build_tiny_student(tmp_path / "other-vocab", vocab_size=400)
+def test_teacher_mix_refuses_another_vocabulary(tiny, prompts_file, tmp_path, tiny_student_other_vocab):
+    other = tiny_student_other_vocab
     cfg = _config(tiny, prompts_file, tmp_path, **{"model.path": str(other), "rollout.teacher_mix_alpha": 0.5})
     with pytest.raises(GrpoKdError) as info:
         run_rollout(cfg, 1)
     message = str(info.value)
     assert "one vocabulary" in message and str(other) in message and str(tiny.teacher) in message
-    assert "V=400" in message and "\n" not in message
+    assert "V=512" in message and "V=1024" in message and "\n" not in message
 
 
 # ---------------------------------------------------------------------------------------------- command line
