@@ -31,6 +31,7 @@ from grpo_kd.errors import GrpoKdError
 
 log = logging.getLogger(__name__)
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Config keys left out of the model fingerprint: they change with the library or the place, not the model.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"}
 
@@ -65,10 +66,13 @@ def _resolve_source(path: str, what: str) -> str:
     return path
 
 
-def _hub_failure(path: str, what: str, exc: BaseException) -> GrpoKdError:
+def _load_failure(path: str, source: str, what: str, exc: BaseException) -> GrpoKdError:
+    """One line for a failed from_pretrained: a broken local directory, or a hub id that could not be fetched."""
     from huggingface_hub import constants
 
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if _is_local(source):
+        return GrpoKdError(f"could not load {what} from {path!r}: {first}")
     offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
     return GrpoKdError(f"could not load {what} {path!r}: not a local directory and not on the hub{offline}: {first}")
 
@@ -85,10 +89,12 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     source = _resolve_source(path, "tokenizer")
+    if _is_local(source) and not any((Path(source) / name).is_file() for name in _TOKENIZER_FILES):
+        raise GrpoKdError(f"no tokenizer in {path!r}: none of {', '.join(_TOKENIZER_FILES)} is there")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise _hub_failure(path, "tokenizer", exc) from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise _load_failure(path, source, "tokenizer", exc) from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise GrpoKdError(f"tokenizer {path!r} has neither a pad token nor an eos token to pad with")
@@ -142,10 +148,7 @@ def load_causal_lm(
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        if _is_local(source):
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise GrpoKdError(f"could not load model from {path!r}: {first}") from None
-        raise _hub_failure(path, "model", exc) from None
+        raise _load_failure(path, source, "model", exc) from None
     if device_map is None:
         model.to(target)
     where = f"device_map={device_map!r}" if device_map is not None else f"device {target}"
@@ -219,7 +222,11 @@ def load_student(cfg: ModelConfig, *, checkpoint: str | None = None, trainable: 
         model = _add_lora(model, cfg)
     if trainable:
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            hf = _hf_model(model)
+            if hasattr(hf, "activation_checkpointing_enable"):  # transformers 5 name; the old one warns
+                hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
         model.train()
@@ -328,14 +335,30 @@ def _text_config(hf):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, as `generate` uses them: (B, T) mask -> (B, T) int64, pads at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def final_hidden_states(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The hidden states that feed the LM head (after the final norm), without running the head.
 
-    input_ids: (B, T) -> (B, T, H). Works for a plain HF model and a peft-wrapped one (adapters as currently
-    enabled, so under `adapters_disabled` it gives the base).
+    input_ids: (B, T) -> (B, T, H). With an attention mask and no `position_ids`, positions come from the mask
+    (`position_ids_from_mask`), so a sequence gets the same hidden states whatever padding surrounds it, left
+    or right, and the same as during `generate`. Works for a plain HF model and a peft-wrapped one (adapters as
+    currently enabled, so under `adapters_disabled` it gives the base).
     """
+    if position_ids is None and attention_mask is not None:
+        position_ids = position_ids_from_mask(attention_mask)  # (B, T)
     decoder = _hf_model(model).get_decoder()
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
+    out = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, return_dict=True
+    )
     return out.last_hidden_state  # (B, T, H)
 
 

@@ -251,7 +251,7 @@ def build_tiny_models(
     out = Path(out_dir)
     student_steps = pretrain_steps // 4 if student_pretrain_steps is None else student_pretrain_steps
     params = _BuildParams(
-        sorted(str(Path(p).resolve()) for p in corpus or []), vocab_size, pretrain_steps, student_steps,
+        [str(Path(p).resolve()) for p in corpus or []], vocab_size, pretrain_steps, student_steps,
         seq_len, batch_size, seed,
     )  # fmt: skip
     paths = TinyModels(teacher=out / "teacher", student=out / "student", tokenizer=out / "tokenizer")

@@ -3,7 +3,7 @@
 Fixtures (keep the names: tests all over the project use them):
 
 - `tiny_models` -> `grpo_kd.tiny.TinyModels(teacher, student, tokenizer)`: directories built from the built-in
-  corpus with a short pre-training (teacher 60 steps, student 15), so the teacher is clearly the better model.
+  corpus with a short pre-training (teacher 40 steps, student 10), so the teacher is clearly the better model.
   Both share one 1024-token tokenizer. Build time: a few seconds.
 - `tiny_models_quick` -> `TinyModels` with random weights (no pre-training), same tokenizer settings; for tests
   that only need shapes and plumbing.
@@ -36,7 +36,7 @@ FAROESE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "
 def tiny_models(tmp_path_factory):
     from grpo_kd.tiny import build_tiny_models
 
-    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"), pretrain_steps=60, student_pretrain_steps=15)
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"), pretrain_steps=40, student_pretrain_steps=10)
 
 
 @pytest.fixture(scope="session")
