@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from grpo_kd.cache.manifest import CacheError, check_same_vocab, describe_vocab
-from grpo_kd.cache.rollouts import GroupSlice, RolloutStore
+from grpo_kd.cache.rollouts import RolloutStore
 from grpo_kd.cache.teacher import TeacherShard, open_teacher_shards
 
 

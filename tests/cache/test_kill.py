@@ -18,7 +18,7 @@ from grpo_kd.cli.app import main
 from grpo_kd.fsutil import sha256_file
 from grpo_kd.paths import RunPaths
 
-from conftest import make_run
+from cache_helpers import make_run
 
 KILLS = 10
 
@@ -57,7 +57,7 @@ def test_sigkill_at_random_moments_then_rerun(tmp_path, cache_models):
         else:  # once the teacher has begun a shard, after a random share of a second
             while proc.poll() is None and not tmp_leftovers(teacher_dir):
                 time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.6))
+            time.sleep(rng.uniform(0.0, 0.2))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         mid_write += bool(tmp_leftovers(teacher_dir))
