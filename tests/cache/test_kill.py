@@ -13,12 +13,12 @@ import time
 
 import pytest
 
-from grpo_kd.cache.manifest import list_shard_manifests, shard_is_complete, tmp_leftovers
+from grpo_kd.cache.manifest import list_shard_manifests, remove_shard, shard_is_complete, tmp_leftovers
 from grpo_kd.cli.app import main
 from grpo_kd.fsutil import sha256_file
 from grpo_kd.paths import RunPaths
 
-from cache_helpers import make_run
+from .cache_helpers import make_run
 
 KILLS = 10
 
@@ -50,14 +50,17 @@ def test_sigkill_at_random_moments_then_rerun(tmp_path, cache_models):
     rng = random.Random(1234)
     mid_write = 0
     for attempt in range(KILLS):
+        finished = sorted(list_shard_manifests(teacher_dir))
+        if len(finished) == len(expected):  # keep work to interrupt: forget one finished shard
+            remove_shard(teacher_dir, rng.choice(finished))
         proc = subprocess.Popen(cache_teacher(config, "killed", tmp_path), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if attempt % 2 == 0:  # anywhere in the run: start-up, model loading, reference pass, writing
             time.sleep(rng.uniform(0.1, 1.0) * full_seconds)
         else:  # once the teacher has begun a shard, after a random share of a second
             while proc.poll() is None and not tmp_leftovers(teacher_dir):
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.2))
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.02))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         mid_write += bool(tmp_leftovers(teacher_dir))

@@ -15,7 +15,7 @@ from grpo_kd.cache.teacher import open_teacher_shards
 from grpo_kd.cli.app import main
 from grpo_kd.paths import RunPaths
 
-from cache_helpers import make_run
+from .cache_helpers import make_run
 
 FP16_TOL = 1e-2  # |fp16(x) - x| <= 2^-11 |x| for the log-probs of a tiny model (|x| < 20)
 

@@ -44,7 +44,8 @@ def ensure_installed(install: bool = True) -> None:
     if not missing_binaries():
         return
     if not install or shutil.which("apt-get") is None:
-        raise SlurmUnavailable(f"SLURM is not installed ({', '.join(missing_binaries())} missing) and apt-get is unavailable")
+        missing = ", ".join(missing_binaries())
+        raise SlurmUnavailable(f"SLURM is not installed ({missing} missing) and apt-get is unavailable")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -97,7 +98,8 @@ class LocalSlurm:
         env = {**os.environ, **self.env}
         for daemon in ("slurmctld", "slurmd"):
             log = open(self.root / f"{daemon}.stdout", "wb")
-            self.procs.append(subprocess.Popen([_sbin(daemon), "-D", "-f", str(self.conf)], env=env, stdout=log, stderr=log))
+            cmd = [_sbin(daemon), "-D", "-f", str(self.conf)]
+            self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log))
             if daemon == "slurmctld":
                 self._wait_for(lambda: self._client_ok(["scontrol", "ping"], "UP"), timeout, "slurmctld to answer")
         self._wait_for(lambda: self._client_ok(["sinfo", "-h", "-o", "%T"], "idle"), timeout, "the node to be idle")
@@ -117,7 +119,8 @@ class LocalSlurm:
 
     def _start_munged(self) -> None:
         if not MUNGE_KEY.is_file():
-            subprocess.run([_sbin("mungekey"), "--create", "--keyfile", str(MUNGE_KEY)], check=True, capture_output=True)
+            cmd = [_sbin("mungekey"), "--create", "--keyfile", str(MUNGE_KEY)]
+            subprocess.run(cmd, check=True, capture_output=True)
             shutil.chown(MUNGE_KEY, "munge", "munge")
             MUNGE_KEY.chmod(0o400)
         munge_dir = self.munge_socket.parent
@@ -199,11 +202,11 @@ def main(argv: list[str]) -> int:
             print("SLURM is installed")
         elif command == "up":
             cluster = LocalSlurm().start()
-            print(f"export SLURM_CONF={cluster.conf}   # Ctrl-C stops the daemons")
-            try:
+            print(f"export SLURM_CONF={cluster.conf}   # Ctrl-C (or SIGTERM) stops the daemons", flush=True)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda signum, frame: cluster.stop() or sys.exit(0))
+            while True:
                 signal.pause()
-            except KeyboardInterrupt:
-                cluster.stop()
         else:
             print(f"usage: {sys.argv[0]} install|up", file=sys.stderr)
             return 2

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from _update_helpers import build_run, make_config
+from ._update_helpers import build_run, make_config
 from grpo_kd.cache.reader import CacheReader
 from grpo_kd.models import load_causal_lm, load_student, lm_head
 from grpo_kd.paths import RunPaths

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _update_helpers import (
+from ._update_helpers import (
     assert_same_weights,
     build_run,
     copy_run,
