@@ -19,7 +19,7 @@ bench_app = typer.Typer(help="Benchmarks that run the alternatives side by side.
 def bench_kernels(quick: bool, device: str, out: Path | None) -> None:
     """Run the kernel comparison on `device` ("auto", "cpu", "cuda"), print it, and write
     `<out>/<device slug>/kernels[-quick].{json,md}` when `out` is given."""
-    from grpo_kd.kernels import bench
+    from grpo_kd.kernels import bench, bench_report
 
     resolved = bench.resolve_device(device)
     command = "grpo-kd bench kernels" + (" --quick" if quick else "") + f" --device {device}"
@@ -29,14 +29,14 @@ def bench_kernels(quick: bool, device: str, out: Path | None) -> None:
         report = bench.run_suite(quick, resolved, progress=lambda c: status.update(
             f"measuring {c.kernel} / {c.method} at N={c.N} H={c.H} V={c.V} {c.dtype} in a fresh process"))
     table = Table(title=f"Kernel benchmarks: {report['device']}{' (quick)' if quick else ''}")
-    for name in bench.HEADER:
+    for name in bench_report.HEADER:
         table.add_column(name, overflow="fold")
-    for cells in bench.table_rows(report):
+    for cells in bench_report.table_rows(report):
         table.add_row(*cells)
     console.print(table)
     console.print(f"[dim]Memory: {report['memory_method']}[/]")
     if out is not None:
-        for path in bench.write_report(report, command, out):
+        for path in bench_report.write_report(report, command, out):
             console.print(f"wrote {path}")
 
 

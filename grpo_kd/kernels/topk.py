@@ -36,16 +36,16 @@ Cost per logit, beyond the 2H flops of the matmul: about log2(K_PAD) * (log2(K_P
 steps on int64 to sort runs, log2(K_PAD) more per halving of BLOCK_V down to K_PAD, and log2(K_PAD) for the
 merge (about 35 at k=128 with BLOCK_V=128), only for tiles that are not skipped; memory is O(N * S * K_PAD)
 int64 for the split lists, never O(N * V). At a 27B teacher's H=5376, V=262144 the matmul is 2.8 GFLOP per
-token against roughly 54 GFLOP for the rest of the forward, so the whole kernel is a small share of the pass. The launch sizes are untuned (no GPU in the session
-that wrote this); see docs/kernels.md.
+token against roughly 54 GFLOP for the rest of the forward, so the whole kernel is a small share of the pass.
+The launch sizes are untuned (no GPU in the session that wrote this); see docs/kernels.md.
 
 Torch twin (CPU path and oracle): row chunks sized by a byte budget; per chunk the full `[rows, V]` logits
-in float32, `torch.logsumexp`, and `torch.topk` over the same packed int64 keys, so both paths break ties alike.
+in float32, `torch.logsumexp`, and `torch.topk`; rows with an exact tie at or inside their top k are redone
+over the same packed int64 keys, so both paths break ties alike.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +74,7 @@ except Exception:  # pragma: no cover - depends on the environment
 MAX_TRITON_K = 256  # running top-K_PAD lives in registers: [BLOCK_M, K_PAD] int64
 _ID_FLIP = 0x7FFFFFFF  # low 32 bits of a key hold (2**31 - 1 - id): larger for lower ids
 _LOW_MASK = 0xFFFFFFFF
-_TWIN_BYTES_PER_LOGIT = 24  # torch twin scratch per logit: z f32, bits i32, ordered i32, key i64, shift tmp
+_TWIN_BYTES_PER_LOGIT = 12  # torch twin scratch per logit: z f32, a bool/f32 temporary, (tied rows) int64 keys
 
 
 # ----------------------------------------------------------------------------------------------- key packing
@@ -354,8 +354,23 @@ def _topk_torch(hidden, weight, k, bias, targets, temperature, softcap, chunk_by
             t = targets[rows]
             picked = z.gather(1, t.clamp(min=0)[:, None])[:, 0]  # (rows,)
             target_z[rows] = torch.where(t >= 0, picked, torch.zeros_like(picked))
-        top[rows] = torch.topk(encode_keys(z), k, dim=1, sorted=True).values  # (rows, k)
+        top[rows] = _chunk_topk_keys(z, k)  # (rows, k)
     return top, lse, target_z
+
+
+def _chunk_topk_keys(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k keys of float32 logits z (rows, V), sorted, ties to the lower id. A float top-(k+1) decides every
+    row without an exact tie at or inside its top k; only the other rows go through the int64 keys."""
+    extra = min(k + 1, z.shape[1])  # one more than k: a tie at the boundary shows as values[k-1] == values[k]
+    values, ids = torch.topk(z, extra, dim=1, sorted=True)  # (rows, k or k + 1)
+    tied = (values[:, 1:] == values[:, :-1]).any(dim=1)  # (rows,) a tie inside the top k or at its boundary
+    values, ids = values[:, :k], ids[:, :k]
+    z_top = torch.where(values == 0, torch.zeros_like(values), values)  # -0.0 -> +0.0, as in encode_keys
+    bits = z_top.view(torch.int32)
+    keys = (torch.where(bits < 0, bits ^ _ID_FLIP, bits).to(torch.int64) << 32) | (_ID_FLIP - ids)
+    if tied.any():
+        keys[tied] = torch.topk(encode_keys(z[tied]), k, dim=1, sorted=True).values
+    return keys
 
 
 # ----------------------------------------------------------------------------------------------- public API
