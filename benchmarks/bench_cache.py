@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -33,6 +32,7 @@ import numpy as np
 from grpo_kd.cache.reader import CacheReader
 from grpo_kd.cache.rollouts import RolloutRecord, RolloutStore, write_rollout_shard
 from grpo_kd.cache.teacher import CacheSpec, ScoredRows, TeacherShardSink
+from grpo_kd.kernels.bench_report import device_slug
 from grpo_kd.paths import RunPaths
 
 VOCAB = 262_144
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    device = "cpu-" + platform.machine()
+    device = device_slug("cpu")
     report = {"device": device, "cpus": os.cpu_count(), "rows": args.rows, "seq": args.seq,
               "command": "python " + " ".join(sys.argv), "teacher_tokens_per_s": TEACHER_TOKENS_PER_S, "results": []}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
