@@ -124,6 +124,9 @@ class LossConfig:
     divergence: Literal["forward", "reverse", "jsd"] = "reverse"
     jsd_beta: float = 0.5
     tail: Literal["bucket", "renorm", "uniform"] = "bucket"
+    # teacher KL of minillm / privileged: over the cached top-k ("topk"), or the unbiased forward-KL estimate from
+    # the cached samples ("sampled": needs teacher.num_samples > 0 and divergence "forward"; tail is ignored)
+    teacher_estimate: Literal["topk", "sampled"] = "topk"
     pt_weight: float = 0.0  # weight of the language-modelling loss L_PT
     gamma: float = 1.0  # PPO / MiniLLM discount
     gae_lambda: float = 0.95
@@ -145,7 +148,7 @@ class OptimConfig:
     micro_batch_size: int = 8  # sequences per forward/backward
     grad_accum: int = 1
     epochs_per_iteration: int = 1
-    data_parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun; fsdp: see grpo_kd.train.update
+    data_parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun; fsdp: FSDP2, see grpo_kd.train.fsdp
     impl: Literal["auto", "triton", "torch"] = "auto"  # the fused kernels' implementation
 
 

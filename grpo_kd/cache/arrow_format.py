@@ -61,7 +61,9 @@ class ArrowShardReader:
             raise CacheError(f"{path}: not a readable Arrow IPC file ({exc})") from None
         want = arrow_schema(spec)
         if not self._file.schema.remove_metadata().equals(want.remove_metadata()):
-            raise CacheError(f"{path}: schema does not match its manifest's spec")
+            missing = sorted(set(want.names) - set(self._file.schema.names))
+            hint = f" (missing {', '.join(missing)}: an older cache layout? re-run cache-teacher)" if missing else ""
+            raise CacheError(f"{path}: schema does not match its manifest's spec{hint}")
         self._batches = [self._file.get_batch(i) for i in range(self._file.num_record_batches)]
         self._rows = [b.column("row").to_numpy() for b in self._batches]
         all_rows = np.concatenate(self._rows) if self._rows else np.zeros(0, np.int64)

@@ -54,6 +54,7 @@ class CacheBatch(NamedTuple):
     teacher_logprobs: torch.Tensor | None  # (B, T) float32 teacher log-prob of the sampled token (exact)
     teacher_sample_ids: torch.Tensor | None  # (B, T, m) int64 tokens drawn from the teacher
     teacher_sample_weights: torch.Tensor | None  # (B, T, m) float32, sum to 1 over m (padding weight 0)
+    teacher_sample_logprobs: torch.Tensor | None  # (B, T, m) float32 teacher log-probs at those ids (full vocab)
     ref_logprobs: torch.Tensor | None  # (B, T) float32 reference-model log-probs
     teacher_seq_logprob: torch.Tensor | None  # (B,) float64 summed teacher log-prob of the completion
     teacher_seq_tokens: torch.Tensor | None  # (B,) int64 tokens in that sum (teacher tokens if cross-tokenizer)
@@ -66,6 +67,7 @@ _TOKEN_FIELDS = {  # cache field -> (batch field, numpy dtype of the padded arra
     "target_logprobs": ("teacher_logprobs", np.float32),
     "sample_ids": ("teacher_sample_ids", np.int64),
     "sample_weights": ("teacher_sample_weights", np.float32),
+    "sample_logprobs": ("teacher_sample_logprobs", np.float32),
     "ref_logprobs": ("ref_logprobs", np.float32),
 }
 

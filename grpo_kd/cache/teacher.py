@@ -16,6 +16,9 @@ What a row holds (C = completion tokens of the rollout row, k = top_k, m = num_s
     target_logprobs   float32 [C]      exact teacher log-prob of the sampled token              (token_level)
     sample_ids        int32 [C, m]     distinct ids drawn m times from the teacher ...          (m > 0)
     sample_weights    float32 [C, m]   ... with weight count/m (sum 1 per token; padding: id 0, weight 0)
+    sample_logprobs   float32 [C, m]   ... and the teacher's full-vocabulary log-probs at those ids (padding:
+                                       at id 0). float32, not the top-k's half precision: the sampled forward
+                                       KL uses them as they are, and m is small beside k
     ref_logprobs      float32 [C]      reference model (student's initial / base) log-probs     (reference)
     xtok_num_tokens   int32            teacher tokens of the re-tokenised completion            (cross_tokenizer)
     xtok_num_bytes    int64            UTF-8 bytes of the completion text                       (cross_tokenizer)
@@ -98,6 +101,7 @@ class CacheSpec:
             if self.num_samples > 0:
                 fields["sample_ids"] = (np.dtype(np.int32), self.num_samples)
                 fields["sample_weights"] = (np.dtype(np.float32), self.num_samples)
+                fields["sample_logprobs"] = (np.dtype(np.float32), self.num_samples)
         if self.reference:
             fields["ref_logprobs"] = (np.dtype(np.float32), 0)
         return fields

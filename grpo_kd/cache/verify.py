@@ -7,7 +7,7 @@ Per iteration, per shard, it checks and names what is wrong:
   once, token counts and group ids row by row against the rollouts, and values: finite, log-probs <= 0, top-k
   log-probs sorted, top-k mass <= 1 (+ `MASS_TOL` for float16/bfloat16 rounding), the sampled token's log-prob
   no larger than the top-1 (+ tolerance), the per-sequence sum equal to the per-token log-probs, sample
-  weights summing to one.
+  weights summing to one, sample log-probs <= 0 and equal to the top-k's where a drawn id is in the top-k.
 A run that passes gets its merged `teacher/manifest.json` index written (verify is a single process).
 """
 
@@ -35,6 +35,7 @@ from grpo_kd.paths import RunPaths
 LOGPROB_TOL = 1e-3  # a stored log-prob may exceed 0 by this much (half-precision rounding near 0)
 MASS_TOL = {"float16": 5e-3, "bfloat16": 3e-2}  # top-k mass may exceed 1 by this much
 SUM_TOL = 1e-3  # relative tolerance of seq_logprob against the sum of target log-probs
+SAMPLE_REL_TOL = {"float16": 2.0**-10, "bfloat16": 2.0**-7}  # sample vs top-k log-prob of one id (rounding)
 
 
 @dataclass
@@ -199,12 +200,35 @@ def _check_values(reader, spec: CacheSpec) -> str | None:
             sums = np.where(chunk["num_tokens"] > 0, sums, 0.0)
             if not np.allclose(sums, chunk["seq_logprob"], rtol=SUM_TOL, atol=1e-3):
                 return "seq_logprob differs from the sum of its target log-probs"
-            if spec.num_samples and not np.allclose(chunk["sample_weights"].sum(axis=1), 1.0, atol=1e-4):
-                return "sample weights do not sum to one"
+            if spec.num_samples:
+                why = _check_samples(chunk, top, spec)
+                if why:
+                    return why
         elif (chunk["seq_logprob"] > LOGPROB_TOL).any():
             return "a sequence log-prob above 0"
         if spec.reference and (chunk["ref_logprobs"] > LOGPROB_TOL).any():
             return "a reference log-prob above 0"
+    return None
+
+
+def _check_samples(chunk: dict, top: np.ndarray, spec: CacheSpec) -> str | None:
+    """The m teacher samples: weights sum to one, ids >= 0, log-probs <= 0, and a drawn id that is also in the
+    top-k has the top-k's log-prob (within the top-k's half-precision rounding, `SAMPLE_REL_TOL`)."""
+    ids, weights, logprobs = chunk["sample_ids"], chunk["sample_weights"], chunk["sample_logprobs"]
+    if not np.allclose(weights.sum(axis=1), 1.0, atol=1e-4) or (weights < 0).any():
+        return "sample weights do not sum to one (or are negative)"
+    if (ids < 0).any():
+        return "negative token id in sample_ids"
+    if (logprobs > LOGPROB_TOL).any():
+        return "a sample log-prob above 0"
+    for lo in range(0, len(ids), 4096):  # (n, m, k) booleans at a time
+        block = slice(lo, lo + 4096)
+        same = (ids[block, :, None] == chunk["topk_ids"][block, None, :]) & (weights[block, :, None] > 0)
+        token, slot, rank = np.nonzero(same)
+        want = top[block][token, rank]
+        gap = np.abs(logprobs[block][token, slot] - want)
+        if (gap > 1e-3 + SAMPLE_REL_TOL[spec.logprob_dtype] * np.abs(want)).any():
+            return f"sample_logprobs differ from the top-k log-probs of the same ids (by up to {gap.max():.3g})"
     return None
 
 

@@ -1,11 +1,13 @@
 """Data parallelism for the update phase: one process per device under `torchrun`, or a single process.
 
 Key design choices:
-- The trainable parts (the student and PPO's value head) sit behind one `TrainModule.forward` that returns the
-  completion hidden states (and values); DDP wraps it, so gradient all-reduce covers every trainable parameter.
-  The fused loss then runs on those hidden states with the LM-head weight, outside the forward — fine for DDP,
-  whose hooks fire on each parameter's gradient. FSDP shards that weight outside its forward, so it is refused
-  with a clear message until the loss moves inside the wrapped forward (`optim.data_parallel: fsdp`).
+- The trainable parts (the student and PPO's value head) sit behind one `TrainModule.forward`, which DDP or
+  FSDP wraps, so gradient all-reduce (DDP) or reduce-scatter (FSDP) covers every trainable parameter.
+- The loss is computed *inside* that forward: the algorithms hand `TrainModule.forward` a closure
+  `loss_fn(hidden, values) -> (loss, metrics)` that runs the fused kernels on the completion hidden states with
+  the LM-head weight. Under FSDP (`optim.data_parallel: fsdp`, FSDP2 `fully_shard`, see fsdp.py) the head
+  weight is a shard outside the forward and whole inside it, and stays whole through the backward; under DDP
+  it makes no difference. A plain forward (no closure) still returns (hidden, values).
 - Ranks reduce only small tensors (counts, metric sums, the stop flag); data never moves between ranks: each
   rank reads its own groups from the memory-mapped cache.
 """
@@ -23,7 +25,6 @@ from torch import nn
 from grpo_kd.cache.reader import completion_hidden
 from grpo_kd.config import Config
 from grpo_kd.device import infer_device
-from grpo_kd.errors import GrpoKdError
 from grpo_kd.models import final_hidden_states
 
 log = logging.getLogger(__name__)
@@ -103,15 +104,16 @@ class TrainModule(nn.Module):
         self.policy = policy
         self.value_head = value_head
 
-    def forward(self, input_ids, attention_mask, prompt_lengths, num_completion: int):
-        """-> (hidden (B, T, H) predicting completion tokens 0..T-1, values (B, T) float32 | None)."""
+    def forward(self, input_ids, attention_mask, prompt_lengths, num_completion: int, loss_fn=None):
+        """-> (hidden (B, T, H) predicting completion tokens 0..T-1, values (B, T) float32 | None), or with
+        `loss_fn` what `loss_fn(hidden, values)` returns, computed here while the LM head is whole."""
         device = next(self.policy.parameters()).device
         hidden = final_hidden_states(self.policy, input_ids.to(device), attention_mask.to(device).long())  # (B, L, H)
         hidden = completion_hidden(hidden, prompt_lengths.to(device), num_completion)  # (B, T, H)
         values = None
         if self.value_head is not None:
             values = self.value_head(hidden.float()).squeeze(-1)  # (B, T)
-        return hidden, values
+        return (hidden, values) if loss_fn is None else loss_fn(hidden, values)
 
 
 def new_value_head(policy: nn.Module) -> nn.Linear:
@@ -123,13 +125,13 @@ def new_value_head(policy: nn.Module) -> nn.Linear:
 
 
 def wrap(module: TrainModule, dist: Dist, cfg: Config) -> nn.Module:
-    """DDP around the train module when running under torchrun; FSDP refused with the reason."""
-    if cfg.optim.data_parallel == "fsdp":
-        raise GrpoKdError("optim.data_parallel=fsdp is not supported yet: the fused LM-head losses read the head "
-                          "weight outside the wrapped forward, which FSDP shards; use ddp (with LoRA a 7B "
-                          "student fits one GPU)")
+    """DDP around the train module, or FSDP2 sharding of it in place, when running under torchrun."""
     if not dist.active:
         return module
+    if cfg.optim.data_parallel == "fsdp":
+        from grpo_kd.train.fsdp import shard
+
+        return shard(module, dist)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     device_ids = [dist.device.index] if dist.device.type == "cuda" else None

@@ -60,9 +60,12 @@ def pretrain_loss(module, policy, blocks: torch.Tensor, *, scale: float, impl: s
     b, S = blocks.shape
     attention = torch.ones_like(blocks)
     starts = torch.ones(b, dtype=torch.long)  # "prompt" = the first token; the rest is predicted
-    hidden, _ = module(blocks, attention, starts, S - 1)  # (b, S-1, H)
-    head = lm_head(policy)
-    logprobs, _, _ = linear_logprobs(
-        hidden, head.weight, blocks[:, 1:].to(hidden.device), bias=head.bias, softcap=head.softcap, impl=impl
-    )  # (b, S-1)
-    return -logprobs.sum() * scale
+
+    def nll(hidden, _values):  # hidden (b, S-1, H), inside the wrapped forward (the LM head whole under FSDP)
+        head = lm_head(policy)
+        logprobs, _, _ = linear_logprobs(
+            hidden, head.weight, blocks[:, 1:].to(hidden.device), bias=head.bias, softcap=head.softcap, impl=impl
+        )  # (b, S-1)
+        return -logprobs.sum() * scale
+
+    return module(blocks, attention, starts, S - 1, nll)

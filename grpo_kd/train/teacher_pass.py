@@ -8,8 +8,8 @@ handles the rollout shards i with i % n == j, so n may be smaller than the numbe
 Per shard: rows sorted by length (stable), cut into batches of at most `teacher.token_budget` padded tokens;
 for each batch `final_hidden_states` (the LM head never runs) and then, on the completion positions only,
 `linear_topk` (top-k ids and log-probs and the exact sampled-token log-prob), optionally m samples from the
-teacher. Alignment: completion token t sits at position P + t of `prompt + completion` and is predicted by the
-hidden state at P + t - 1 (`grpo_kd.cache.reader.completion_hidden`).
+teacher with their log-probs (`teacher_samples.py`). Alignment: completion token t sits at position P + t of
+`prompt + completion` and is predicted by the hidden state at P + t - 1 (`grpo_kd.cache.reader.completion_hidden`).
 
 Teachers: kind "model" (its own weights; with another vocabulary and `teacher.cross_tokenizer` it re-tokenises
 the prompt and completion texts and scores whole sequences only), "self_base" (the student's base, adapters off
@@ -41,6 +41,7 @@ from grpo_kd.cache.teacher import CacheSpec, ScoredRows, TeacherShardSink, bf16_
 from grpo_kd.config import Config
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.paths import RunPaths
+from grpo_kd.train.teacher_samples import sample_teacher
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,8 @@ def _cache_spec(cfg: Config, student_fp: dict, teacher_fp: dict) -> CacheSpec:
 def _params(cfg: Config, spec: CacheSpec) -> dict[str, Any]:
     """Everything that changes the cache's content; a finished shard with other params is redone."""
     t = cfg.teacher
-    return {"spec": spec.__dict__, "kind": t.kind, "path": t.path if t.kind == "model" else cfg.model.path,
+    return {"spec": spec.__dict__, "fields": sorted(spec.token_fields()),  # a cache of an older layout is redone
+            "kind": t.kind, "path": t.path if t.kind == "model" else cfg.model.path,
             "adapter": t.adapter, "prompt_template": t.prompt_template if t.kind == "self_privileged" else None,
             "temperature": t.temperature, "softcap": t.softcap, "token_budget": t.token_budget, "seed": cfg.seed,
             "cross_tokenizer_norm": t.cross_tokenizer_norm if spec.cross_tokenizer else None}
@@ -328,7 +330,7 @@ class Scorer:
                 token["target_logprobs"] = target.float().cpu().numpy()
                 if self.spec.num_samples:
                     seed = hash((self.cfg.seed, shard.shard, n)) % 2**31
-                    token["sample_ids"], token["sample_weights"] = sample_teacher(
+                    token["sample_ids"], token["sample_weights"], token["sample_logprobs"] = sample_teacher(
                         h, self.head.weight, self.head.bias, self.spec.num_samples, temperature=self.temperature,
                         softcap=self.softcap, seed=seed)
                 seq = _row_sums(token["target_logprobs"], C)
@@ -359,32 +361,3 @@ def _row_sums(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     sums = np.add.reduceat(values.astype(np.float64), starts) if len(values) else np.zeros(len(counts))
     return np.where(counts > 0, sums, 0.0)
-
-
-@torch.no_grad()
-def sample_teacher(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, m: int, *,
-                   temperature: float, softcap: float | None, seed: int,
-                   chunk_bytes: int = 64 * 2**20) -> tuple[np.ndarray, np.ndarray]:
-    """m draws (with replacement) from the teacher per row -> (ids [N, m] int32, weights [N, m] float32).
-
-    The distinct drawn ids come first, sorted by count; weight = count / m (an unbiased estimate of p(id),
-    "Sparse Logit Sampling"); unused slots hold id 0 and weight 0. Logits are built for a row chunk at a time
-    (at most `chunk_bytes` of float32), never for all N rows.
-    """
-    from grpo_kd.kernels._common import row_chunks, transform_logits
-
-    generator = torch.Generator(device=hidden.device).manual_seed(seed)
-    ids_out, weights_out = [], []
-    for rows in row_chunks(hidden.shape[0], weight.shape[0], chunk_bytes // 2):
-        logits = hidden[rows].float() @ weight.float().T  # (n, V)
-        if bias is not None:
-            logits = logits + bias.float()
-        probs = torch.softmax(transform_logits(logits, temperature, softcap), dim=-1)  # (n, V)
-        draws = torch.multinomial(probs, m, replacement=True, generator=generator)  # (n, m)
-        counts = torch.zeros_like(probs).scatter_add_(1, draws, torch.ones_like(draws, dtype=probs.dtype))
-        top_counts, top_ids = counts.topk(m, dim=-1)  # (n, m)
-        ids_out.append(torch.where(top_counts > 0, top_ids, 0).to(torch.int32).cpu())
-        weights_out.append((top_counts / m).float().cpu())
-    if not ids_out:
-        return np.zeros((0, m), np.int32), np.zeros((0, m), np.float32)
-    return torch.cat(ids_out).numpy(), torch.cat(weights_out).numpy()

@@ -43,9 +43,11 @@ from grpo_kd.train.algorithms.common import (
     take_prepared,
     take_rows,
     to_device,
+    with_live_reference,
 )
 from grpo_kd.train.checkpoint import prune_step_checkpoints
 from grpo_kd.train.distributed import Dist, TrainModule, all_reduce_sum, barrier, init_distributed, shutdown, wrap
+from grpo_kd.train.fsdp import ShardedOptimizer, grad_norm_value, is_sharded
 from grpo_kd.train.metrics import MetricsLog
 from grpo_kd.train.signals import stop_on_signals
 from grpo_kd.train.update_state import (
@@ -153,11 +155,13 @@ def _train(cfg: Config, iteration: int, resume: bool, paths: RunPaths, dist: Dis
     torch.manual_seed(cfg.seed * 1_000_003 + iteration)
     train_module = TrainModule(*load_student_parts(cfg, start, dist, algorithm.NEEDS_VALUE_HEAD))
     module = wrap(train_module, dist, cfg)
+    sharded = is_sharded(train_module)  # FSDP: parameters are shards, whole only inside the forward
     optimizer = build_optimizer(train_module.named_parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.iterations * plan.total_steps)
-    done = start.restore(optimizer, scheduler, plan)
-    ctx = Context(module=module, policy=train_module.policy, reference=make_reference(cfg, train_module.policy, dist),
-                  impl=cfg.optim.impl, temperature=cfg.rollout.temperature)
+    done = start.restore(ShardedOptimizer(optimizer, dist) if sharded else optimizer, scheduler, plan)
+    reference = make_reference(cfg, train_module.policy, dist, module if sharded else None)
+    ctx = Context(module=module, policy=train_module.policy, reference=reference, impl=cfg.optim.impl,
+                  temperature=cfg.rollout.temperature)
     prepared_path = paths.iteration(iteration) / "prepared.safetensors"
     prepared = load_prepared(prepared_path) if done else None
     if prepared is None:
@@ -212,7 +216,8 @@ def train_step(algorithm, batch: CacheBatch, prepared, cfg: Config, ctx: Context
     optimizer.zero_grad(set_to_none=True)
     for position, (weight, compute) in enumerate(units):
         last = position == len(units) - 1
-        sync = contextlib.nullcontext() if last or not dist.active else ctx.module.no_sync()
+        ddp_accumulating = dist.active and not last and hasattr(ctx.module, "no_sync")  # FSDP reduces every time
+        sync = ctx.module.no_sync() if ddp_accumulating else contextlib.nullcontext()
         with sync:
             loss, metrics = compute()
             loss.backward()
@@ -225,7 +230,7 @@ def train_step(algorithm, batch: CacheBatch, prepared, cfg: Config, ctx: Context
     scheduler.step()
     stats.add_rewards(prepared, batch.completion_mask.float())
     stats.set("ref_source", "cache" if batch.ref_logprobs is not None else ("live" if ctx.reference else "none"))
-    return stats.finish(grad_norm, counts[1] + pt_tokens, time.perf_counter() - started)
+    return stats.finish(grad_norm_value(grad_norm), counts[1] + pt_tokens, time.perf_counter() - started)
 
 
 def rl_units(algorithm, batch: CacheBatch, prepared, cfg: Config, ctx: Context) -> list:
@@ -237,7 +242,7 @@ def rl_units(algorithm, batch: CacheBatch, prepared, cfg: Config, ctx: Context) 
         rows = list(range(start, min(start + cfg.optim.micro_batch_size, B)))
         micro = take_rows(batch, rows)
         micro_prepared = to_device(take_prepared(prepared, rows, micro.completion_ids.shape[1]), device)
-        micro = to_device(micro, device)
+        micro = with_live_reference(to_device(micro, device), cfg, ctx)
         weight = float(micro.completion_mask.sum())
         units.append((weight, lambda m=micro, p=micro_prepared: algorithm.micro_loss(m, p, cfg, ctx)))
     return units

@@ -131,10 +131,11 @@ def load_student_parts(cfg: Config, start: StartPoint, dist: Dist, value_head: b
 class Reference:
     """Live reference log-probs (B, T): the student with adapters off (LoRA), or the initial model, loaded lazily."""
 
-    def __init__(self, cfg: Config, policy, dist: Dist):
+    def __init__(self, cfg: Config, policy, dist: Dist, module=None):
         from peft import PeftModel
 
         self.cfg, self.policy, self.dist = cfg, policy, dist
+        self.module = module  # the FSDP-sharded train module: the policy's shards are only whole through it
         self.uses_adapters = isinstance(policy, PeftModel)
         self.model = None
 
@@ -145,7 +146,7 @@ class Reference:
 
         if self.uses_adapters:
             with adapters_disabled(self.policy):
-                return self._logprobs(TrainModule(self.policy), self.policy, batch)
+                return self._logprobs(self.module or TrainModule(self.policy), self.policy, batch)
         if self.model is None:
             model_cfg = dataclasses.replace(student_config(self.cfg, self.dist), lora=False)
             self.model = load_student(model_cfg, checkpoint=None, trainable=False)
@@ -156,48 +157,78 @@ class Reference:
         from grpo_kd.kernels import linear_logprobs
         from grpo_kd.models import lm_head
 
-        hidden, _ = module(batch.input_ids, batch.attention_mask, batch.prompt_lengths, batch.completion_ids.shape[1])
-        head = lm_head(model)
-        logprobs, _, _ = linear_logprobs(hidden, head.weight, batch.completion_ids.to(hidden.device), bias=head.bias,
-                                         softcap=head.softcap, temperature=self.cfg.rollout.temperature,
-                                         impl=self.cfg.optim.impl)  # (B, T)
+        def completion_logprobs(hidden, _values):  # hidden (B, T, H), inside the forward
+            head = lm_head(model)
+            return linear_logprobs(hidden, head.weight, batch.completion_ids.to(hidden.device), bias=head.bias,
+                                   softcap=head.softcap, temperature=self.cfg.rollout.temperature,
+                                   impl=self.cfg.optim.impl)[0]  # (B, T)
+
+        logprobs = module(batch.input_ids, batch.attention_mask, batch.prompt_lengths, batch.completion_ids.shape[1],
+                          completion_logprobs)  # (B, T)
         mask = batch.completion_mask.to(logprobs.device)
         return (logprobs * mask).to(batch.completion_ids.device)  # (B, T) where the batch lives
 
 
-def make_reference(cfg: Config, policy, dist: Dist) -> Reference | None:
+def make_reference(cfg: Config, policy, dist: Dist, module=None) -> Reference | None:
     needed = cfg.loss.beta != 0.0 or cfg.loss.algorithm == "self_distill"
-    return Reference(cfg, policy, dist) if needed else None
+    return Reference(cfg, policy, dist, module) if needed else None
 
 
 # ---------------------------------------------------------------------------------------------- saving
 
 
 class _SaveView:
-    """What `save_checkpoint` saves as `model/`: the student's own `save_pretrained` plus the value head."""
+    """What `save_checkpoint` saves as `model/`: the student's own `save_pretrained` plus the value head.
+    `full` (FSDP): the train module's gathered state dict, saved instead of the sharded parameters."""
 
-    def __init__(self, policy, value_head):
-        self.policy, self.value_head = policy, value_head
+    def __init__(self, policy, value_head, full: dict[str, torch.Tensor] | None = None):
+        self.policy, self.value_head, self.full = policy, value_head, full
+
+    def _part(self, prefix: str) -> dict[str, torch.Tensor] | None:
+        return None if self.full is None else {k[len(prefix):]: v for k, v in self.full.items() if k.startswith(prefix)}
 
     def save_pretrained(self, path, safe_serialization: bool = True) -> None:
-        self.policy.save_pretrained(path, safe_serialization=True)
+        policy_state = self._part("policy.")
+        extra = {} if policy_state is None else {"state_dict": policy_state}
+        self.policy.save_pretrained(path, safe_serialization=True, **extra)
         if self.value_head is not None:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
+            head = self._part("value_head.") or self.value_head.state_dict()
+            tensors = {k: v.detach().cpu().contiguous() for k, v in head.items()}
             save_file(tensors, str(Path(path) / VALUE_HEAD_FILE))
+
+
+class _Gathered:
+    """An optimizer state gathered by `ShardedOptimizer.state_dict()`, for `save_checkpoint` on rank 0."""
+
+    def __init__(self, state_dict: dict):
+        self._state_dict = state_dict
+
+    def state_dict(self) -> dict:
+        return self._state_dict
 
 
 def save_state(paths: RunPaths, iteration: int, steps_done: int, train_module, optimizer, scheduler, plan: Plan,
                cfg: Config, dist: Dist, record: dict | None, tokenizer, *, step: bool) -> Path:
     """Write a step checkpoint (step=True) or the iteration's final one; rank 0 writes, everyone waits."""
+    from grpo_kd.train.fsdp import ShardedOptimizer, full_state, is_sharded
+
     final = paths.checkpoint(iteration)
     target = step_checkpoint(final, steps_done) if step else final
+    full = optimizer_state = None
+    if is_sharded(train_module):  # every rank gathers its shards (collective); rank 0 keeps the whole tensors
+        full = full_state(train_module, dist)
+        if cfg.checkpoint.save_optimizer:
+            optimizer_state = _Gathered(ShardedOptimizer(optimizer, dist).state_dict())
     if dist.is_main:
         state = {"iteration": iteration, "step": steps_done, "epoch": steps_done // max(plan.steps_per_epoch, 1),
                  "plan": dataclasses.asdict(plan), "finished": not step, "algorithm": cfg.loss.algorithm,
                  "data_position": {"next_step": steps_done, "order": "permutation(seed, iteration, epoch)"},
-                 "metrics": record or {}}
-        save_checkpoint(target, model=_SaveView(train_module.policy, train_module.value_head),
-                        optimizer=optimizer if cfg.checkpoint.save_optimizer else None, scheduler=scheduler,
+                 "metrics": record or {},
+                 "parallel": {"kind": "fsdp" if full is not None else ("ddp" if dist.active else "none"),
+                              "world_size": dist.world_size}}
+        save_checkpoint(target, model=_SaveView(train_module.policy, train_module.value_head, full),
+                        optimizer=(optimizer_state or optimizer) if cfg.checkpoint.save_optimizer else None,
+                        scheduler=scheduler,
                         state=state, tokenizer=tokenizer)
         if step:
             prune_step_checkpoints(final, max(cfg.checkpoint.keep_last, 1))

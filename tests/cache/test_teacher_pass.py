@@ -72,9 +72,13 @@ def test_cache_equals_a_full_logit_forward(scored_run, cache_models):
         assert bool(batch.completion_mask[b, :C].all()) and not bool(batch.completion_mask[b, C:].any())
         assert batch.input_ids[b, batch.prompt_lengths[b] : batch.prompt_lengths[b] + C].tolist() == \
             list(record.completion_ids)
-        # m samples: weights are counts / m, drawn ids have teacher probability > 0
+        # m samples: weights are counts / m; their log-probs are the teacher's full-vocabulary ones at those ids
         w = batch.teacher_sample_weights[b, :C]
         assert torch.allclose(w.sum(-1), torch.ones(C)) and bool(((w * 4) == (w * 4).round()).all())
+        sample_ids = batch.teacher_sample_ids[b, :C]  # (C, m)
+        torch.testing.assert_close(batch.teacher_sample_logprobs[b, :C], ref.gather(1, sample_ids),
+                                   atol=2e-5, rtol=1e-5)
+        assert batch.teacher_sample_logprobs[b, C:].abs().sum() == 0  # padding
 
 
 def test_rerun_does_nothing(scored_run, capsys):
@@ -116,6 +120,42 @@ def test_verify_names_a_flipped_byte(scored_run, tmp_path, capsys):
     assert main(["cache", "verify", str(copy)]) == 1
     out = capsys.readouterr().out
     assert "BAD  iter_0001/teacher/part-00001.arrow: checksum mismatch" in out
+    assert "ok   iter_0001/teacher/part-00000.arrow" in out
+
+
+@pytest.mark.parametrize("corrupt,why", [
+    (lambda x: x - 0.5, "sample_logprobs differ from the top-k log-probs"),  # still <= 0 and finite
+    (lambda x: x + 50.0, "a sample log-prob above 0"),
+    (lambda x: x * float("nan"), "NaN or inf in sample_logprobs"),
+])
+def test_verify_catches_corrupted_sample_logprobs(scored_run, tmp_path, capsys, corrupt, why):
+    """A writer that stored wrong sample log-probs under a valid checksum: verify names the shard and the field."""
+    import shutil
+
+    import numpy as np
+    import pyarrow as pa
+
+    from grpo_kd.cache.manifest import checksum, list_shard_manifests, write_shard_manifest
+
+    _, run_dir = scored_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    teacher_dir = RunPaths.of(copy).teacher(1)
+    shard = teacher_dir / "part-00001.arrow"
+    table = pa.ipc.open_file(pa.BufferReader(shard.read_bytes())).read_all()  # in memory: the file is rewritten
+    column = table.column("sample_logprobs").combine_chunks()
+    values = corrupt(column.values.to_numpy().copy()).astype(np.float32)
+    fixed = pa.ListArray.from_arrays(column.offsets, pa.array(values))
+    table = table.set_column(table.schema.get_field_index("sample_logprobs"), table.schema.field("sample_logprobs"),
+                             fixed)
+    with pa.OSFile(str(shard), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    manifest = list_shard_manifests(teacher_dir)[1]
+    manifest["sha256"] = checksum(shard)
+    write_shard_manifest(teacher_dir, 1, {k: v for k, v in manifest.items() if k not in ("version", "shard")})
+    assert main(["cache", "verify", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert f"BAD  iter_0001/teacher/part-00001.arrow: {why}" in out
     assert "ok   iter_0001/teacher/part-00000.arrow" in out
 
 

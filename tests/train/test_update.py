@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from ._update_helpers import (
     assert_same_weights,
@@ -134,14 +135,6 @@ def test_lora_saves_the_adapter_only_and_the_next_iteration_starts_from_it(templ
     assert len(lrs) == 6 and second.is_dir()
 
 
-def test_fsdp_is_refused_with_a_clear_message(template, tiny_models_quick, tmp_path):
-    from grpo_kd.errors import GrpoKdError
-
-    run = copy_run(template, tmp_path / "run")
-    with pytest.raises(GrpoKdError, match="fsdp is not supported"):
-        run_update(make_config(run, tiny_models_quick, "optim.data_parallel=fsdp"), 1)
-
-
 def test_steps_must_take_whole_groups(template, tiny_models_quick, tmp_path):
     from grpo_kd.errors import GrpoKdError
 
@@ -151,21 +144,33 @@ def test_steps_must_take_whole_groups(template, tiny_models_quick, tmp_path):
     assert not RunPaths.of(run).checkpoint(1).exists()
 
 
-def test_two_process_ddp_equals_one_process(baseline, template, tiny_models_quick, tmp_path):
-    """torchrun, 2 CPU ranks on gloo, micro-batch 4 x accumulation 1 each == 1 rank, 4 x 2: the same global batch."""
-    base_run, _ = baseline
-    run = copy_run(template, tmp_path / "run")
-    cfg = make_config(run, tiny_models_quick, EPOCHS, "optim.grad_accum=1")
-    config_file = tmp_path / "config.yaml"
-    save_config(cfg, config_file)
+def torchrun_update(config_file: Path) -> str:
+    """`grpo-kd update` under torchrun with 2 CPU ranks on gloo; returns its output."""
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "grpo_kd.cli.app", "update",
                "--config", str(config_file)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process(baseline, template, tiny_models_quick, tmp_path, parallel):
+    """torchrun, 2 CPU ranks on gloo, micro-batch 4 x accumulation 1 each == 1 rank, 4 x 2: the same global batch.
+    FSDP (FSDP2 fully_shard, each rank holding half of every parameter) saves whole weights in safetensors."""
+    base_run, _ = baseline
+    run = copy_run(template, tmp_path / "run")
+    cfg = make_config(run, tiny_models_quick, EPOCHS, "optim.grad_accum=1", f"optim.data_parallel={parallel}")
+    config_file = tmp_path / "config.yaml"
+    save_config(cfg, config_file)
+    torchrun_update(config_file)
+    assert load_trainer_state(RunPaths.of(run).checkpoint(1))["parallel"] == {"kind": parallel, "world_size": 2}
     assert losses(run) == pytest.approx(losses(base_run), rel=1e-4, abs=1e-6)
     assert_same_weights(final_weights(run), final_weights(base_run))
+    optimizer = RunPaths.of(run).checkpoint(1) / "optimizer.safetensors"
+    base_optimizer = RunPaths.of(base_run).checkpoint(1) / "optimizer.safetensors"
+    assert_same_weights(load_file(str(optimizer)), load_file(str(base_optimizer)), atol=1e-5)
 
 
 ONE_MICRO = ("optim.micro_batch_size=8", "optim.grad_accum=1")  # 3 steps of 2 groups, one micro-batch each

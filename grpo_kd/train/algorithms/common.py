@@ -221,9 +221,12 @@ def token_reward(components: dict[str, torch.Tensor], weights: dict[str, float],
 # ---------------------------------------------------------------------------------------------- loss terms
 
 
-def completion_forward(micro: CacheBatch, ctx: Context) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(hidden (B, T, H), values (B, T) | None) at the positions that predict each completion token."""
-    return ctx.module(micro.input_ids, micro.attention_mask, micro.prompt_lengths, micro.completion_ids.shape[1])
+def completion_forward(micro: CacheBatch, ctx: Context, loss_fn: Callable | None = None):
+    """(hidden (B, T, H), values (B, T) | None) at the positions that predict each completion token; with
+    `loss_fn(hidden, values) -> (loss, metrics)` its result, computed inside the (DDP/FSDP-wrapped) forward,
+    where the LM head is whole also under FSDP (distributed.py). Algorithms compute their loss this way."""
+    return ctx.module(micro.input_ids, micro.attention_mask, micro.prompt_lengths, micro.completion_ids.shape[1],
+                      loss_fn)
 
 
 def reference_logprobs(micro: CacheBatch, cfg: Config, ctx: Context) -> torch.Tensor | None:
@@ -235,6 +238,14 @@ def reference_logprobs(micro: CacheBatch, cfg: Config, ctx: Context) -> torch.Te
     if ctx.reference is None:
         raise GrpoKdError("loss.beta > 0 needs reference log-probs: the cache has none and no live reference is set")
     return ctx.reference(micro).to(micro.old_logprobs.device)
+
+
+def with_live_reference(micro: CacheBatch, cfg: Config, ctx: Context) -> CacheBatch:
+    """`micro` with live reference log-probs filled in when the KL term needs them and the cache has none.
+    The update loop calls it before the wrapped forward: a forward inside the forward would confuse FSDP."""
+    if micro.ref_logprobs is not None or cfg.loss.beta == 0.0 or ctx.reference is None:
+        return micro
+    return micro._replace(ref_logprobs=ctx.reference(micro).to(micro.old_logprobs.device))
 
 
 def policy_loss(
@@ -272,22 +283,42 @@ def token_sum_scale(norm: StepNorm) -> float:
     return norm.world_size / max(norm.tokens, 1)
 
 
+def check_teacher_estimate(batch: CacheBatch, cfg: Config) -> None:
+    """One clear line when `loss.teacher_estimate` cannot be served by this cache and config (before training)."""
+    if cfg.loss.teacher_estimate == "topk":
+        if batch.teacher_topk_ids is None:
+            raise GrpoKdError(f"loss.algorithm={cfg.loss.algorithm} needs the teacher's top-k in the cache")
+        return
+    if cfg.loss.divergence != "forward":
+        raise GrpoKdError(f"loss.teacher_estimate=sampled estimates the forward KL only (teacher samples give no "
+                          f"unbiased {cfg.loss.divergence} KL); set loss.divergence=forward or teacher_estimate=topk")
+    if batch.teacher_sample_ids is None or batch.teacher_sample_logprobs is None:
+        raise GrpoKdError("loss.teacher_estimate=sampled needs teacher samples in the cache, which has none: re-run "
+                          "cache-teacher with teacher.num_samples > 0")
+
+
 def teacher_kl(
     hidden: torch.Tensor, micro: CacheBatch, cfg: Config, ctx: Context, token_weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """sum_t w_t D(q_theta(.|y<t) || p_T(.|y<t)) / N over the cached top-k (`linear_sparse_kl`), step-scaled.
+    """sum_t w_t D(q_theta(.|y<t) || p_T(.|y<t)) / N from the cache (`linear_sparse_kl`), step-scaled.
 
-    D is `loss.divergence` ("reverse" = KL(q || p)) with the tail handling `loss.tail`; the student is taken at
-    temperature 1 (its own distribution). token_weights (B, T), detached, default 1.
+    loss.teacher_estimate "topk": D is `loss.divergence` ("reverse" = KL(q || p)) over the cached top-k with the
+    tail handling `loss.tail`. "sampled": D is the forward KL estimated from the cached m teacher samples,
+    sum_j w_j (log p_j - log q_j), whose gradient q - sum_j w_j e_j is q - p in expectation — the exact
+    full-vocabulary forward-KL gradient, without top-k's bias. The student is taken at temperature 1 (its own
+    distribution). token_weights (B, T), detached, default 1.
     """
     from grpo_kd.kernels import linear_sparse_kl
 
-    if micro.teacher_topk_ids is None:
-        raise GrpoKdError(f"loss.algorithm={cfg.loss.algorithm} needs the teacher's top-k in the cache")
+    check_teacher_estimate(micro, cfg)
+    if cfg.loss.teacher_estimate == "sampled":
+        ids, logprobs, weights = micro.teacher_sample_ids, micro.teacher_sample_logprobs, micro.teacher_sample_weights
+    else:
+        ids, logprobs, weights = micro.teacher_topk_ids, micro.teacher_topk_logprobs, None  # (B, T, k) each
     head = lm_head(ctx.policy)
     mask = micro.completion_mask.float()  # (B, T)
     per_token = linear_sparse_kl(
-        hidden, head.weight, micro.teacher_topk_ids, micro.teacher_topk_logprobs, mask=mask,
+        hidden, head.weight, ids, logprobs, mask=mask, teacher_weights=weights,
         divergence=cfg.loss.divergence, beta=cfg.loss.jsd_beta, tail=cfg.loss.tail, bias=head.bias,
         softcap=head.softcap, reduction="none", impl=ctx.impl,
     )  # (B, T)  # fmt: skip

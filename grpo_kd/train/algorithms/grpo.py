@@ -47,5 +47,7 @@ def advantages_from(components: dict[str, torch.Tensor], batch: CacheBatch, cfg:
 
 
 def micro_loss(micro: CacheBatch, prepared: Prepared, cfg: Config, ctx: Context):
-    hidden, _ = completion_forward(micro, ctx)  # (B, T, H)
-    return policy_loss(hidden, micro, prepared.advantages, cfg, ctx)
+    def loss(hidden, _values):  # hidden (B, T, H), inside the wrapped forward
+        return policy_loss(hidden, micro, prepared.advantages, cfg, ctx)
+
+    return completion_forward(micro, ctx, loss)

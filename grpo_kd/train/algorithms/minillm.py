@@ -14,6 +14,8 @@ for it. The long-term term is the clipped surrogate with advantages A_t = R^Norm
 behaviour (mixture) log-probs as old log-probs, its ratio clipped at loss.importance_clip; the single-step term
 is weighted by w_t = clip(q_old(y_t) / p~(y_t), 1 -+ importance_clip) from the recorded log-probs (1 without
 mixing). Plus beta * k3 KL to the reference if beta > 0, and pt_weight * L_PT (added by the update loop).
+`loss.teacher_estimate=sampled` swaps the single-step term for the unbiased forward-KL estimate from the cached
+teacher samples (`loss.divergence=forward` then; MiniLLM's own choice is the reverse KL over the top-k).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from grpo_kd.train.advantages import normalized_future_rewards
 from grpo_kd.train.algorithms.common import (
     Context,
     Prepared,
+    check_teacher_estimate,
     completion_forward,
     policy_loss,
     reward_components,
@@ -46,6 +49,7 @@ def importance_weights(batch: CacheBatch, clip: float) -> torch.Tensor:
 
 
 def prepare(batch: CacheBatch, cfg: Config, ctx: Context) -> Prepared:
+    check_teacher_estimate(batch, cfg)
     mask = batch.completion_mask.float()  # (B, T)
     components = reward_components(batch, cfg)  # log_ratio (B, T) among them
     advantages = normalized_future_rewards(
@@ -56,7 +60,10 @@ def prepare(batch: CacheBatch, cfg: Config, ctx: Context) -> Prepared:
 
 
 def micro_loss(micro: CacheBatch, prepared: Prepared, cfg: Config, ctx: Context):
-    hidden, _ = completion_forward(micro, ctx)  # (B, T, H)
-    long_term, metrics = policy_loss(hidden, micro, prepared.advantages, cfg, ctx, epsilon=cfg.loss.importance_clip)
-    single_step, kl_metrics = teacher_kl(hidden, micro, cfg, ctx, token_weights=prepared.token_weights)
-    return long_term + single_step, {**metrics, **kl_metrics}
+    def loss(hidden, _values):  # hidden (B, T, H), inside the wrapped forward
+        long_term, metrics = policy_loss(hidden, micro, prepared.advantages, cfg, ctx,
+                                         epsilon=cfg.loss.importance_clip)
+        single_step, kl_metrics = teacher_kl(hidden, micro, cfg, ctx, token_weights=prepared.token_weights)
+        return long_term + single_step, {**metrics, **kl_metrics}
+
+    return completion_forward(micro, ctx, loss)

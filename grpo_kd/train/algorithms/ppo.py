@@ -70,9 +70,11 @@ def value_loss(values: torch.Tensor, prepared: Prepared, mask: torch.Tensor, eps
 
 
 def micro_loss(micro: CacheBatch, prepared: Prepared, cfg: Config, ctx: Context):
-    hidden, values = completion_forward(micro, ctx)  # (B, T, H), (B, T)
-    loss, metrics = policy_loss(hidden, micro, prepared.advantages, cfg, ctx)
-    mask = micro.completion_mask.float().to(values.device)
-    v_loss = value_loss(values.float(), prepared, mask, cfg.loss.epsilon_low) * token_sum_scale(ctx.norm)
-    metrics["value_loss"] = v_loss.detach() / token_sum_scale(ctx.norm) / mask.sum().clamp(min=1)
-    return loss + cfg.loss.value_coef * v_loss, metrics
+    def loss_fn(hidden, values):  # (B, T, H), (B, T), inside the wrapped forward
+        loss, metrics = policy_loss(hidden, micro, prepared.advantages, cfg, ctx)
+        mask = micro.completion_mask.float().to(values.device)
+        v_loss = value_loss(values.float(), prepared, mask, cfg.loss.epsilon_low) * token_sum_scale(ctx.norm)
+        metrics["value_loss"] = v_loss.detach() / token_sum_scale(ctx.norm) / mask.sum().clamp(min=1)
+        return loss + cfg.loss.value_coef * v_loss, metrics
+
+    return completion_forward(micro, ctx, loss_fn)

@@ -7,6 +7,8 @@ student with the privileged information (answer, demonstration, feedback) in its
 cache-teacher pass (`teacher.kind: self_privileged`) into the top-k cache, and the KL is taken over the k
 cached ids plus a "rest" bucket (`loss.tail`) by `linear_sparse_kl` — no full-vocabulary logits. The reverse
 direction is mode-seeking: the student concentrates on what the informed self would say.
+With `loss.teacher_estimate=sampled` (and `loss.divergence=forward`) the KL is instead the unbiased forward-KL
+estimate from the cache's m samples of the informed self (`common.teacher_kl`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ import torch
 
 from grpo_kd.cache.reader import CacheBatch
 from grpo_kd.config import Config
-from grpo_kd.train.algorithms.common import Context, Prepared, completion_forward, reward_components, teacher_kl
+from grpo_kd.train.algorithms.common import (
+    Context,
+    Prepared,
+    check_teacher_estimate,
+    completion_forward,
+    reward_components,
+    teacher_kl,
+)
 
 NEEDS_TOKEN_LEVEL = True
 NEEDS_VALUE_HEAD = False
@@ -23,10 +32,10 @@ NEEDS_VALUE_HEAD = False
 
 def prepare(batch: CacheBatch, cfg: Config, ctx: Context) -> Prepared:
     """No advantages: the loss is a divergence, not a policy gradient. Rewards are only logged."""
+    check_teacher_estimate(batch, cfg)
     B = batch.completion_ids.shape[0]
     return Prepared(advantages=torch.zeros(B), rewards=reward_components(batch, cfg))
 
 
 def micro_loss(micro: CacheBatch, prepared: Prepared, cfg: Config, ctx: Context):
-    hidden, _ = completion_forward(micro, ctx)  # (B, T, H)
-    return teacher_kl(hidden, micro, cfg, ctx)
+    return completion_forward(micro, ctx, lambda hidden, _values: teacher_kl(hidden, micro, cfg, ctx))

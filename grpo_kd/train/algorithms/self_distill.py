@@ -42,5 +42,7 @@ def prepare(batch: CacheBatch, cfg: Config, ctx: Context) -> Prepared:
 
 
 def micro_loss(micro: CacheBatch, prepared: Prepared, cfg: Config, ctx: Context):
-    hidden, _ = completion_forward(micro, ctx)  # (B, T, H)
-    return policy_loss(hidden, micro, prepared.advantages, cfg, ctx)
+    def loss(hidden, _values):  # hidden (B, T, H), inside the wrapped forward
+        return policy_loss(hidden, micro, prepared.advantages, cfg, ctx)
+
+    return completion_forward(micro, ctx, loss)
