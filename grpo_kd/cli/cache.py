@@ -30,11 +30,12 @@ def cache_teacher(
     num_shards: Optional[int] = typer.Option(None, help="Number of shards N (default: SLURM_ARRAY_TASK_COUNT)."),
 ) -> None:
     """Score the iteration's rollouts with the teacher and write its top-k log-probs to the cache."""
-    from grpo_kd.train.teacher_pass import resolve_task, run_teacher_pass
+    from grpo_kd.slurm.shards import resolve_shard
+    from grpo_kd.train.teacher_pass import run_teacher_pass
 
     cfg = resolve_config(config, overrides)
     setup_logging()
-    task, count = resolve_task(shard, num_shards)
+    task, count = resolve_shard(shard, num_shards, default_num_shards=1)  # task 0 of 1 scores every shard
     result = run_teacher_pass(cfg, iteration=iteration, task=task, num_tasks=count, progress=True)
     done = ", ".join(map(str, result.shards_done)) or "none"
     skipped = ", ".join(map(str, result.shards_skipped)) or "none"

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from grpo_kd.cli._common import CONFIG_OPTION, ITERATION_OPTION, OVERRIDES_ARGUMENT, not_available, resolve_config
+from grpo_kd.cli._common import CONFIG_OPTION, ITERATION_OPTION, OVERRIDES_ARGUMENT, resolve_config, setup_logging
 
 
 def rollout(
@@ -20,7 +20,6 @@ def rollout(
     ),
 ) -> None:
     """Sample G completions per prompt with the current student and store them with their log-probs."""
-    from grpo_kd.cli._common import setup_logging
     from grpo_kd.slurm.shards import resolve_shard
     from grpo_kd.train.rollout import rollout_shard
 
@@ -44,6 +43,7 @@ def update(
     from grpo_kd.train.update import UpdateInterrupted, run_update
 
     cfg = resolve_config(config, overrides)
+    setup_logging()
     try:
         final = run_update(cfg, iteration, resume=resume)
     except UpdateInterrupted as exc:

@@ -8,3 +8,5 @@ from grpo_kd.kernels.grpo_loss import linear_grpo_loss
 from grpo_kd.kernels.logprobs import linear_logprobs
 from grpo_kd.kernels.sparse_kl import linear_sparse_kl
 from grpo_kd.kernels.topk import linear_topk
+
+__all__ = ["linear_grpo_loss", "linear_logprobs", "linear_sparse_kl", "linear_topk"]

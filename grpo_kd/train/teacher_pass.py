@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -51,18 +50,6 @@ class PassResult:
     shards_done: list[int]  # scored by this call
     shards_skipped: list[int]  # already finished
     tokens: int  # completion tokens scored by this call
-
-
-def resolve_task(shard: int | None, num_shards: int | None) -> tuple[int, int]:
-    """`--shard/--num-shards`, else SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else task 0 of 1."""
-    if shard is None and num_shards is None and "SLURM_ARRAY_TASK_ID" in os.environ:
-        shard = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        num_shards = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
-    shard = 0 if shard is None else shard
-    num_shards = 1 if num_shards is None else num_shards
-    if num_shards < 1 or not 0 <= shard < num_shards:
-        raise GrpoKdError(f"shard {shard} of {num_shards} is out of range (want 0 <= shard < num_shards)")
-    return shard, num_shards
 
 
 def encode_prompt(tokenizer, text: str, *, chat_template: bool, max_tokens: int | None = None) -> list[int]:
