@@ -1,7 +1,11 @@
 """grpo-kd against TRL's GRPOTrainer with a teacher-scoring reward: wall time per iteration and peak memory.
 
-    python benchmarks/bench_trl.py                       # 16 prompts x G=4, 32 new tokens, 3 repeats (~10 min, 2 cores)
+    python benchmarks/bench_trl.py --threads 1           # 16 prompts x G=4, 32 new tokens, 3 repeats (~8 min, 2 cores)
     python benchmarks/bench_trl.py --prompts 8 --repeats 1 --iterations 2   # a quick look
+
+`--threads N` sets OMP/MKL threads in every measured process (default: the library's, one per core). On a
+machine shared with other work, torch's default threads oversubscribe the cores and the timings of both methods
+scatter by 10x; one thread gives stable figures (the committed results use it).
 
 The alternative a user would otherwise take is TRL's `GRPOTrainer` with a reward function that runs the teacher
 on each completion and returns the mean teacher log-prob of its tokens: the same reward as grpo-kd's
@@ -237,9 +241,13 @@ def worker_main(method: str, spec: str) -> None:
 # ----------------------------------------------------------------------------------------------- measuring
 
 
+THREADS: int = 0  # --threads: OMP/MKL threads of every measured process; 0 = the library default
+
+
 def child_env() -> dict[str, str]:
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+    threads = {"OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)} if THREADS else {}
+    return {**os.environ, **threads, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -397,6 +405,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("lr", "beta", "epsilon", "temperature"):
         p.add_argument("--" + name, type=float, default=getattr(defaults, name))
     p.add_argument("--loss-type", default=defaults.loss_type, choices=["grpo", "bnpo", "dr_grpo", "dapo"])
+    p.add_argument("--threads", type=int, default=0, help="OMP/MKL threads of every measured process (0: default)")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per method (the median is reported)")
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-trl", help="models, runs and logs")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -417,6 +426,8 @@ def main(argv: list[str]) -> int:
         print("bench_trl: --prompts x --group-size must be a multiple of --micro-batch, and --group-size >= 2",
               file=sys.stderr)
         return 2
+    global THREADS
+    THREADS = args.threads
     import torch
     import transformers
     import trl
@@ -439,7 +450,8 @@ def main(argv: list[str]) -> int:
     loads = [r[k] for rs in runs.values() for r in rs for k in ("load1_before", "load1_after")]
     summary = {m: summarise(rs) for m, rs in runs.items()}
     report = {
-        "device": device_slug("cpu"), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "device": device_slug("cpu"), "cpus": os.cpu_count(),
+        "torch_threads": args.threads or torch.get_num_threads(),
         "command": " ".join(["python benchmarks/bench_trl.py", *argv]), "repeats": args.repeats,
         "settings": {**dataclasses.asdict(s), "steps_per_iteration": s.steps_per_iteration},
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
