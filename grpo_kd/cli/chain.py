@@ -27,7 +27,8 @@ def run(
     from grpo_kd.slurm.plan import prepare_run
 
     cfg, paths = prepare_run(resolve_config(config, overrides), iterations)
-    console.print(f"run {cfg.name}: {cfg.iterations} iterations in {paths.root} (config: {paths.config})", highlight=False)
+    console.print(f"run {cfg.name}: {cfg.iterations} iterations in {paths.root} (config: {paths.config})",
+                  highlight=False)
     run_local(cfg, paths, console=console)
 
 
@@ -76,7 +77,8 @@ def status(
     for r in rows:
         state = f"{r.state} ({r.detail})" if r.detail else r.state
         style = "red" if r.failed else ("green" if r.done else None)
-        table.add_row(str(r.step.iteration), r.step.phase, r.job_id or "-", state, "done" if r.done else "missing", style=style)
+        output = "done" if r.done else "missing"
+        table.add_row(str(r.step.iteration), r.step.phase, r.job_id or "-", state, output, style=style)
     Console(width=max(120, console.width)).print(table)
     for line in describe_failures(rows):
         print(f"failed: {line}")
@@ -88,9 +90,13 @@ def resume(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be submitted; submit nothing."),
 ) -> None:
     """Submit again from the first phase that is not finished (jobs still queued or running are kept)."""
+    from grpo_kd.config import save_config
     from grpo_kd.slurm.plan import load_run
+    from grpo_kd.slurm.submit import resolve_job_dirs
 
     cfg, paths = load_run(run_dir)
+    if resolve_job_dirs(cfg) and not dry_run:  # a run started by `grpo-kd run`: record where the jobs run
+        save_config(cfg, paths.config)
     _submit(cfg, paths, resume=True, dry_run=dry_run)
 
 
@@ -98,7 +104,7 @@ def _submit(cfg, paths, *, resume: bool, dry_run: bool) -> None:
     from grpo_kd.slurm.submit import describe_submissions, submit_chain
 
     submitted = submit_chain(cfg, paths, resume=resume, dry_run=dry_run, echo=print)
-    if dry_run:
+    if dry_run and submitted:
         for s in submitted:
             print(f"# ---- {s.script}\n{s.text}")
         print("# ---- submission order (dry run: nothing submitted)")

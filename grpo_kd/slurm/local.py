@@ -75,8 +75,8 @@ def run_local(cfg: Config, paths: RunPaths, *, console: Console | None = None, p
     """Run every unfinished phase of the chain in order; raise `PhaseFailed` at the first that fails."""
     console = console or Console(stderr=True)
     tasks = local_tasks(cfg)
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn())  # fmt: skip
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())  # fmt: skip
     with _stop_on_signals(), Progress(*columns, console=console, transient=True) as progress:
         bar = progress.add_task(f"run {cfg.name}", total=len(tasks))
         for task in tasks:
@@ -146,7 +146,8 @@ def _stop(proc: subprocess.Popen) -> int:
 
 def _last_line(log: Path) -> str:
     try:
-        lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        text = log.read_text(encoding="utf-8", errors="replace")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
     except OSError:
         return ""
     return f" — {lines[-1][:200]}" if lines and not lines[-1].startswith("==>") else ""

@@ -93,7 +93,7 @@ def render_script(cfg: Config, paths: RunPaths, step: Step) -> str:
     description = (
         f"grpo-kd run {cfg.name}, iteration {step.iteration}, {step.phase}: {WHAT[step.phase]}"
         + (f"; an array of {tasks} tasks, task j owns shard j" if tasks > 1 else "")
-        + f". Time limit {res.time} per attempt"
+        + f". Time limit --time={res.time} per attempt"
         + (", requeued on the pre-timeout signal." if cfg.slurm.requeue else ".")
     )
     return fill(

@@ -99,9 +99,8 @@ def query_jobs() -> dict[str, list[JobTask]] | None:
         key = fields.get("ArrayJobId") or fields["JobId"]
         task = fields.get("ArrayTaskId")
         restarts = int(fields.get("Restarts", "0") or 0)
-        jobs.setdefault(key, []).append(
-            JobTask(task, fields.get("JobState", "UNKNOWN"), fields.get("Reason", ""), fields.get("ExitCode", ""), restarts)
-        )
+        state = fields.get("JobState", "UNKNOWN")
+        jobs.setdefault(key, []).append(JobTask(task, state, fields.get("Reason", ""), fields.get("ExitCode", ""), restarts))
     return jobs
 
 
@@ -132,7 +131,8 @@ class StepStatus:
 
     @property
     def failed(self) -> bool:
-        return not self.done and (self.state in FAILED or (self.state == "CANCELLED" and "Dependency" not in self.detail))
+        cancelled_by_hand = self.state == "CANCELLED" and "Dependency" not in self.detail
+        return not self.done and (self.state in FAILED or cancelled_by_hand)
 
 
 def chain_status(cfg: Config, paths: RunPaths, jobs: dict[str, list[JobTask]] | None = ...) -> list[StepStatus]:

@@ -51,14 +51,21 @@ def prepare_chain(cfg: Config, iterations: int | None = None, *, write: bool = T
     """Resolve the run directory, the jobs' working directory and the tools' directory; save RUN/config.yaml."""
     from grpo_kd.slurm.plan import prepare_run
 
-    cfg.slurm.workdir = str(Path(cfg.slurm.workdir or os.getcwd()).expanduser().absolute())
-    cfg.slurm.bin_dir = str(bin_dir(cfg))
+    resolve_job_dirs(cfg)
     if write:
         return prepare_run(cfg, iterations)
     if iterations is not None:
         cfg.iterations = iterations
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().absolute())
     return cfg, RunPaths.of(cfg.run_dir)
+
+
+def resolve_job_dirs(cfg: Config) -> bool:
+    """Fill in `slurm.workdir` (here) and `slurm.bin_dir` (this Python's); True when either was missing."""
+    missing = not cfg.slurm.workdir or not cfg.slurm.bin_dir
+    cfg.slurm.workdir = str(Path(cfg.slurm.workdir or os.getcwd()).expanduser().absolute())
+    cfg.slurm.bin_dir = str(bin_dir(cfg))
+    return missing
 
 
 def submit_chain(
@@ -103,6 +110,7 @@ def submit_chain(
             continue
         atomic_write_text(path, text)
         path.chmod(0o755)
+        (paths.slurm / "logs").mkdir(parents=True, exist_ok=True)  # sbatch does not create it
         job_id = sbatch(path, previous)
         records.append(JobRecord(step.key, step.iteration, step.phase, job_id, num_tasks(cfg, step.phase), str(path),
                                  str(log_pattern(paths, step, array=num_tasks(cfg, step.phase) > 1))))

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import write_run_config
+from run_config import write_run_config
 from grpo_kd.paths import RunPaths
 from grpo_kd.train.checkpoint import step_checkpoints
 
