@@ -281,3 +281,10 @@ def render_prompt(
         raise GrpoKdError(f"tokenizer {tokenizer.name_or_path!r} has no chat template; set data.chat_template=false")
     messages = [{"role": "user", "content": content}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer, text: str, *, chat_template: bool, max_tokens: int | None = None) -> list[int]:
+    """A rendered prompt -> ids: special tokens added unless a chat template already placed them; truncated
+    from the left to `max_tokens`. The rollout and the teacher pass both encode with this function."""
+    ids = tokenizer(text, add_special_tokens=not chat_template)["input_ids"]
+    return ids[-max_tokens:] if max_tokens else ids

@@ -60,7 +60,7 @@ from grpo_kd.cache.manifest import (
 )
 from grpo_kd.cache.rollouts import ROLLOUT_KIND, ROLLOUT_SUFFIX, RolloutRecord, write_rollout_shard
 from grpo_kd.config import Config
-from grpo_kd.data import Prompt, prompts_from_config, render_prompt, split_heldout
+from grpo_kd.data import Prompt, encode_prompt, prompts_from_config, render_prompt, split_heldout
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.models import (
     load_student,
@@ -145,17 +145,13 @@ def sample_seed(seed: int, iteration: int, group_id: int, sample_index: int) -> 
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def encode_prompt(tokenizer, prompt: Prompt, cfg: Config) -> list[int]:
-    """The prompt's token ids as the student sees them, keeping the last `data.max_prompt_tokens`.
-
-    A chat-rendered prompt carries its own special tokens (the template writes them), so only a plain prompt
-    gets the tokenizer's (e.g. bos).
-    """
+def prompt_ids(tokenizer, prompt: Prompt, cfg: Config) -> list[int]:
+    """The prompt's token ids as the student sees them, keeping the last `data.max_prompt_tokens`."""
     text = render_prompt(tokenizer, prompt, chat_template=cfg.data.chat_template)
-    ids = tokenizer(text, add_special_tokens=not cfg.data.chat_template)["input_ids"]
+    ids = encode_prompt(tokenizer, text, chat_template=cfg.data.chat_template, max_tokens=cfg.data.max_prompt_tokens)
     if not ids:
         raise GrpoKdError(f"prompt {prompt.id!r} is empty after tokenization")
-    return list(ids[-cfg.data.max_prompt_tokens :])
+    return list(ids)
 
 
 def sampling_params(cfg: Config) -> SamplingParams:
@@ -356,7 +352,7 @@ def _sample_shard(cfg: Config, paths: RunPaths, iteration: int, plan: dict[str, 
     checkpoint = student_checkpoint(paths, iteration)
     prompts = iteration_prompts(training_prompts(cfg), cfg.rollout.prompts_per_iteration, iteration, cfg.seed)
     tokenizer, student, teacher, fingerprints = _load_models(cfg, params, checkpoint)
-    groups = [(g, prompts[g], encode_prompt(tokenizer, prompts[g], cfg)) for g in range(*plan["group_range"])]
+    groups = [(g, prompts[g], prompt_ids(tokenizer, prompts[g], cfg)) for g in range(*plan["group_range"])]
     if not groups:
         log.warning("this rollout shard has no groups (%d shards for %d prompts per iteration); it is written empty",
                     plan["num_shards"], cfg.rollout.prompts_per_iteration)

@@ -52,13 +52,6 @@ class PassResult:
     tokens: int  # completion tokens scored by this call
 
 
-def encode_prompt(tokenizer, text: str, *, chat_template: bool, max_tokens: int | None = None) -> list[int]:
-    """A rendered prompt -> ids: special tokens added unless a chat template already placed them; truncated
-    from the left to `max_tokens`. The rollout phase encodes with the same function."""
-    ids = tokenizer(text, add_special_tokens=not chat_template)["input_ids"]
-    return ids[-max_tokens:] if max_tokens else ids
-
-
 # ----------------------------------------------------------------------------------------------- the pass
 
 
@@ -213,7 +206,7 @@ class Scorer:
         offsets, values = shard.list_column("prompt_ids")
         if not (self.privileged or self.spec.cross_tokenizer):
             return [values[offsets[i]:offsets[i + 1]] for i in range(shard.num_rows)]
-        from grpo_kd.data import Prompt, render_prompt
+        from grpo_kd.data import Prompt, encode_prompt, render_prompt
 
         texts = shard.table.column("prompt_text").to_pylist()
         privileged = shard.table.column("privileged").to_pylist()

@@ -24,7 +24,7 @@ def sample_rollouts(student_path: Path, *, num_prompts: int, group_size: int, ma
     """Sample groups from the student with HF `generate`; behaviour log-probs from a plain forward."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from grpo_kd.train.teacher_pass import encode_prompt
+    from grpo_kd.data import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(str(student_path))
     model = AutoModelForCausalLM.from_pretrained(str(student_path), dtype=torch.float32).eval()
