@@ -5,9 +5,9 @@ with the same function (same padding, same temperature, same kernel), so that th
 first optimisation step is exactly 1 up to float rounding — the invariant GRPO's clipping relies on.
 
 Batches are right-padded `[prompt | completion]` rows. Row b's completion token t sits at column P_b + t and is
-predicted by the hidden state at column P_b + t - 1; `positions` holds those columns, so the completion hidden
-states are one gather and the LM head never runs over the prompt (nor over the vocabulary: the fused kernels
-take hidden states and the head's weight).
+predicted by the hidden state at column P_b + t - 1, so the completion hidden states are one gather (the same
+`completion_hidden` the teacher pass and the update use) and the LM head never runs over the prompt (nor over
+the vocabulary: the fused kernels take hidden states and the head's weight).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from grpo_kd.cache.reader import completion_hidden as gather_completion_hidden
 from grpo_kd.kernels import linear_logprobs
 from grpo_kd.models import final_hidden_states, lm_head
 
@@ -25,7 +26,7 @@ class CompletionBatch(NamedTuple):
     attention_mask: torch.Tensor  # (B, L) 1 on real tokens
     completion_ids: torch.Tensor  # (B, T) right-padded with 0
     completion_mask: torch.Tensor  # (B, T) 1.0 on real completion tokens
-    positions: torch.Tensor  # (B, T) column of the hidden state that predicts completion token t
+    prompt_lengths: torch.Tensor  # (B,) P_b: completion token t is predicted by column P_b + t - 1
 
     def to(self, device: torch.device | str) -> "CompletionBatch":
         return CompletionBatch(*(t.to(device) for t in self))
@@ -43,24 +44,22 @@ def collate(
     attention_mask = torch.zeros((batch, width), dtype=torch.long)
     completion_ids = torch.zeros((batch, steps), dtype=torch.long)
     completion_mask = torch.zeros((batch, steps), dtype=torch.float32)
-    positions = torch.zeros((batch, steps), dtype=torch.long)
+    prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     for b, (prompt, completion) in enumerate(zip(prompts, completions)):
         if len(prompt) == 0:
             raise ValueError(f"row {b} has an empty prompt: the first completion token needs a context")
-        n_prompt, n_completion = len(prompt), len(completion)
+        n_completion = len(completion)
         input_ids[b, : len(rows[b])] = torch.tensor(rows[b])
         attention_mask[b, : len(rows[b])] = 1
         completion_ids[b, :n_completion] = torch.tensor(list(map(int, completion)), dtype=torch.long)
         completion_mask[b, :n_completion] = 1.0
-        positions[b, :n_completion] = torch.arange(n_prompt - 1, n_prompt - 1 + n_completion)
-    return CompletionBatch(input_ids, attention_mask, completion_ids, completion_mask, positions)
+    return CompletionBatch(input_ids, attention_mask, completion_ids, completion_mask, prompt_lengths)
 
 
 def completion_hidden(model, batch: CompletionBatch) -> torch.Tensor:
     """Final hidden states at the positions that predict each completion token, `(B, T, H)`."""
     hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask)  # (B, L, H)
-    index = batch.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (B, T, H)
-    return torch.gather(hidden, 1, index)  # (B, T, H)
+    return gather_completion_hidden(hidden, batch.prompt_lengths, batch.completion_ids.shape[1])  # (B, T, H)
 
 
 def completion_logprobs(
