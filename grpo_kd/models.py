@@ -192,7 +192,8 @@ def load_student(cfg: ModelConfig, *, checkpoint: str | None = None, trainable: 
 
     `checkpoint` is a directory written by `save_pretrained`: either a peft adapter (adapter_config.json; loaded
     onto the base from `cfg.path`) or full weights (config.json; replaces the base, and with `cfg.lora` gets
-    fresh adapters). `trainable=False` gives an eval-mode model with no parameter requiring grad.
+    fresh adapters); a training checkpoint (checkpoints/iter_NNNN, whose weights are in its `model/`) works too.
+    `trainable=False` gives an eval-mode model with no parameter requiring grad.
     """
     base_path = cfg.path
     adapter_dir = None
@@ -200,6 +201,8 @@ def load_student(cfg: ModelConfig, *, checkpoint: str | None = None, trainable: 
         ckpt = Path(checkpoint)
         if not ckpt.is_dir():
             raise GrpoKdError(f"student checkpoint not found: {checkpoint}")
+        if (ckpt / "model").is_dir() and not (ckpt / "config.json").is_file() and not _is_adapter_dir(ckpt):
+            ckpt = ckpt / "model"  # a training checkpoint: grpo_kd.train.checkpoint.MODEL_DIR
         if _is_adapter_dir(ckpt):
             adapter_dir = ckpt
         elif (ckpt / "config.json").is_file():

@@ -304,3 +304,24 @@ def test_gradient_checkpointing_with_lora_trains(tiny_models):
     input_ids = torch.tensor([[1, 300, 301, 302, 303, 304]])
     final_hidden_states(model, input_ids, torch.ones_like(input_ids)).pow(2).mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_training_checkpoint_loads_as_a_student_and_locates_its_run(tiny_models_quick, tmp_path):
+    """checkpoints/iter_NNNN keeps its weights in model/: the loader and the evaluator both accept either path."""
+    import torch
+
+    from grpo_kd.config import ModelConfig
+    from grpo_kd.evaluate.suite import locate_run
+    from grpo_kd.models import load_student
+    from grpo_kd.train.checkpoint import save_checkpoint
+
+    cfg = ModelConfig(path=str(tiny_models_quick.student))
+    model = load_student(cfg, trainable=False)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.5)  # a "trained" student differs from the base
+    final = tmp_path / "run" / "checkpoints" / "iter_0003"
+    save_checkpoint(final, model=model, state={"step": 1})
+    for path in (final, final / "model"):
+        loaded = load_student(cfg, checkpoint=str(path), trainable=False)
+        assert torch.equal(next(loaded.parameters()), next(model.parameters()))
+        assert locate_run(path) == ((tmp_path / "run").resolve(), 3)

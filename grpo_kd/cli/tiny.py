@@ -13,7 +13,9 @@ from grpo_kd.errors import GrpoKdError
 
 
 def tiny_models(
-    out: Path = typer.Argument(..., help="Output directory; gets tokenizer/, teacher/, student/ and build.json."),
+    out: Path = typer.Argument(
+        ..., help="Output directory; gets tokenizer/, teacher/, student/, build.json, prompts.txt and heldout.txt."
+    ),
     corpus: Optional[list[Path]] = typer.Option(
         None, "--corpus", help="Text or CoNLL-U file (repeatable); default: the built-in corpus."
     ),
@@ -28,7 +30,11 @@ def tiny_models(
     seed: int = typer.Option(0, help="Seed of the tokenizer split, the weights and the batches."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if OUT holds a build with these settings."),
 ) -> None:
-    """Train a byte-level BPE tokenizer on local text and write a tiny teacher and student (Llama)."""
+    """Train a byte-level BPE tokenizer on local text and write a tiny teacher and student (Llama).
+
+    Also splits the text's distinct lines into OUT/prompts.txt and OUT/heldout.txt (every tenth line), the data
+    that configs/tiny.yaml and the demo use."""
+    from grpo_kd.demo import write_demo_data
     from grpo_kd.tiny import build_tiny_models, build_tiny_student
 
     setup_logging()
@@ -52,6 +58,8 @@ def tiny_models(
         other = build_tiny_student(out / "student-other-vocab", corpus, vocab_size=other_vocab_size, seed=seed)
         typer.echo(f"student with a {other_vocab_size}-token vocabulary: {other}")
     typer.echo(f"tokenizer: {paths.tokenizer}  ({report['vocab_size']} tokens); built in {report['seconds']} s")
+    data = write_demo_data(out, corpus)
+    typer.echo(f"prompts: {data.prompts}  held-out: {data.heldout}")
 
 
 def register(app: typer.Typer) -> None:

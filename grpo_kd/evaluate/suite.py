@@ -42,8 +42,10 @@ def parse_suites(suites: str | Sequence[str]) -> list[str]:
 
 
 def locate_run(checkpoint: str | Path) -> tuple[Path | None, int | None]:
-    """(run directory, iteration) when `checkpoint` is RUN/checkpoints/iter_NNNN, else (None, None)."""
+    """(run directory, iteration) when `checkpoint` is RUN/checkpoints/iter_NNNN (or its model/), else (None, None)."""
     path = Path(checkpoint).expanduser().resolve()
+    if path.name == "model" and path.parent.parent.name == "checkpoints":
+        path = path.parent
     if path.parent.name != "checkpoints":
         return None, None
     match = _ITERATION.search(path.name)
