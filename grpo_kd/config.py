@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -345,12 +346,17 @@ def _coerce_scalar(hint: Any, value: Any, key: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `3e-3` (no dot) as a string
     elif hint is str:
         if isinstance(value, str):
             return value
     else:
         raise TypeError(f"config field {key} has an unsupported annotation {hint!r}")
     raise ConfigError(f"{key}: expected {hint.__name__}, got {_describe(value)}")
+
+
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _describe(value: Any) -> str:

@@ -76,3 +76,13 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("loss: [1, 2\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    """YAML 1.1 reads `1e-5` as a string; a float field still takes it, and words still fail."""
+    path = tmp_path / "lr.yaml"
+    path.write_text("optim:\n  lr: 1e-5\n", encoding="utf-8")
+    assert load_config(path).optim.lr == 1e-5
+    assert load_config(None, ["optim.lr=3e-3"]).optim.lr == 3e-3
+    with pytest.raises(ConfigError, match="optim.lr: expected float, got str 'e-3'"):
+        load_config(None, ["optim.lr=e-3"])
