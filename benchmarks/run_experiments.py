@@ -1,0 +1,400 @@
+"""Every algorithm on the tiny Faroese pair, before and after: the experiment of docs/experiments.md.
+
+    python benchmarks/run_experiments.py                      # all 10 runs: ~4 min on 2 shared CPU cores
+    python benchmarks/run_experiments.py --only grpo,minillm --iterations 2      # a quick look
+    python benchmarks/run_experiments.py --executor cli       # each phase its own process, as `grpo-kd run`
+
+Steps: build the tiny teacher and student (`grpo_kd.tiny`, 300 / 100 pre-training steps) on Faroese text
+(../shared/data/faroese: FarPaHC train + OFT), evaluate the initial student (iteration 0), run each config of
+`configs/experiments/` for its iterations (rollout -> cache-teacher -> update), evaluate its last checkpoint
+on the same held-out prompts with the same sampling seed, and write
+
+    benchmarks/results/<device>/experiments.json      every number, with the command and the machine load
+    benchmarks/results/<device>/experiments.md        the before/after tables
+    benchmarks/results/<device>/experiments_self_distill.png   distinct-n per iteration, beta = 0 vs beta > 0
+
+Evaluation (`grpo_kd.evaluate.evaluate_checkpoint`): one sample per held-out prompt (the first 4 words of a
+FarPaHC dev sentence, never trained on), scored by the teacher (mean log-prob per token, exact forward and reverse
+KL per token), distinct-n of the samples, and perplexity on the dev sentences. The self-distillation runs are
+also evaluated after every iteration against their own frozen base (the initial student): the base's
+log-likelihood of the samples is their reward, distinct-n their collapse signal. The privileged self-teacher's
+target (KL to its informed self) is read from the training log: the first step of each iteration is on prompts the
+student has not trained on.
+
+Key design choice: `--executor inproc` (default) calls the three phase functions one after another in this process
+(the same functions the phase commands call), because on a busy 2-core machine each extra process spends ~15 s
+importing torch and transformers; `--executor cli` runs `grpo-kd run`'s local executor instead. Torch gets one
+thread (tiny matrices; more threads oversubscribe a shared CPU). Every run starts from a clean run directory
+unless `--resume`; finished evaluations are reused only with `--resume`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FAROESE = ROOT.parent / "shared" / "data" / "faroese"
+CORPUS = [FAROESE / "farpahc-train.conllu", FAROESE / "oft-part1.conllu"]
+WORK = Path("runs/experiments")  # relative to ROOT, as in the configs
+TEACHER_STEPS, STUDENT_STEPS = 300, 100
+
+
+@dataclass(frozen=True)
+class Experiment:
+    key: str  # configs/experiments/<key>.yaml and the run name
+    label: str
+    target: str  # what the algorithm optimises, in words
+    target_metric: tuple[str, str, str]  # (evaluation against, suite, key): "teacher" or "base"
+    higher_is_better: bool
+    every_iteration: bool = False  # evaluate every checkpoint (against the base), for the collapse figure
+    config: str | None = None  # configs/experiments/<config>.yaml when it is not <key>.yaml (ablations)
+    overrides: tuple[str, ...] = ()  # dotted overrides on top of the config (ablations)
+
+
+EXPERIMENTS = [
+    Experiment("grpo", "GRPO, teacher log-lik. reward", "teacher log-lik. of samples",
+               ("teacher", "distill", "teacher_logprob_mean"), True),
+    Experiment("grpo_length_term", "GRPO, teacher log-lik. + length reward (ablation)", "teacher log-lik. of samples",
+               ("teacher", "distill", "teacher_logprob_mean"), True, config="grpo",
+               overrides=("loss.reward_weights={teacher_loglik: 1.0, length: 2.0}",)),
+    Experiment("grpo_minillm_reward", "GRPO, MiniLLM-style reward + L_PT", "reverse KL to teacher",
+               ("teacher", "distill", "reverse_kl"), False),
+    Experiment("ppo", "PPO (value head, GAE), teacher log-lik. reward", "teacher log-lik. of samples",
+               ("teacher", "distill", "teacher_logprob_mean"), True),
+    Experiment("minillm", "MiniLLM reverse-KL PG, teacher-mixed sampling + L_PT", "reverse KL to teacher",
+               ("teacher", "distill", "reverse_kl"), False),
+    Experiment("minillm_topk32", "MiniLLM, cache top-k 32 instead of 128 (ablation)", "reverse KL to teacher",
+               ("teacher", "distill", "reverse_kl"), False, config="minillm", overrides=("teacher.top_k=32",)),
+    Experiment("token_reverse_kl", "token-level reverse KL to the teacher (reference point)", "reverse KL to teacher",
+               ("teacher", "distill", "reverse_kl"), False, config="privileged",
+               overrides=("teacher.kind=model", "teacher.adapter=false",
+                          "teacher.path=runs/experiments/models/teacher")),
+    Experiment("self_distill_beta0", "self-distillation, beta = 0", "base log-lik. of samples",
+               ("base", "distill", "teacher_logprob_mean"), True, every_iteration=True),
+    Experiment("self_distill_beta05", "self-distillation, beta = 0.5", "base log-lik. of samples",
+               ("base", "distill", "teacher_logprob_mean"), True, every_iteration=True),
+    Experiment("privileged", "privileged-information self-teacher", "KL to the informed self (train log)",
+               ("train", "log", "teacher_kl"), False),
+]
+
+# (label, suite, key, better) of the common table: every run against the tiny teacher.
+COLUMNS = [
+    ("teacher log-lik. (seq. mean)", "distill", "teacher_logprob_mean", "higher"),
+    ("teacher log-lik. (per token)", "distill", "teacher_logprob_per_token", "higher"),
+    ("KL(q‖p)", "distill", "reverse_kl", "lower"),
+    ("KL(p‖q)", "distill", "forward_kl", "lower"),
+    ("KL(q‖p) per completion", "distill", "reverse_kl_per_completion", "lower"),
+    ("top-1 agree", "distill", "top1_agreement", "higher"),
+    ("distinct-2", "diversity", "distinct_2", "higher"),
+    ("length (tokens)", "diversity", "mean_length_tokens", None),
+    ("perplexity", "perplexity", "perplexity", "lower"),
+]
+TRAIN_KEYS = ("reward/teacher_loglik", "reward/log_ratio", "reward/inverse_loss", "teacher_kl", "entropy",
+              "reward/length", "kl", "pt_loss")
+
+log = logging.getLogger("run_experiments")
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def load_cfg(exp: Experiment, iterations: int | None):
+    from grpo_kd.config import load_config
+
+    path = ROOT / "configs" / "experiments" / f"{exp.config or exp.key}.yaml"
+    cfg = load_config(path, [f"name={exp.key}", *exp.overrides])
+    if iterations is not None:
+        cfg.iterations = iterations
+    return cfg
+
+
+def train(cfg, executor: str, resume: bool) -> dict:
+    """All iterations of one run; returns {"seconds": total, "phases": [{iteration, rollout, teacher, update}]}."""
+    from grpo_kd.slurm.plan import prepare_run
+
+    run_dir = Path(cfg.output_dir) / cfg.name
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    cfg, paths = prepare_run(cfg)
+    started = time.monotonic()
+    phases = []
+    if executor == "cli":
+        from grpo_kd.slurm.local import run_local
+
+        run_local(cfg, paths)
+    else:
+        from grpo_kd.train.rollout import run_rollout
+        from grpo_kd.train.teacher_pass import run_teacher_pass
+        from grpo_kd.train.update import run_update
+
+        for i in range(1, cfg.iterations + 1):
+            t0 = time.monotonic()
+            run_rollout(cfg, i)
+            t1 = time.monotonic()
+            run_teacher_pass(cfg, iteration=i)
+            t2 = time.monotonic()
+            run_update(cfg, i)
+            t3 = time.monotonic()
+            phases.append({"iteration": i, "rollout": round(t1 - t0, 1), "teacher": round(t2 - t1, 1),
+                           "update": round(t3 - t2, 1)})
+            log.info("%s iteration %d: rollout %.1fs, cache-teacher %.1fs, update %.1fs", cfg.name, i, t1 - t0,
+                     t2 - t1, t3 - t2)
+    return {"seconds": round(time.monotonic() - started, 1), "phases": phases}
+
+
+def checkpoint_model(cfg, iteration: int) -> str:
+    """The model directory of checkpoint `iteration`; 0 is the initial student."""
+    from grpo_kd.paths import RunPaths
+    from grpo_kd.train.checkpoint import model_dir
+
+    if iteration == 0:
+        return cfg.model.path
+    return str(model_dir(RunPaths.of(Path(cfg.output_dir) / cfg.name).checkpoint(iteration)))
+
+
+def evaluate(cfg, model: str, teacher: str, suites: list[str], cache: Path, resume: bool) -> dict:
+    """evaluate_checkpoint, kept as JSON in `cache` (reused with --resume when it scored the same model)."""
+    from grpo_kd.evaluate.suite import evaluate_checkpoint
+    from grpo_kd.fsutil import atomic_write_json
+
+    if resume and cache.is_file():
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+        if saved.get("checkpoint") == model and saved.get("teacher") == teacher:
+            return saved
+    result = evaluate_checkpoint(model, teacher, suites=suites, cfg=cfg)
+    atomic_write_json(cache, result)
+    return result
+
+
+def numbers(result: dict) -> dict:
+    """The scalar metrics of an evaluation, flattened to "suite.key"."""
+    out = {}
+    for suite in ("distill", "diversity", "perplexity"):
+        for key, value in (result.get(suite) or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"{suite}.{key}"] = value
+    if out.get("distill.num_samples"):  # the pooled per-token KL x tokens per completion: nats per completion
+        per_completion = out["distill.num_tokens"] / out["distill.num_samples"]
+        out["distill.reverse_kl_per_completion"] = out["distill.reverse_kl"] * per_completion
+    return out
+
+
+def train_curve(cfg) -> dict[int, dict[str, float]]:
+    """Per iteration, the training log's first step (fresh prompts, before any step on them) and epoch means."""
+    from grpo_kd.paths import RunPaths
+
+    rows = [json.loads(line) for line in RunPaths.of(Path(cfg.output_dir) / cfg.name).metrics.read_text().splitlines()
+            if line.strip()]
+    curve: dict[int, dict[str, float]] = {}
+    for i in sorted({r["iteration"] for r in rows}):
+        mine = [r for r in rows if r["iteration"] == i]
+        first = mine[0]
+        epoch0 = [r for r in mine if r["epoch"] == 0]
+        curve[i] = {f"first_step.{k}": first[k] for k in TRAIN_KEYS if k in first}
+        curve[i].update({f"epoch0_mean.{k}": sum(r[k] for r in epoch0) / len(epoch0) for k in TRAIN_KEYS
+                         if all(k in r for r in epoch0)})
+    return curve
+
+
+def run_experiment(exp: Experiment, args, initial: dict) -> dict:
+    cfg = load_cfg(exp, args.iterations)
+    teacher = str(ROOT / WORK / "models" / "teacher")
+    base = cfg.model.path
+    log.info("== %s: %d iterations", exp.key, cfg.iterations)
+    timing = train(cfg, args.executor, args.resume)
+    reports = Path(cfg.output_dir) / cfg.name / "reports"
+    final = evaluate(cfg, checkpoint_model(cfg, cfg.iterations), teacher, ["perplexity", "distill", "diversity"],
+                     reports / "eval_final_vs_teacher.json", args.resume)
+    out = {"label": exp.label, "target": exp.target, "target_metric": list(exp.target_metric),
+           "higher_is_better": exp.higher_is_better, "iterations": cfg.iterations, "train": timing,
+           "before": initial["teacher"], "after": numbers(final), "train_curve": train_curve(cfg),
+           "config": f"configs/experiments/{exp.config or exp.key}.yaml", "overrides": list(exp.overrides),
+           "samples_after": final["diversity"]["samples"][:5]}
+    if exp.target_metric[0] == "base" or exp.every_iteration:
+        per_iteration = {0: initial["base"]}
+        for i in range(1, cfg.iterations + 1):
+            if not exp.every_iteration and i != cfg.iterations:
+                continue
+            result = evaluate(cfg, checkpoint_model(cfg, i), base, ["distill", "diversity"],
+                              reports / f"eval_iter_{i:04d}_vs_base.json", args.resume)
+            per_iteration[i] = numbers(result)
+        out["vs_base"] = per_iteration
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def target_values(name: str, run: dict) -> tuple[float | None, float | None]:
+    against, suite, key = run["target_metric"]
+    if against == "train":
+        curve = run["train_curve"]
+        first, last = curve[min(curve)], curve[max(curve)]
+        return first.get(f"first_step.{key}"), last.get(f"first_step.{key}")
+    if against == "base":
+        vs = run["vs_base"]
+        return vs[min(vs)].get(f"{suite}.{key}"), vs[max(vs)].get(f"{suite}.{key}")
+    return run["before"].get(f"{suite}.{key}"), run["after"].get(f"{suite}.{key}")
+
+
+def improved(before, after, higher: bool) -> bool | None:
+    if before is None or after is None:
+        return None
+    return after > before if higher else after < before
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3f}"
+
+
+def markdown(summary: dict) -> str:
+    runs = summary["runs"]
+    lines = [f"# On-policy distillation experiments ({summary['device']})", "",
+             f"Command: `{summary['command']}`  ", f"{summary['machine']}  ",
+             f"Models: {summary['models']}  ", f"Data: {summary['data']}  ",
+             (f"Wall time: {summary['seconds'] / 60:.1f} min; load average before / after: "
+             f"{summary['load_before']} / {summary['load_after']}"), "",
+             "## Each algorithm's own target, iteration 0 -> last", "",
+             "| run | iterations | target | iteration 0 | last | improved | train time s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, run in runs.items():
+        before, after = target_values(name, run)
+        better = improved(before, after, run["higher_is_better"])
+        verdict = "-" if better is None else ("yes" if better else "**no**")
+        lines.append(f"| {run['label']} | {run['iterations']} | {run['target']} "
+                     f"({'higher' if run['higher_is_better'] else 'lower'} is better) | {_fmt(before)} | "
+                     f"{_fmt(after)} | {verdict} | {run['train']['seconds']:.0f} |")
+    lines += ["", "## Every run against the tiny teacher, on the same held-out prompts", "",
+              "Iteration 0 is the initial student (one row, shared by every run). Arrows: which way is better.", "",
+              "| run | " + " | ".join(f"{c[0]} {'↑' if c[3] == 'higher' else '↓' if c[3] == 'lower' else ''}"
+                                      for c in COLUMNS) + " |",
+              "|---" * (len(COLUMNS) + 1) + "|"]
+    before = next(iter(runs.values()))["before"]
+    rows = [("iteration 0 (initial student)", before)] + [(r["label"], r["after"]) for r in runs.values()]
+    for label, metrics in rows:
+        lines.append(f"| {label} | " + " | ".join(_fmt(metrics.get(f"{s}.{k}")) for _, s, k, _ in COLUMNS) + " |")
+    sd = {n: r for n, r in runs.items() if "vs_base" in r and len(r["vs_base"]) > 2}
+    if sd:
+        lines += ["", "## Self-distillation per iteration, against the frozen base (the initial student)", "",
+                  ("| run | iteration | base log-lik. (reward) | KL(q‖base) | distinct-1 | distinct-2 | distinct-3 | "
+                  "length (tokens) |"), "|---|---|---|---|---|---|---|---|"]
+        for run in sd.values():
+            for i, m in run["vs_base"].items():
+                lines.append(f"| {run['label']} | {i} | {_fmt(m.get('distill.teacher_logprob_mean'))} | "
+                             f"{_fmt(m.get('distill.reverse_kl'))} | {_fmt(m.get('diversity.distinct_1'))} | "
+                             f"{_fmt(m.get('diversity.distinct_2'))} | {_fmt(m.get('diversity.distinct_3'))} | "
+                             f"{_fmt(m.get('diversity.mean_length_tokens'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_self_distill(summary: dict, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    sd = {n: r for n, r in summary["runs"].items() if "vs_base" in r and len(r["vs_base"]) > 2}
+    if not sd:
+        return None
+    panels = [("diversity.distinct_1", "distinct-1 of samples"), ("diversity.distinct_2", "distinct-2 of samples"),
+              ("distill.teacher_logprob_mean", "base log-lik. of samples (reward)"),
+              ("distill.reverse_kl", "KL(student || base) per token")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (key, title) in zip(axes, panels):
+        for run in sd.values():
+            its = sorted(int(i) for i in run["vs_base"])
+            ax.plot(its, [run["vs_base"][i].get(key) for i in its], marker="o", label=run["label"])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Self-distillation on the tiny Faroese student: held-out samples after each iteration", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated run names (default: all)")
+    parser.add_argument("--iterations", type=int, default=None, help="override every config's iterations")
+    parser.add_argument("--executor", choices=("inproc", "cli"), default="inproc")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--resume", action="store_true", help="keep finished phases and evaluations")
+    parser.add_argument("--results", default=None, help="output directory (default benchmarks/results/<device>)")
+    args = parser.parse_args(argv)
+
+    os.chdir(ROOT)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the phase processes of --executor cli
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("grpo_kd", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from grpo_kd.kernels.bench_report import device_slug
+    from grpo_kd.tiny import build_tiny_models
+
+    if not all(p.is_file() for p in CORPUS):
+        print(f"the experiment needs the Faroese text in {FAROESE} (absent here)", file=sys.stderr)
+        return 2
+    chosen = [e for e in EXPERIMENTS if not args.only or e.key in args.only.split(",")]
+    started, load_before = time.monotonic(), os.getloadavg()
+    models = build_tiny_models(WORK / "models", CORPUS, pretrain_steps=TEACHER_STEPS,
+                               student_pretrain_steps=STUDENT_STEPS)
+    build = json.loads((WORK / "models" / "build.json").read_text())
+    cfg0 = load_cfg(chosen[0], args.iterations)
+    initial = {
+        "teacher": numbers(evaluate(cfg0, cfg0.model.path, str(ROOT / models.teacher),
+                                    ["perplexity", "distill", "diversity"], WORK / "eval_initial_vs_teacher.json",
+                                    args.resume)),
+        "base": numbers(evaluate(cfg0, cfg0.model.path, cfg0.model.path, ["distill", "diversity"],
+                                 WORK / "eval_initial_vs_base.json", args.resume)),
+    }
+    runs = {e.key: run_experiment(e, args, initial) for e in chosen}
+    device = device_slug("cpu")
+    out = Path(args.results) if args.results else ROOT / "benchmarks" / "results" / device
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "device": device,
+        "command": " ".join(["python benchmarks/run_experiments.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs (shared), executor "
+                   f"{args.executor}",
+        "models": f"teacher {build['teacher']['parameters']:,} parameters ({TEACHER_STEPS} steps, held-out perplexity "
+                  f"{build['teacher']['heldout_perplexity']:.1f}); student {build['student']['parameters']:,} "
+                  f"({STUDENT_STEPS} steps, {build['student']['heldout_perplexity']:.1f}); shared {build['vocab_size']}"
+                  "-token byte-level BPE",
+        "data": "prompts: first 4 words of FarPaHC train sentences; held-out prompts and perplexity text: FarPaHC dev "
+                f"({cfg0.eval.max_examples} sentences); L_PT text: OFT (from {FAROESE.relative_to(ROOT.parent)})",
+        "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
+        "seconds": round(time.monotonic() - started, 1),
+        "initial": initial, "runs": runs,
+    }
+    (out / "experiments.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "experiments.md").write_text(markdown(summary), encoding="utf-8")
+    plot = plot_self_distill(summary, out / "experiments_self_distill.png")
+    print(markdown(summary))
+    print(f"wrote {out / 'experiments.json'}, {out / 'experiments.md'}" + (f", {plot}" if plot else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
