@@ -144,11 +144,11 @@ def test_steps_must_take_whole_groups(template, tiny_models_quick, tmp_path):
     assert not RunPaths.of(run).checkpoint(1).exists()
 
 
-def torchrun_update(config_file: Path) -> str:
+def torchrun_update(config_file: Path, *args: str) -> str:
     """`grpo-kd update` under torchrun with 2 CPU ranks on gloo; returns its output."""
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "grpo_kd.cli.app", "update",
-               "--config", str(config_file)]
+               "--config", str(config_file), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -171,6 +171,40 @@ def test_two_processes_equal_one_process(baseline, template, tiny_models_quick, 
     optimizer = RunPaths.of(run).checkpoint(1) / "optimizer.safetensors"
     base_optimizer = RunPaths.of(base_run).checkpoint(1) / "optimizer.safetensors"
     assert_same_weights(load_file(str(optimizer)), load_file(str(base_optimizer)), atol=1e-5)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_stopped_by_sigterm_then_resumed_equals_one_process(baseline, template, tiny_models_quick, tmp_path,
+                                                                      parallel):
+    """What a multi-GPU update job sees: the sbatch script sends TERM to torchrun, torchrun passes it to its
+    workers, they agree (all-reduce) on the step to stop after, checkpoint and exit; `--resume` under torchrun
+    then restores the sharded (FSDP) or replicated (DDP) weights and optimizer state and ends where one
+    uninterrupted process ends."""
+    base_run, _ = baseline
+    run = copy_run(template, tmp_path / "run")
+    cfg = make_config(run, tiny_models_quick, EPOCHS, "optim.grad_accum=1", f"optim.data_parallel={parallel}")
+    config_file = tmp_path / "config.yaml"
+    save_config(cfg, config_file)
+    metrics = RunPaths.of(run).metrics
+    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "-m",
+               "grpo_kd.cli.app", "update", "--config", str(config_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no optimizer step within 240 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=180)[0].decode()
+    assert proc.returncode != 0, output  # torchrun reports its workers' stop as a failure; the script requeues
+    saved = step_checkpoints(RunPaths.of(run).checkpoint(1))
+    assert saved, output[-3000:]
+    assert 1 <= load_trainer_state(saved[-1])["step"] < 6
+    torchrun_update(config_file, "--resume")
+    assert [r["step"] for r in MetricsLog(metrics).read()] == [1, 2, 3, 4, 5, 6]
+    assert load_trainer_state(RunPaths.of(run).checkpoint(1))["parallel"] == {"kind": parallel, "world_size": 2}
+    assert losses(run) == pytest.approx(losses(base_run), rel=1e-4, abs=1e-6)
+    assert_same_weights(final_weights(run), final_weights(base_run))
 
 
 ONE_MICRO = ("optim.micro_batch_size=8", "optim.grad_accum=1")  # 3 steps of 2 groups, one micro-batch each
