@@ -1,6 +1,6 @@
 """Every algorithm on the tiny Faroese pair, before and after: the experiment of docs/experiments.md.
 
-    python benchmarks/run_experiments.py                      # all 10 runs: ~4 min on 2 shared CPU cores
+    python benchmarks/run_experiments.py                      # all 12 runs: ~5 min on 2 shared CPU cores
     python benchmarks/run_experiments.py --only grpo,minillm --iterations 2      # a quick look
     python benchmarks/run_experiments.py --executor cli       # each phase its own process, as `grpo-kd run`
 
@@ -67,10 +67,15 @@ EXPERIMENTS = [
     Experiment("grpo_length_term", "GRPO, teacher log-lik. + length reward (ablation)", "teacher log-lik. of samples",
                ("teacher", "distill", "teacher_logprob_mean"), True, config="grpo",
                overrides=("loss.reward_weights={teacher_loglik: 1.0, length: 2.0}",)),
+    Experiment("grpo_beta1_unscaled", "GRPO, teacher log-lik., beta 1, unscaled advantages (ablation)",
+               "teacher log-lik. of samples", ("teacher", "distill", "teacher_logprob_mean"), True, config="grpo",
+               overrides=("loss.beta=1.0", "loss.scale_rewards=false")),
     Experiment("grpo_minillm_reward", "GRPO, MiniLLM-style reward + L_PT", "reverse KL to teacher",
                ("teacher", "distill", "reverse_kl"), False),
     Experiment("ppo", "PPO (value head, GAE), teacher log-lik. reward", "teacher log-lik. of samples",
                ("teacher", "distill", "teacher_logprob_mean"), True),
+    Experiment("ppo_beta1", "PPO, teacher log-lik. reward, beta 1 (ablation)", "teacher log-lik. of samples",
+               ("teacher", "distill", "teacher_logprob_mean"), True, config="ppo", overrides=("loss.beta=1.0",)),
     Experiment("minillm", "MiniLLM reverse-KL PG, teacher-mixed sampling + L_PT", "reverse KL to teacher",
                ("teacher", "distill", "reverse_kl"), False),
     Experiment("minillm_topk32", "MiniLLM, cache top-k 32 instead of 128 (ablation)", "reverse KL to teacher",
