@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from grpo_kd.cache.reader import completion_hidden
 from grpo_kd.evaluate.progress import progress
 from grpo_kd.models import final_hidden_states, lm_head
 
@@ -93,14 +94,16 @@ def completion_hidden_states(
 ) -> list[torch.Tensor]:
     """For each (prompt p, completion c): the final hidden states that predict c, shape (len(c), H), on CPU.
 
-    Row j is the state after p + c[:j], i.e. at position len(p) - 1 + j of the concatenation.
+    Row j is the state after p + c[:j] (the rule of `grpo_kd.cache.reader.completion_hidden`, shared with the
+    training phases).
     """
     device = model_device(model)
     results: list[torch.Tensor] = []
     for start in progress(range(0, len(prompts), batch_size), description=description):
         batch_p, batch_c = prompts[start : start + batch_size], completions[start : start + batch_size]
-        ids, mask = pad_right([list(p) + list(c) for p, c in zip(batch_p, batch_c)], pad_id)  # (B, T)
-        hidden = final_hidden_states(model, ids.to(device), mask.to(device))  # (B, T, H)
-        for row, (p, c) in enumerate(zip(batch_p, batch_c)):
-            results.append(hidden[row, len(p) - 1 : len(p) - 1 + len(c)].float().cpu())  # (C, H)
+        ids, mask = pad_right([list(p) + list(c) for p, c in zip(batch_p, batch_c)], pad_id)  # (B, L)
+        hidden = final_hidden_states(model, ids.to(device), mask.to(device))  # (B, L, H)
+        prompt_lengths = torch.tensor([len(p) for p in batch_p])  # (B,)
+        gathered = completion_hidden(hidden, prompt_lengths, max(len(c) for c in batch_c))  # (B, T, H)
+        results.extend(gathered[row, : len(c)].float().cpu() for row, c in enumerate(batch_c))  # (C, H) each
     return results
