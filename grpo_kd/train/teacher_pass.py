@@ -19,14 +19,17 @@ The reference log-probs (`teacher.reference`) come from the student's initial mo
 first pass whose [C] float32 results are kept in memory, so that two models are never loaded at once.
 
 Idempotence: a shard whose manifest exists, whose checksum matches and which scored the current rollout file
-with the current settings is skipped. Anything else (a killed run) is redone from scratch into a temporary
-name (`TeacherShardSink`); a kill therefore costs at most one shard's work, never correctness.
+with the current settings is skipped. An unfinished shard (a killed or requeued run) is written again into a
+temporary name (`TeacherShardSink`), but the teacher batches a killed run had scored are kept
+(`grpo_kd.cache.progress`) and replayed instead of scored again: a kill costs at most one batch of teacher work,
+never correctness. The reference pass of such a shard is run again in full (the student, cheaper than the teacher).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import shutil
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 
 from grpo_kd.cache.manifest import CacheError, describe_vocab, read_json, shard_is_complete, shard_manifest_path
+from grpo_kd.cache.progress import ShardProgress, progress_dir
 from grpo_kd.cache.reader import completion_hidden
 from grpo_kd.cache.rollouts import RolloutShard, RolloutStore
 from grpo_kd.cache.teacher import CacheSpec, ScoredRows, TeacherShardSink, bf16_bits
@@ -49,7 +53,7 @@ log = logging.getLogger(__name__)
 class PassResult:
     shards_done: list[int]  # scored by this call
     shards_skipped: list[int]  # already finished
-    tokens: int  # completion tokens scored by this call
+    tokens: int  # completion tokens scored by this call (not those of batches kept from a killed run)
 
 
 # ----------------------------------------------------------------------------------------------- the pass
@@ -77,6 +81,7 @@ def run_teacher_pass(cfg: Config, *, iteration: int, task: int = 0, num_tasks: i
     skipped = [s.shard for s in mine if s not in pending]
     for j in skipped:
         log.info("teacher shard %d is already complete; nothing to do", j)
+        shutil.rmtree(progress_dir(teacher_dir, j), ignore_errors=True)  # killed between finishing and clearing
     if not pending:
         return PassResult([], skipped, 0)
     ref = _reference_pass(cfg, pending, progress) if spec.reference else {}
@@ -90,11 +95,21 @@ def run_teacher_pass(cfg: Config, *, iteration: int, task: int = 0, num_tasks: i
         scored_rollouts = {"file": shard.path.name, "sha256": shard.manifest["sha256"], "rows": shard.num_rows,
                            "tokens": shard.manifest["tokens"]}
         manifest = {**common, "rollouts": scored_rollouts, "reference": ref.get("_desc")}
+        kept = ShardProgress(teacher_dir, shard.shard, spec, key={
+            "params": params, "rollouts": scored_rollouts, "teacher": common["teacher"], "reference": ref.get("_desc")})
+        done = kept.load()
+        if done:
+            log.info("teacher shard %d: resuming with %d scored batches (%d tokens) kept from an interrupted run",
+                     shard.shard, len(done), sum(int(d.num_tokens.sum()) for d in done.values()))
+        kept.start()
         with TeacherShardSink(teacher_dir, shard.shard, spec, total_rows=shard.num_rows,
                               total_tokens=int(shard.lengths().sum()), manifest=manifest) as sink:
-            for scored in scorer.score_shard(shard, ref.get(shard.shard), progress=progress):
+            for index, scored, fresh in scorer.score_shard(shard, ref.get(shard.shard), progress=progress, done=done):
+                if fresh:
+                    kept.save(index, scored)
+                    tokens += int(scored.num_tokens.sum())
                 sink.add(scored)
-        tokens += int(shard.lengths().sum())
+        kept.clear()
         log.info("teacher shard %d written: %d rows, %d tokens", shard.shard, shard.num_rows, sink.tokens_written)
     return PassResult([s.shard for s in pending], skipped, tokens)
 
@@ -267,37 +282,54 @@ class Scorer:
         return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
                         TimeRemainingColumn(), disable=not enabled, transient=False)
 
-    def _loop(self, shard: RolloutShard, label: str, progress: bool) -> Iterator[tuple[np.ndarray, torch.Tensor,
-                                                                                       torch.Tensor, np.ndarray]]:
+    def _loop(self, shard: RolloutShard, label: str, progress: bool, skip=frozenset()) -> Iterator[
+            tuple[int, np.ndarray, torch.Tensor | None, torch.Tensor | None, np.ndarray]]:
+        """(batch index, rows, hidden states (N, H), target ids (N,), C per row) per batch; for the batch indices
+        in `skip` no forward pass runs and the hidden states and targets are None."""
         prompts, completions = self._prompts(shard), self._completions(shard)
         batches = self._batches(prompts, completions)
         total = int(sum(len(c) for c in completions))
         with self._progress(total, label, progress) as bar:
             task = bar.add_task(label, total=total)
-            for rows in batches:
-                h, targets, C = self._hidden(prompts, completions, rows)
-                yield rows, h, targets, C
+            for n, rows in enumerate(batches):
+                if n in skip:
+                    C = np.array([len(completions[i]) for i in rows], np.int64)
+                    yield n, rows, None, None, C
+                else:
+                    h, targets, C = self._hidden(prompts, completions, rows)
+                    yield n, rows, h, targets, C
                 bar.advance(task, int(C.sum()))
 
     def reference_logprobs(self, shard: RolloutShard, progress: bool) -> list[np.ndarray]:
         from grpo_kd.kernels import linear_logprobs
 
         out: list[np.ndarray] = [np.zeros(0, np.float32)] * shard.num_rows
-        for rows, h, targets, C in self._loop(shard, f"reference  shard {shard.shard}", progress):
+        for _, rows, h, targets, C in self._loop(shard, f"reference  shard {shard.shard}", progress):
             logprobs, _, _ = linear_logprobs(h, self.head.weight, targets, bias=self.head.bias)  # (N,)
             for i, part in zip(rows, np.split(logprobs.float().cpu().numpy(), np.cumsum(C)[:-1])):
                 out[i] = part
         return out
 
-    def score_shard(self, shard: RolloutShard, ref: list[np.ndarray] | None, progress: bool) -> Iterator[ScoredRows]:
-        """ScoredRows per batch, in the batch order (longest rows first)."""
+    def score_shard(self, shard: RolloutShard, ref: list[np.ndarray] | None, progress: bool,
+                    done: dict[int, ScoredRows] | None = None) -> Iterator[tuple[int, ScoredRows, bool]]:
+        """(batch index, ScoredRows, scored now?) per batch, in the batch order (longest rows first). A batch in
+        `done` (kept from an interrupted run) is passed through without a forward pass when it holds exactly that
+        batch's rows, and scored again otherwise."""
         from grpo_kd.kernels import linear_logprobs
 
         linear_topk = _linear_topk()
 
         group_ids = shard.table.column("group_id").to_numpy()
         student_C = shard.lengths()
-        for n, (rows, h, targets, C) in enumerate(self._loop(shard, f"teacher    shard {shard.shard}", progress)):
+        done = done or {}
+        batches = self._loop(shard, f"teacher    shard {shard.shard}", progress, skip=frozenset(done))
+        for n, rows, h, targets, C in batches:
+            if n in done:
+                if np.array_equal(done[n].row, rows):
+                    yield n, done[n], False
+                    continue
+                log.warning("teacher shard %d: kept batch %d holds other rows; scoring it again", shard.shard, n)
+                h, targets, C = self._hidden(self._prompts(shard), self._completions(shard), rows)
             token: dict[str, np.ndarray] = {}
             extra = None
             if self.spec.token_level:
@@ -324,8 +356,9 @@ class Scorer:
                                                     np.int64)}
             if self.spec.reference:
                 token["ref_logprobs"] = np.concatenate([ref[i] for i in rows]) if len(rows) else np.zeros(0)
-            yield ScoredRows(row=rows.astype(np.int64), group_id=group_ids[rows].astype(np.int64),
-                             num_tokens=student_C[rows].astype(np.int32), seq_logprob=seq, token=token, extra=extra)
+            yield n, ScoredRows(row=rows.astype(np.int64), group_id=group_ids[rows].astype(np.int64),
+                                num_tokens=student_C[rows].astype(np.int32), seq_logprob=seq, token=token,
+                                extra=extra), True
 
 
 def _linear_topk():

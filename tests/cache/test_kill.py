@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from grpo_kd.cache.manifest import list_shard_manifests, remove_shard, shard_is_complete, tmp_leftovers
@@ -72,3 +73,49 @@ def test_sigkill_at_random_moments_then_rerun(tmp_path, cache_models):
     assert shard_hashes(teacher_dir) == expected
     assert main(["cache", "verify", str(killed_run)]) == 0
     print(f"{KILLS} kills, {mid_write} of them left a half-written shard; full run {full_seconds:.1f} s")
+
+
+def test_killed_shard_resumes_from_its_kept_batches(tmp_path, cache_models, capsys):
+    """A kill mid-shard keeps the teacher batches already scored: the next run scores only the rest (a batch
+    file cut short by the crash is dropped and scored again), and the shard is byte-identical to a clean run's,
+    teacher samples and reference log-probs included."""
+    from grpo_kd.cache.progress import progress_dir
+    from grpo_kd.config import load_config
+    from grpo_kd.train.teacher_pass import run_teacher_pass
+
+    teacher = {"token_budget": 40, "num_samples": 3}
+    config, clean_run = make_run(tmp_path, cache_models, name="clean", num_prompts=8, group_size=4,
+                                 max_new_tokens=16, num_shards=1, teacher=teacher)
+    assert run_teacher_pass(load_config(config, []), iteration=1, progress=False).shards_done == [0]
+    expected = shard_hashes(RunPaths.of(clean_run).teacher(1))
+    total = int(sum(m["tokens"] for m in list_shard_manifests(RunPaths.of(clean_run).teacher(1)).values()))
+
+    killed_run = tmp_path / "killed"
+    shutil.copytree(RunPaths.of(clean_run).rollouts(1), RunPaths.of(killed_run).rollouts(1))
+    teacher_dir = RunPaths.of(killed_run).teacher(1)
+    kept_dir = progress_dir(teacher_dir, 0)
+    proc = subprocess.Popen(cache_teacher(config, "killed", tmp_path), env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(list(kept_dir.glob("batch-*.npz"))) < 3:
+        assert proc.poll() is None, "cache-teacher finished before it could be killed: lower the token budget"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list_shard_manifests(teacher_dir)
+    kept = sorted(kept_dir.glob("batch-*.npz"))
+    kept_tokens = [int(np.load(p)["num_tokens"].sum()) for p in kept]
+    capsys.readouterr()
+    assert main(["cache", "verify", str(killed_run)]) == 1
+    assert f"{len(kept)} scored batches are kept" in capsys.readouterr().out
+    cut = kept[-1]  # as if the crash had cut the last batch file short
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+
+    result = run_teacher_pass(load_config(config, [f"output_dir={tmp_path}", "name=killed"]), iteration=1,
+                              progress=False)
+    assert result.shards_done == [0]
+    assert result.tokens == total - sum(kept_tokens[:-1]) < total
+    assert shard_hashes(teacher_dir) == expected
+    assert not kept_dir.exists()
+    assert main(["cache", "verify", str(killed_run)]) == 0

@@ -1,0 +1,114 @@
+"""Work kept from a killed `cache-teacher` run: scored batches of an unfinished shard, for the next run to reuse.
+
+    progress = ShardProgress(teacher_dir, shard=3, spec=spec, key={...params, rollouts, teacher model...})
+    done = progress.load()             # {batch index: ScoredRows} kept by an earlier run with the same key
+    progress.save(n, scored)           # after batch n is scored
+    progress.clear()                   # once the shard itself is finished
+
+Layout: `progress-0000J/key.json` (what the batches were made from) and one `batch-NNNNN.npz` per scored batch,
+each written to a temporary name and renamed. The final shard is still written only by `TeacherShardSink` and
+still atomically; these files only save teacher forward passes. A resumed run replays the kept batches into the
+sink in their original order and scores the rest, so its shard is byte-identical to an uninterrupted run's.
+
+Key design choice: **a kept batch is trusted only as far as it can be checked.** A batch file that does not
+load (cut short by a crash), fails the cache spec's shape and dtype check, or holds other rows than the batch
+it claims to be, is dropped and scored again; a key that differs in anything (settings, rollout file, teacher
+weights) drops the whole directory. Files are read with `allow_pickle=False`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from grpo_kd.cache.teacher import CacheSpec, ScoredRows
+from grpo_kd.fsutil import atomic_write_json, tmp_path_for
+
+log = logging.getLogger(__name__)
+
+KEY_NAME = "key.json"
+_ROW = ("row", "group_id", "num_tokens", "seq_logprob")
+_TOKEN, _EXTRA = "token.", "extra."
+
+
+def progress_dir(directory: Path, shard: int) -> Path:
+    return Path(directory) / f"progress-{shard:05d}"
+
+
+class ShardProgress:
+    """The kept batches of one unfinished teacher shard (see the module doc)."""
+
+    def __init__(self, directory: Path, shard: int, spec: CacheSpec, key: dict[str, Any]):
+        self.path = progress_dir(directory, shard)
+        self.shard = shard
+        self.spec = spec
+        self.key = key
+
+    def load(self) -> dict[int, ScoredRows]:
+        """The batches kept under the same key; anything else in the directory is removed."""
+        if not self.path.is_dir():
+            return {}
+        try:
+            same = json.loads((self.path / KEY_NAME).read_text(encoding="utf-8")) == _jsonable(self.key)
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            log.info("teacher shard %d: kept batches were made with other settings or inputs; scoring afresh",
+                     self.shard)
+            self.clear()
+            return {}
+        done: dict[int, ScoredRows] = {}
+        for path in sorted(self.path.glob("batch-*.npz")):
+            scored = self._read(path)
+            if scored is None:
+                path.unlink(missing_ok=True)
+            else:
+                done[int(path.stem.split("-")[1])] = scored
+        return done
+
+    def start(self) -> None:
+        """Make the directory and record the key (before the first batch is saved)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path / KEY_NAME, _jsonable(self.key))
+
+    def save(self, index: int, scored: ScoredRows) -> None:
+        arrays = {name: np.asarray(value) for name, value in zip(_ROW, (scored.row, scored.group_id,
+                                                                         scored.num_tokens, scored.seq_logprob))}
+        arrays.update({_TOKEN + name: value for name, value in scored.token.items()})
+        arrays.update({_EXTRA + name: value for name, value in (scored.extra or {}).items()})
+        final = self.path / f"batch-{index:05d}.npz"
+        tmp = tmp_path_for(final)
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, final)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def _read(self, path: Path) -> ScoredRows | None:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+            scored = ScoredRows(
+                row=arrays["row"], group_id=arrays["group_id"], num_tokens=arrays["num_tokens"],
+                seq_logprob=arrays["seq_logprob"],
+                token={k[len(_TOKEN):]: v for k, v in arrays.items() if k.startswith(_TOKEN)},
+                extra={k[len(_EXTRA):]: v for k, v in arrays.items() if k.startswith(_EXTRA)} or None,
+            )
+            scored.check(self.spec)
+            return scored
+        except Exception as exc:  # noqa: BLE001 - a file cut short can fail anywhere in numpy's zip reader
+            log.warning("teacher shard %d: dropping unreadable kept batch %s (%s)", self.shard, path.name,
+                        type(exc).__name__)
+            return None
+
+
+def _jsonable(obj: Any) -> Any:
+    """The key as it reads back from JSON (tuples become lists), so that a comparison is exact."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
