@@ -2,6 +2,12 @@
 
     python benchmarks/bench_trl.py --threads 1           # 16 prompts x G=4, 32 new tokens, 3 repeats (~8 min, 2 cores)
     python benchmarks/bench_trl.py --prompts 8 --repeats 1 --iterations 2   # a quick look
+    python benchmarks/bench_trl.py --scale medium --threads 2 --max-new-tokens 96 --repeats 2 --iterations 2
+
+`--scale tiny` (default) is the tiny pair of the tests (vocabulary 1,024, 0.5M / 0.1M parameters, briefly
+pre-trained); `--scale medium` builds larger random-weight Llamas (teacher 6 x 384, student 4 x 256) with the
+largest vocabulary a byte-level BPE reaches on the local text (../shared/data/faroese plus the built-in corpus:
+about 11k), where full-vocabulary logits start to weigh. Its results go to `trl-medium.{json,md}`.
 
 `--threads N` sets OMP/MKL threads in every measured process (default: the library's, one per core). On a
 machine shared with other work, torch's default threads oversubscribe the cores and the timings of both methods
@@ -77,6 +83,7 @@ class Settings:
     warmup: int = 1  # iterations per process before the measured ones
     cli_iterations: int = 2  # measured iterations of the CLI run (no warm-up: every phase is a fresh process)
     seed: int = 0
+    scale: str = "tiny"
     models: str = ""
     prompts_file: str = ""
     workdir: str = ""
@@ -348,7 +355,7 @@ def markdown(report: dict) -> str:
     lines = [f"# grpo-kd vs TRL GRPOTrainer ({report['device']})", "", f"Command: `{report['command']}`", "",
              f"TRL {report['versions']['trl']}, transformers {report['versions']['transformers']}, torch "
              f"{report['versions']['torch']} ({report['torch_threads']} threads), {report['cpus']} CPUs. "
-             f"CPU only, float32; GPU figures are not measured.", "",
+             f"CPU only, float32; GPU figures are not measured.", "", f"Models: {report['models']}.", "",
              f"{s['prompts']} prompts x G={s['group_size']}, {s['max_new_tokens']} new tokens, temperature "
              f"{s['temperature']}, lr {s['lr']} constant, loss {s['loss_type']}, beta {s['beta']}, epsilon "
              f"{s['epsilon']}, {s['micro_batch']} completions per optimizer step ({s['steps_per_iteration']} steps per "
@@ -395,6 +402,34 @@ def write_prompts(path: Path, count: int) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
+FAROESE = ROOT.parent / "shared" / "data" / "faroese"
+SCALES = ("tiny", "medium")
+
+
+def build_models(work: Path, scale: str, seed: int):
+    """The teacher/student pair of `scale` in WORK/models (or WORK/models-<scale>), built once and reused."""
+    from grpo_kd.tiny import BUILTIN_CORPUS, TinyArch, build_tiny_models
+
+    if scale == "tiny":
+        return build_tiny_models(work / "models", seed=seed)
+    corpus = sorted(FAROESE.glob("*.conllu")) + [BUILTIN_CORPUS]
+    return build_tiny_models(
+        work / f"models-{scale}", corpus, vocab_size=16384, pretrain_steps=0, student_pretrain_steps=0, seed=seed,
+        teacher_arch=TinyArch(hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2, intermediate_size=1024,
+                              tie_embeddings=False),
+        student_arch=TinyArch(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=704,
+                              tie_embeddings=True),
+    )
+
+
+def model_summary(models_dir: Path) -> str:
+    build = json.loads((models_dir / "build.json").read_text())
+    parts = [f"{role} {build[role]['parameters']:,} parameters ({build[role]['arch']['num_layers']} layers x "
+             f"{build[role]['arch']['hidden_size']}, {build[role]['pretrain_steps']} pre-training steps)"
+             for role in ("teacher", "student")]
+    return f"{'; '.join(parts)}; vocabulary {build['vocab_size']:,}"
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     defaults = Settings()
@@ -405,6 +440,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("lr", "beta", "epsilon", "temperature"):
         p.add_argument("--" + name, type=float, default=getattr(defaults, name))
     p.add_argument("--loss-type", default=defaults.loss_type, choices=["grpo", "bnpo", "dr_grpo", "dapo"])
+    p.add_argument("--scale", default=defaults.scale, choices=list(SCALES), help="model sizes (see the module doc)")
     p.add_argument("--threads", type=int, default=0, help="OMP/MKL threads of every measured process (0: default)")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per method (the median is reported)")
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-trl", help="models, runs and logs")
@@ -433,11 +469,10 @@ def main(argv: list[str]) -> int:
     import trl
 
     from grpo_kd.kernels.bench_report import device_slug
-    from grpo_kd.tiny import build_tiny_models
 
     work = args.workdir.resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    models = build_tiny_models(work / "models", seed=args.seed)
+    models = build_models(work, args.scale, args.seed)
     write_prompts(work / "prompts.jsonl", args.prompts)
     fields = {f.name for f in dataclasses.fields(Settings)} - {"models", "prompts_file", "workdir"}
     s = Settings(**{k: getattr(args, k) for k in fields}, models=str(models.student.parent),
@@ -456,13 +491,14 @@ def main(argv: list[str]) -> int:
         "settings": {**dataclasses.asdict(s), "steps_per_iteration": s.steps_per_iteration},
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
         "load1": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
-        "summary": summary, "runs": runs,
+        "models": model_summary(models.teacher.parent), "summary": summary, "runs": runs,
     }  # fmt: skip
     report["verdict"] = judge(summary)
     out = args.out / report["device"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "trl.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "trl.md").write_text(markdown(report))
+    stem = "trl" if args.scale == "tiny" else f"trl-{args.scale}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
     return 0
 

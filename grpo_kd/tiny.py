@@ -224,6 +224,8 @@ class _BuildParams:
     seq_len: int
     batch_size: int
     seed: int
+    teacher_arch: dict
+    student_arch: dict
 
 
 def _split_texts(texts: list[str], seed: int, heldout_fraction: float = 0.05) -> tuple[list[str], list[str]]:
@@ -242,17 +244,20 @@ def build_tiny_models(
     batch_size: int = 16,
     seed: int = 0,
     force: bool = False,
+    teacher_arch: TinyArch = TEACHER_ARCH,
+    student_arch: TinyArch = STUDENT_ARCH,
 ) -> TinyModels:
     """Write OUT/{tokenizer,teacher,student} and OUT/build.json; deterministic given the arguments.
 
     `pretrain_steps` trains the teacher; the student gets `student_pretrain_steps` (default a quarter of the
-    teacher's). A finished build with the same arguments is reused unless `force`.
+    teacher's). A finished build with the same arguments is reused unless `force`. Other shapes than the tiny
+    defaults (`teacher_arch`, `student_arch`) serve benchmarks at a larger scale.
     """
     out = Path(out_dir)
     student_steps = pretrain_steps // 4 if student_pretrain_steps is None else student_pretrain_steps
     params = _BuildParams(
         [str(Path(p).resolve()) for p in corpus or []], vocab_size, pretrain_steps, student_steps,
-        seq_len, batch_size, seed,
+        seq_len, batch_size, seed, asdict(teacher_arch), asdict(student_arch),
     )  # fmt: skip
     paths = TinyModels(teacher=out / "teacher", student=out / "student", tokenizer=out / "tokenizer")
     report_path = out / "build.json"
@@ -267,7 +272,7 @@ def build_tiny_models(
     heldout_blocks = _blocks(_token_stream(tokenizer, heldout_texts), seq_len)  # (M, T)
     report: dict = {"params": asdict(params), "vocab_size": len(tokenizer), "train_tokens": train_blocks.numel()}
     _save_dir(paths.tokenizer, tokenizer)
-    for role, arch, steps, lr in (("teacher", TEACHER_ARCH, pretrain_steps, 3e-3), ("student", STUDENT_ARCH, student_steps, 3e-3)):
+    for role, arch, steps, lr in (("teacher", teacher_arch, pretrain_steps, 3e-3), ("student", student_arch, student_steps, 3e-3)):
         t0 = time.perf_counter()
         model = _make_llama(arch, tokenizer, seed + (1 if role == "student" else 0))
         with _torch_threads(1):
