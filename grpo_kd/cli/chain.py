@@ -21,15 +21,21 @@ def run(
     config: Optional[Path] = CONFIG_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
     iterations: Optional[int] = ITERATIONS_OPTION,
+    in_process: bool = typer.Option(
+        False, "--in-process",
+        help="Run the phases inside this process instead of one process each: saves the start-up of every phase "
+             "(seconds each), for small models; output goes to the terminal, not RUN/logs/.",
+    ),
 ) -> None:
     """Run rollout -> cache-teacher -> update for each iteration on this machine, resuming where it stopped."""
     from grpo_kd.slurm.local import run_local
     from grpo_kd.slurm.plan import prepare_run
 
     cfg, paths = prepare_run(resolve_config(config, overrides), iterations)
-    console.print(f"run {cfg.name}: {cfg.iterations} iterations in {paths.root} (config: {paths.config})",
+    how = "in this process" if in_process else "each phase in its own process"
+    console.print(f"run {cfg.name}: {cfg.iterations} iterations in {paths.root} ({how}; config: {paths.config})",
                   highlight=False)
-    run_local(cfg, paths, console=console)
+    run_local(cfg, paths, console=console, in_process=in_process)
 
 
 def demo(

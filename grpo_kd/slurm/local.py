@@ -2,6 +2,7 @@
 
     cfg, paths = prepare_run(cfg, iterations=2)      # RUN/config.yaml, which every phase reads
     run_local(cfg, paths)                            # each phase in its own process; logs in RUN/logs/
+    run_local(cfg, paths, in_process=True)           # `grpo-kd run --in-process`: the same phases in this process
 
 Key design choices:
 - Each phase (each shard of a sharded phase) is its own `python -m grpo_kd.cli.app <phase> ...` process, the
@@ -12,6 +13,12 @@ Key design choices:
 - Ctrl-C (or SIGTERM) is passed on to the phase as SIGTERM, which an update phase answers by checkpointing
   and exiting with the requeue code; the phase runs in its own session, so the terminal's SIGINT reaches only
   the executor, which then waits for the phase to finish its checkpoint.
+- `in_process=True` calls the same phase commands (`grpo_kd.cli.app.main`) in this process instead: no Python
+  start-up, imports and library initialisation per phase (5-20 s each on a CPU, more than a tiny model's
+  work), for small models on one machine. The price: memory is freed but not handed back to the OS between
+  phases, output goes to the terminal instead of RUN/logs/, and Ctrl-C stops the phase where it is (every file is
+  written atomically, so the next run resumes from the last finished phase or update checkpoint); SIGTERM still
+  reaches an update as a checkpoint request.
 """
 
 from __future__ import annotations
@@ -71,10 +78,14 @@ def local_tasks(cfg: Config) -> list[LocalTask]:
     return tasks
 
 
-def run_local(cfg: Config, paths: RunPaths, *, console: Console | None = None, python: str = sys.executable) -> None:
+def run_local(cfg: Config, paths: RunPaths, *, console: Console | None = None, python: str = sys.executable,
+              in_process: bool = False) -> None:
     """Run every unfinished phase of the chain in order; raise `PhaseFailed` at the first that fails."""
     console = console or Console(stderr=True)
     tasks = local_tasks(cfg)
+    if in_process:
+        _run_in_process(cfg, paths, tasks, console)
+        return
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())  # fmt: skip
     with _stop_on_signals(), Progress(*columns, console=console, transient=True) as progress:
@@ -88,6 +99,45 @@ def run_local(cfg: Config, paths: RunPaths, *, console: Console | None = None, p
                 progress.console.print(f"  [green]✓[/] {task.label} [dim]({seconds:.1f} s)[/]", highlight=False)
             progress.advance(bar)
     console.print(f"run {cfg.name}: all {cfg.iterations} iterations done in {paths.root}", highlight=False)
+
+
+def _run_in_process(cfg: Config, paths: RunPaths, tasks: list[LocalTask], console: Console) -> None:
+    """The in-process variant of `run_local`: plain lines instead of a live display, which the phases' own
+    progress bars would collide with."""
+    with _stop_on_signals():
+        for number, task in enumerate(tasks, start=1):
+            where = f"[{number}/{len(tasks)}] {task.label}"
+            if task_done(cfg, paths, task.step, task.task or 0, task.tasks):
+                console.print(f"  [dim]· {where}: done before[/]", highlight=False)
+                continue
+            console.print(f"  [bold]▶[/] {where}", highlight=False)
+            seconds = run_task_in_process(task, paths)
+            console.print(f"  [green]✓[/] {where} [dim]({seconds:.1f} s)[/]", highlight=False)
+    console.print(f"run {cfg.name}: all {cfg.iterations} iterations done in {paths.root}", highlight=False)
+
+
+def run_task_in_process(task: LocalTask, paths: RunPaths) -> float:
+    """Run one phase command in this process; returns its wall time in seconds."""
+    import gc
+
+    from grpo_kd.cli.app import main
+
+    args = phase_args(task.step, paths.config, task=task.task, tasks=task.tasks if task.task is not None else None)
+    started = time.monotonic()
+    try:
+        code = main(args)
+    except _Stop:
+        raise Interrupted(f"stopped during {task.label}; run the same command again to resume from the last "
+                          "finished phase or update checkpoint") from None
+    finally:
+        gc.collect()  # the phase's models are unreachable now: free them before the next phase loads its own
+        if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+            sys.modules["torch"].cuda.empty_cache()
+    if code == REQUEUE_EXIT_CODE:
+        raise Interrupted(f"{task.label} stopped on a signal after checkpointing; run again to resume")
+    if code != 0:
+        raise PhaseFailed(f"{task.label} failed (exit {code}); its error is printed above")
+    return time.monotonic() - started
 
 
 def run_task(task: LocalTask, paths: RunPaths, *, python: str = sys.executable) -> float:

@@ -71,3 +71,30 @@ def test_a_failing_phase_stops_the_run_with_one_line(tmp_path, tiny_models):
     log = RunPaths.of(tmp_path / "runs" / "run").logs / "iter_0001-cache-teacher.log"
     assert last.startswith("error: iteration 1 cache-teacher failed (exit 1); log: ") and str(log) in last
     assert "no-such-teacher" in log.read_text()
+
+
+def test_in_process_run_equals_the_process_per_phase_run(tmp_path, tiny_models):
+    """`grpo-kd run --in-process` runs the same phase commands without a process each: same checkpoints and
+    metrics to the last bit as the default executor, and a second call finds everything done."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, extra in (("procs", ()), ("inproc", ("--in-process",))):
+        config = write_run_config(tmp_path / f"{name}.yaml", tmp_path / "runs", tiny_models, name=name, iterations=2)
+        done = subprocess.run(_grpo_kd("run", "--config", str(config), *extra), capture_output=True, text=True,
+                              timeout=900)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        runs[name] = RunPaths.of(tmp_path / "runs" / name)
+    assert "in this process" in " ".join((done.stdout + done.stderr).split())  # rich wraps long lines
+    assert not list(runs["inproc"].logs.glob("*.log"))  # its phases wrote to the terminal
+    weights = {name: load_file(str(paths.checkpoint(2) / "model" / "model.safetensors")) for name, paths in runs.items()}
+    assert weights["procs"].keys() == weights["inproc"].keys()
+    for key, value in weights["procs"].items():
+        assert (value == weights["inproc"][key]).all(), key
+    losses = {name: [json.loads(line)["loss"] for line in paths.metrics.read_text().splitlines()]
+              for name, paths in runs.items()}
+    assert losses["procs"] == losses["inproc"] and len(losses["procs"]) >= 2
+
+    again = subprocess.run(_grpo_kd("run", "--config", str(tmp_path / "inproc.yaml"), "--in-process"),
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0 and (again.stdout + again.stderr).count("done before") == 6
