@@ -6,7 +6,8 @@
     progress.clear()                   # once the shard itself is finished
 
 Layout: `progress-0000J/key.json` (what the batches were made from) and one `batch-NNNNN.npz` per scored batch,
-each written to a temporary name and renamed. The final shard is still written only by `TeacherShardSink` and
+each written to a temporary name and renamed; `reference.npz` holds the reference pass's log-probs of the shard
+with its own key (`save_reference` / `load_reference`), since that pass runs before the teacher is loaded. The final shard is still written only by `TeacherShardSink` and
 still atomically; these files only save teacher forward passes. A resumed run replays the kept batches into the
 sink in their original order and scores the rest, so its shard is byte-identical to an uninterrupted run's.
 
@@ -61,7 +62,8 @@ class ShardProgress:
         if not same:
             log.info("teacher shard %d: kept batches were made with other settings or inputs; scoring afresh",
                      self.shard)
-            self.clear()
+            for path in [self.path / KEY_NAME, *self.path.glob("batch-*.npz")]:
+                path.unlink(missing_ok=True)
             return {}
         done: dict[int, ScoredRows] = {}
         for path in sorted(self.path.glob("batch-*.npz")):
@@ -82,11 +84,7 @@ class ShardProgress:
                                                                          scored.num_tokens, scored.seq_logprob))}
         arrays.update({_TOKEN + name: value for name, value in scored.token.items()})
         arrays.update({_EXTRA + name: value for name, value in (scored.extra or {}).items()})
-        final = self.path / f"batch-{index:05d}.npz"
-        tmp = tmp_path_for(final)
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, final)
+        _save_npz(self.path / f"batch-{index:05d}.npz", arrays)
 
     def clear(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -107,6 +105,42 @@ class ShardProgress:
             log.warning("teacher shard %d: dropping unreadable kept batch %s (%s)", self.shard, path.name,
                         type(exc).__name__)
             return None
+
+
+REFERENCE_NAME = "reference.npz"
+
+
+def save_reference(directory: Path, shard: int, key: dict[str, Any], logprobs: list[np.ndarray]) -> None:
+    """Keep the reference log-probs of every row of shard `shard` (a list of (C,) float32 arrays)."""
+    path = progress_dir(directory, shard)
+    path.mkdir(parents=True, exist_ok=True)
+    lengths = np.array([len(x) for x in logprobs], np.int64)
+    values = np.concatenate(logprobs).astype(np.float32) if logprobs else np.zeros(0, np.float32)
+    _save_npz(path / REFERENCE_NAME, {"key": np.array(json.dumps(_jsonable(key), sort_keys=True)),
+                                      "lengths": lengths, "values": values})
+
+
+def load_reference(directory: Path, shard: int, key: dict[str, Any], lengths: np.ndarray) -> list[np.ndarray] | None:
+    """The kept reference log-probs of shard `shard` when they were made under `key` for rows of `lengths`."""
+    path = progress_dir(directory, shard) / REFERENCE_NAME
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            same = str(data["key"]) == json.dumps(_jsonable(key), sort_keys=True)
+            kept, values = data["lengths"], data["values"]
+        if not same or not np.array_equal(kept, lengths) or len(values) != int(kept.sum()):
+            return None
+    except Exception:  # noqa: BLE001 - a file cut short can fail anywhere in numpy's zip reader
+        return None
+    return np.split(values, np.cumsum(kept)[:-1]) if len(kept) else []
+
+
+def _save_npz(final: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = tmp_path_for(final)
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    os.replace(tmp, final)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -21,8 +21,9 @@ first pass whose [C] float32 results are kept in memory, so that two models are 
 Idempotence: a shard whose manifest exists, whose checksum matches and which scored the current rollout file
 with the current settings is skipped. An unfinished shard (a killed or requeued run) is written again into a
 temporary name (`TeacherShardSink`), but the teacher batches a killed run had scored are kept
-(`grpo_kd.cache.progress`) and replayed instead of scored again: a kill costs at most one batch of teacher work,
-never correctness. The reference pass of such a shard is run again in full (the student, cheaper than the teacher).
+(`grpo_kd.cache.progress`) and replayed instead of scored again, and so are its reference log-probs once the
+reference pass has finished them: a kill costs at most one batch of teacher work (or the shard's reference pass,
+when it comes during that pass), never correctness.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 from grpo_kd.cache.manifest import CacheError, describe_vocab, read_json, shard_is_complete, shard_manifest_path
-from grpo_kd.cache.progress import ShardProgress, progress_dir
+from grpo_kd.cache.progress import ShardProgress, load_reference, progress_dir, save_reference
 from grpo_kd.cache.reader import completion_hidden
 from grpo_kd.cache.rollouts import RolloutShard, RolloutStore
 from grpo_kd.cache.teacher import CacheSpec, ScoredRows, TeacherShardSink, bf16_bits
@@ -54,6 +55,7 @@ class PassResult:
     shards_done: list[int]  # scored by this call
     shards_skipped: list[int]  # already finished
     tokens: int  # completion tokens scored by this call (not those of batches kept from a killed run)
+    reference_tokens: int = 0  # completion tokens the reference pass scored in this call (not kept ones)
 
 
 # ----------------------------------------------------------------------------------------------- the pass
@@ -84,7 +86,7 @@ def run_teacher_pass(cfg: Config, *, iteration: int, task: int = 0, num_tasks: i
         shutil.rmtree(progress_dir(teacher_dir, j), ignore_errors=True)  # killed between finishing and clearing
     if not pending:
         return PassResult([], skipped, 0)
-    ref = _reference_pass(cfg, pending, progress) if spec.reference else {}
+    ref = _reference_pass(cfg, pending, progress, teacher_dir, params) if spec.reference else {}
     teacher = _load_teacher(cfg)
     scorer = Scorer(cfg, teacher, teacher_tok, spec)
     common = {"iteration": iteration, "task": {"index": task, "count": num_tasks}, "params": params,
@@ -111,7 +113,7 @@ def run_teacher_pass(cfg: Config, *, iteration: int, task: int = 0, num_tasks: i
                 sink.add(scored)
         kept.clear()
         log.info("teacher shard %d written: %d rows, %d tokens", shard.shard, shard.num_rows, sink.tokens_written)
-    return PassResult([s.shard for s in pending], skipped, tokens)
+    return PassResult([s.shard for s in pending], skipped, tokens, ref.get("_tokens", 0))
 
 
 def _open_rollouts(directory) -> RolloutStore:
@@ -182,17 +184,27 @@ def _free(model) -> None:
 # ----------------------------------------------------------------------------------------------- reference
 
 
-def _reference_pass(cfg: Config, shards: list[RolloutShard], progress: bool) -> dict:
-    """{shard: [R] list of (C,) float32 arrays} of the reference model's log-probs of each rollout's tokens."""
+def _reference_pass(cfg: Config, shards: list[RolloutShard], progress: bool, teacher_dir, params: dict) -> dict:
+    """{shard: [R] list of (C,) float32 arrays} of the reference model's log-probs of each rollout's tokens,
+    plus "_desc" (the model) and "_tokens" (tokens scored now). Kept log-probs of an interrupted run are reused."""
     from grpo_kd.models import adapters_disabled, load_student
 
     model = load_student(cfg.model, checkpoint=None, trainable=False)
     scorer = Scorer(cfg, model, None, CacheSpec(format=cfg.teacher.cache_format, token_level=False),
                     reference=True)
-    out: dict[Any, Any] = {"_desc": {"path": cfg.model.path, "adapters": "off", "model": _model_fp(model)}}
+    desc = {"path": cfg.model.path, "adapters": "off", "model": _model_fp(model)}
+    out: dict[Any, Any] = {"_desc": desc, "_tokens": 0}
     with adapters_disabled(model):
         for shard in shards:
+            key = {"params": params, "rollouts": shard.manifest["sha256"], "reference": desc}
+            kept = load_reference(teacher_dir, shard.shard, key, shard.lengths())
+            if kept is not None:
+                log.info("reference log-probs of shard %d kept from an interrupted run", shard.shard)
+                out[shard.shard] = kept
+                continue
             out[shard.shard] = scorer.reference_logprobs(shard, progress=progress)
+            out["_tokens"] += int(shard.lengths().sum())
+            save_reference(teacher_dir, shard.shard, key, out[shard.shard])
     _free(model)
     return out
 

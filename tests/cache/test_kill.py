@@ -76,9 +76,9 @@ def test_sigkill_at_random_moments_then_rerun(tmp_path, cache_models):
 
 
 def test_killed_shard_resumes_from_its_kept_batches(tmp_path, cache_models, capsys):
-    """A kill mid-shard keeps the teacher batches already scored: the next run scores only the rest (a batch
-    file cut short by the crash is dropped and scored again), and the shard is byte-identical to a clean run's,
-    teacher samples and reference log-probs included."""
+    """A kill mid-shard keeps the reference log-probs and the teacher batches already scored: the next run scores
+    only the rest (a batch file cut short by the crash is dropped and scored again), and the shard is
+    byte-identical to a clean run's, teacher samples and reference log-probs included."""
     from grpo_kd.cache.progress import progress_dir
     from grpo_kd.config import load_config
     from grpo_kd.train.teacher_pass import run_teacher_pass
@@ -86,9 +86,10 @@ def test_killed_shard_resumes_from_its_kept_batches(tmp_path, cache_models, caps
     teacher = {"token_budget": 40, "num_samples": 3}
     config, clean_run = make_run(tmp_path, cache_models, name="clean", num_prompts=8, group_size=4,
                                  max_new_tokens=16, num_shards=1, teacher=teacher)
-    assert run_teacher_pass(load_config(config, []), iteration=1, progress=False).shards_done == [0]
+    clean = run_teacher_pass(load_config(config, []), iteration=1, progress=False)
     expected = shard_hashes(RunPaths.of(clean_run).teacher(1))
     total = int(sum(m["tokens"] for m in list_shard_manifests(RunPaths.of(clean_run).teacher(1)).values()))
+    assert clean.shards_done == [0] and clean.tokens == clean.reference_tokens == total
 
     killed_run = tmp_path / "killed"
     shutil.copytree(RunPaths.of(clean_run).rollouts(1), RunPaths.of(killed_run).rollouts(1))
@@ -116,6 +117,7 @@ def test_killed_shard_resumes_from_its_kept_batches(tmp_path, cache_models, caps
                               progress=False)
     assert result.shards_done == [0]
     assert result.tokens == total - sum(kept_tokens[:-1]) < total
+    assert result.reference_tokens == 0  # the reference pass had finished before the kill: kept too
     assert shard_hashes(teacher_dir) == expected
     assert not kept_dir.exists()
     assert main(["cache", "verify", str(killed_run)]) == 0
