@@ -6,6 +6,7 @@ and a run on an H100 differ only in what these two functions find, and the log s
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
@@ -57,3 +58,10 @@ def choose_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str
             return torch.bfloat16, "auto: bfloat16 because this GPU supports it"
         return torch.float16, "auto: float16 because this GPU has no bfloat16"
     return torch.float32, f"auto: float32 because the device is {device.type}"
+
+
+def release_memory() -> None:
+    """Return the memory of models nobody references any more (the caller drops its references first)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -12,7 +12,6 @@ is loaded); and one set of sampled completions serves both `distill` and `divers
 
 from __future__ import annotations
 
-import gc
 import re
 import time
 from dataclasses import dataclass
@@ -20,9 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from grpo_kd.config import Config
+from grpo_kd.device import release_memory
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.evaluate import diversity as div
 from grpo_kd.evaluate.euroeval import INSTALL_HINT, euroeval_launcher, run_euroeval
@@ -174,13 +172,6 @@ def load_checkpoint(checkpoint: str, cfg: Config):
     return model.eval().requires_grad_(False)
 
 
-def _collect() -> None:
-    """Return freed model memory (the caller drops its reference first)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # ---------------------------------------------------------------------------------------------- the run
 
 
@@ -216,7 +207,7 @@ def evaluate_checkpoint(
         model = load_checkpoint(checkpoint, cfg)
         student = _student_suites(model, tokenizer, inputs, cfg, baseline, result)
         del model  # the student leaves memory before the teacher comes in
-        _collect()
+        release_memory()
     if student is not None:
         result["distill"] = _distill(student, inputs, cfg, tokenizer)
     if "euroeval" in inputs.suites:
@@ -280,4 +271,4 @@ def _distill(student, inputs: SuiteInputs, cfg: Config, student_tokenizer) -> di
         return cross_tokenizer_score(student, teacher_model, teacher_tokenizer, batch_size=cfg.eval.batch_size)
     finally:
         del teacher_model
-        _collect()
+        release_memory()

@@ -118,8 +118,6 @@ def _run_in_process(cfg: Config, paths: RunPaths, tasks: list[LocalTask], consol
 
 def run_task_in_process(task: LocalTask, paths: RunPaths) -> float:
     """Run one phase command in this process; returns its wall time in seconds."""
-    import gc
-
     from grpo_kd.cli.app import main
 
     args = phase_args(task.step, paths.config, task=task.task, tasks=task.tasks if task.task is not None else None)
@@ -130,9 +128,9 @@ def run_task_in_process(task: LocalTask, paths: RunPaths) -> float:
         raise Interrupted(f"stopped during {task.label}; run the same command again to resume from the last "
                           "finished phase or update checkpoint") from None
     finally:
-        gc.collect()  # the phase's models are unreachable now: free them before the next phase loads its own
-        if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
-            sys.modules["torch"].cuda.empty_cache()
+        from grpo_kd.device import release_memory
+
+        release_memory()  # the phase's models are unreachable now: free them before the next phase loads its own
     if code == REQUEUE_EXIT_CODE:
         raise Interrupted(f"{task.label} stopped on a signal after checkpointing; run again to resume")
     if code != 0:

@@ -28,7 +28,6 @@ when it comes during that pass), never correctness.
 
 from __future__ import annotations
 
-import gc
 import logging
 import shutil
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from grpo_kd.cache.reader import completion_hidden
 from grpo_kd.cache.rollouts import RolloutShard, RolloutStore
 from grpo_kd.cache.teacher import CacheSpec, ScoredRows, TeacherShardSink, bf16_bits
 from grpo_kd.config import Config
+from grpo_kd.device import release_memory
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.paths import RunPaths
 from grpo_kd.train.teacher_samples import sample_teacher
@@ -174,13 +174,6 @@ def _load_teacher(cfg: Config):
     return load_teacher(cfg.teacher, cfg.model)
 
 
-def _free(model) -> None:
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # ----------------------------------------------------------------------------------------------- reference
 
 
@@ -205,7 +198,8 @@ def _reference_pass(cfg: Config, shards: list[RolloutShard], progress: bool, tea
             out[shard.shard] = scorer.reference_logprobs(shard, progress=progress)
             out["_tokens"] += int(shard.lengths().sum())
             save_reference(teacher_dir, shard.shard, key, out[shard.shard])
-    _free(model)
+    del model, scorer
+    release_memory()
     return out
 
 
