@@ -7,21 +7,22 @@
 
 Layout: `progress-0000J/key.json` (what the batches were made from) and one `batch-NNNNN.npz` per scored batch,
 each written to a temporary name and renamed; `reference.npz` holds the reference pass's log-probs of the shard
-with its own key (`save_reference` / `load_reference`), since that pass runs before the teacher is loaded. The final shard is still written only by `TeacherShardSink` and
-still atomically; these files only save teacher forward passes. A resumed run replays the kept batches into the
-sink in their original order and scores the rest, so its shard is byte-identical to an uninterrupted run's.
+with its own key (`save_reference` / `load_reference`), since that pass runs before the teacher is loaded. The
+final shard is still written only by `TeacherShardSink` and still atomically; these files only save forward
+passes. A resumed run replays the kept batches into the sink in their original order and scores the rest, so
+its shard is byte-identical to an uninterrupted run's.
 
-Key design choice: **a kept batch is trusted only as far as it can be checked.** A batch file that does not
-load (cut short by a crash), fails the cache spec's shape and dtype check, or holds other rows than the batch
-it claims to be, is dropped and scored again; a key that differs in anything (settings, rollout file, teacher
-weights) drops the whole directory. Files are read with `allow_pickle=False`.
+Key design choice: **kept work is trusted only as far as it can be checked.** A batch file that does not load
+(cut short by a crash), fails the cache spec's shape and dtype check, or holds other rows than the batch it
+claims to be, is dropped and scored again; a key that differs in anything (settings, rollout file, teacher or
+reference weights) drops every kept batch (or the kept reference log-probs). Files are read with
+`allow_pickle=False`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from grpo_kd.cache.teacher import CacheSpec, ScoredRows
-from grpo_kd.fsutil import atomic_write_json, tmp_path_for
+from grpo_kd.fsutil import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ _TOKEN, _EXTRA = "token.", "extra."
 
 def progress_dir(directory: Path, shard: int) -> Path:
     return Path(directory) / f"progress-{shard:05d}"
+
+
+def kept_batch_files(directory: Path, shard: int) -> list[Path]:
+    """The batch files kept for unfinished shard `shard` of the teacher directory `directory`, in batch order."""
+    return sorted(progress_dir(directory, shard).glob("batch-*.npz"))
 
 
 class ShardProgress:
@@ -62,11 +68,11 @@ class ShardProgress:
         if not same:
             log.info("teacher shard %d: kept batches were made with other settings or inputs; scoring afresh",
                      self.shard)
-            for path in [self.path / KEY_NAME, *self.path.glob("batch-*.npz")]:
+            for path in [self.path / KEY_NAME, *self._batch_files()]:
                 path.unlink(missing_ok=True)
             return {}
         done: dict[int, ScoredRows] = {}
-        for path in sorted(self.path.glob("batch-*.npz")):
+        for path in self._batch_files():
             scored = self._read(path)
             if scored is None:
                 path.unlink(missing_ok=True)
@@ -88,6 +94,9 @@ class ShardProgress:
 
     def clear(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+    def _batch_files(self) -> list[Path]:
+        return kept_batch_files(self.path.parent, self.shard)
 
     def _read(self, path: Path) -> ScoredRows | None:
         try:
@@ -137,10 +146,8 @@ def load_reference(directory: Path, shard: int, key: dict[str, Any], lengths: np
 
 
 def _save_npz(final: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = tmp_path_for(final)
-    with open(tmp, "wb") as handle:
+    with atomic_path(final) as tmp, open(tmp, "wb") as handle:  # a handle: np.savez would add ".npz" to a name
         np.savez(handle, **arrays)
-    os.replace(tmp, final)
 
 
 def _jsonable(obj: Any) -> Any:

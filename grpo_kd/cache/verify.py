@@ -27,7 +27,7 @@ from grpo_kd.cache.manifest import (
     tmp_leftovers,
     write_index,
 )
-from grpo_kd.cache.progress import progress_dir
+from grpo_kd.cache.progress import kept_batch_files
 from grpo_kd.cache.reader import _bf16_bits_to_float32
 from grpo_kd.cache.rollouts import RolloutStore
 from grpo_kd.cache.teacher import TEACHER_KIND, CacheSpec, open_shard_reader
@@ -96,7 +96,7 @@ def verify_iteration(paths: RunPaths, iteration: int, report: VerifyReport) -> N
             unfinished = [p for p in teacher_dir.glob(f"part-{rollout.shard:05d}.*") if ".tmp-" not in p.name] \
                 if teacher_dir.is_dir() else []
             what = "unfinished: data without a manifest" if unfinished else "missing (no manifest)"
-            kept = len(list(progress_dir(teacher_dir, rollout.shard).glob("batch-*.npz")))
+            kept = len(kept_batch_files(teacher_dir, rollout.shard))
             if kept:
                 what += f"; {kept} scored batches are kept for the next `grpo-kd cache-teacher` to resume from"
             report.bad(rel(teacher_dir / f"part-{rollout.shard:05d}"), f"teacher shard {what}")

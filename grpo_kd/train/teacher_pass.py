@@ -288,20 +288,23 @@ class Scorer:
         return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
                         TimeRemainingColumn(), disable=not enabled, transient=False)
 
-    def _loop(self, shard: RolloutShard, label: str, progress: bool, skip=frozenset()) -> Iterator[
+    def _loop(self, shard: RolloutShard, label: str, progress: bool,
+              kept: dict[int, np.ndarray] | None = None) -> Iterator[
             tuple[int, np.ndarray, torch.Tensor | None, torch.Tensor | None, np.ndarray]]:
-        """(batch index, rows, hidden states (N, H), target ids (N,), C per row) per batch; for the batch indices
-        in `skip` no forward pass runs and the hidden states and targets are None."""
+        """(batch index, rows, hidden states (N, H), target ids (N,), C per row) per batch. A batch whose index
+        and rows are in `kept` ({index: rows} of batches scored earlier) gets no forward pass: None, None."""
         prompts, completions = self._prompts(shard), self._completions(shard)
         batches = self._batches(prompts, completions)
         total = int(sum(len(c) for c in completions))
         with self._progress(total, label, progress) as bar:
             task = bar.add_task(label, total=total)
             for n, rows in enumerate(batches):
-                if n in skip:
+                if kept and n in kept and np.array_equal(kept[n], rows):
                     C = np.array([len(completions[i]) for i in rows], np.int64)
                     yield n, rows, None, None, C
                 else:
+                    if kept and n in kept:
+                        log.warning("shard %d: kept batch %d holds other rows; scoring it again", shard.shard, n)
                     h, targets, C = self._hidden(prompts, completions, rows)
                     yield n, rows, h, targets, C
                 bar.advance(task, int(C.sum()))
@@ -328,14 +331,11 @@ class Scorer:
         group_ids = shard.table.column("group_id").to_numpy()
         student_C = shard.lengths()
         done = done or {}
-        batches = self._loop(shard, f"teacher    shard {shard.shard}", progress, skip=frozenset(done))
-        for n, rows, h, targets, C in batches:
-            if n in done:
-                if np.array_equal(done[n].row, rows):
-                    yield n, done[n], False
-                    continue
-                log.warning("teacher shard %d: kept batch %d holds other rows; scoring it again", shard.shard, n)
-                h, targets, C = self._hidden(self._prompts(shard), self._completions(shard), rows)
+        kept = {n: scored.row for n, scored in done.items()}
+        for n, rows, h, targets, C in self._loop(shard, f"teacher    shard {shard.shard}", progress, kept):
+            if h is None:
+                yield n, done[n], False
+                continue
             token: dict[str, np.ndarray] = {}
             extra = None
             if self.spec.token_level:
