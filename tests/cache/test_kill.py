@@ -79,7 +79,7 @@ def test_killed_shard_resumes_from_its_kept_batches(tmp_path, cache_models, caps
     """A kill mid-shard keeps the reference log-probs and the teacher batches already scored: the next run scores
     only the rest (a batch file cut short by the crash is dropped and scored again), and the shard is
     byte-identical to a clean run's, teacher samples and reference log-probs included."""
-    from grpo_kd.cache.progress import progress_dir
+    from grpo_kd.cache.progress import kept_batch_files, progress_dir
     from grpo_kd.config import load_config
     from grpo_kd.train.teacher_pass import run_teacher_pass
 
@@ -98,14 +98,14 @@ def test_killed_shard_resumes_from_its_kept_batches(tmp_path, cache_models, caps
     proc = subprocess.Popen(cache_teacher(config, "killed", tmp_path), env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while len(list(kept_dir.glob("batch-*.npz"))) < 3:
+    while len(kept_batch_files(teacher_dir, 0)) < 3:
         assert proc.poll() is None, "cache-teacher finished before it could be killed: lower the token budget"
         assert time.monotonic() < deadline
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not list_shard_manifests(teacher_dir)
-    kept = sorted(kept_dir.glob("batch-*.npz"))
+    kept = kept_batch_files(teacher_dir, 0)
     kept_tokens = [int(np.load(p)["num_tokens"].sum()) for p in kept]
     capsys.readouterr()
     assert main(["cache", "verify", str(killed_run)]) == 1

@@ -93,12 +93,7 @@ def test_killed_by_sigterm_then_resumed_equals_uninterrupted(baseline, template,
     metrics = RunPaths.of(run).metrics
     proc = subprocess.Popen([sys.executable, "-m", "grpo_kd.cli.app", "update", "--config", str(config_file)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None:
-        assert time.monotonic() < deadline, "no optimizer step within 120 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0].decode()
+    output = sigterm_after_first_step(proc, metrics, seconds=120, exit_seconds=120)
     assert proc.returncode == REQUEUE_EXIT_CODE, output
     saved = step_checkpoints(RunPaths.of(run).checkpoint(1))
     assert saved and not RunPaths.of(run).checkpoint(1).exists()
@@ -144,13 +139,31 @@ def test_steps_must_take_whole_groups(template, tiny_models_quick, tmp_path):
     assert not RunPaths.of(run).checkpoint(1).exists()
 
 
+def sigterm_after_first_step(proc: subprocess.Popen, metrics: Path, *, seconds: float, exit_seconds: float) -> str:
+    """Send SIGTERM to the update `proc` once it logged an optimizer step (within `seconds`); its output after it
+    exits (within `exit_seconds`)."""
+    deadline = time.monotonic() + seconds
+    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None:
+        assert time.monotonic() < deadline, f"no optimizer step within {seconds:.0f} s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    return proc.communicate(timeout=exit_seconds)[0].decode()
+
+
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun_command(config_file: Path, *args: str) -> list[str]:
+    """`grpo-kd update` under torchrun with 2 CPU ranks on gloo."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    return [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "grpo_kd.cli.app", "update",
+            "--config", str(config_file), *args]
+
+
 def torchrun_update(config_file: Path, *args: str) -> str:
     """`grpo-kd update` under torchrun with 2 CPU ranks on gloo; returns its output."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "grpo_kd.cli.app", "update",
-               "--config", str(config_file), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(torchrun_command(config_file, *args), capture_output=True, text=True, timeout=300,
+                            env=TORCHRUN_ENV)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -186,16 +199,9 @@ def test_torchrun_stopped_by_sigterm_then_resumed_equals_one_process(baseline, t
     config_file = tmp_path / "config.yaml"
     save_config(cfg, config_file)
     metrics = RunPaths.of(run).metrics
-    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "-m",
-               "grpo_kd.cli.app", "update", "--config", str(config_file)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 240
-    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None:
-        assert time.monotonic() < deadline, "no optimizer step within 240 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=180)[0].decode()
+    proc = subprocess.Popen(torchrun_command(config_file), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=TORCHRUN_ENV)
+    output = sigterm_after_first_step(proc, metrics, seconds=240, exit_seconds=180)
     assert proc.returncode != 0, output  # torchrun reports its workers' stop as a failure; the script requeues
     saved = step_checkpoints(RunPaths.of(run).checkpoint(1))
     assert saved, output[-3000:]
