@@ -88,7 +88,7 @@ class TeacherConfig:
 
     kind: Literal["model", "self_base", "self_privileged"] = "model"
     path: str = "runs/tiny-models/teacher"  # ignored for the self-teachers, which use the student
-    adapter: bool = False  # self-teachers: run with the student's adapters on (True) or off (False)
+    adapter: bool = False  # self-teachers: the current student (its checkpoint) if True, else its initial model
     prompt_template: str = "{privileged}\n\n{prompt}"  # self_privileged: how the privileged info is placed
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     load_in_4bit: bool = False

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.fsutil import atomic_write_json
+from grpo_kd.paths import RunPaths
 
 MODEL_DIR = "model"
 TRAINER_STATE = "trainer_state.json"
@@ -96,6 +97,19 @@ def restore_checkpoint(
 
 def model_dir(checkpoint: str | Path) -> Path:
     return Path(checkpoint) / MODEL_DIR
+
+
+def student_checkpoint(paths: RunPaths, iteration: int) -> Path | None:
+    """The student of iteration `iteration`, the one that samples its rollouts: None (the initial model) at
+    iteration 1, else the model of the update checkpoint of iteration - 1."""
+    if iteration == 1:
+        return None
+    directory = model_dir(paths.checkpoint(iteration - 1))
+    if not directory.is_dir():
+        raise GrpoKdError(f"the student of iteration {iteration} is missing: {directory} does not exist; "
+                          f"the update of iteration {iteration - 1} is not finished (run grpo-kd update "
+                          f"--iteration {iteration - 1})")
+    return directory
 
 
 def step_checkpoint(final: str | Path, step: int) -> Path:

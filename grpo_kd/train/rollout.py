@@ -72,7 +72,7 @@ from grpo_kd.models import (
 )
 from grpo_kd.paths import RunPaths, part_name
 from grpo_kd.slurm.shards import shard_range
-from grpo_kd.train.checkpoint import model_dir
+from grpo_kd.train.checkpoint import student_checkpoint
 from grpo_kd.train.policy import collate, completion_logprobs
 from grpo_kd.train.sampling import Sample, SamplingParams, sample_batch
 
@@ -194,18 +194,6 @@ def plan_meta(cfg: Config, iteration: int, shard: int, num_shards: int) -> dict[
 
 
 # ---------------------------------------------------------------------------------------------- models
-
-
-def student_checkpoint(paths: RunPaths, iteration: int) -> Path | None:
-    """None (the initial model) at iteration 1, else the model of the update checkpoint of iteration i-1."""
-    if iteration == 1:
-        return None
-    directory = model_dir(paths.checkpoint(iteration - 1))
-    if not directory.is_dir():
-        raise GrpoKdError(f"the student of iteration {iteration} is missing: {directory} does not exist; "
-                          f"the update of iteration {iteration - 1} is not finished (run grpo-kd update "
-                          f"--iteration {iteration - 1})")
-    return directory
 
 
 def _check_teacher_vocabulary(cfg: Config, student_fp: dict[str, Any]) -> dict[str, Any]:

@@ -12,8 +12,9 @@ teacher with their log-probs (`teacher_samples.py`). Alignment: completion token
 `prompt + completion` and is predicted by the hidden state at P + t - 1 (`grpo_kd.cache.reader.completion_hidden`).
 
 Teachers: kind "model" (its own weights; with another vocabulary and `teacher.cross_tokenizer` it re-tokenises
-the prompt and completion texts and scores whole sequences only), "self_base" (the student's base, adapters off
-unless `teacher.adapter`) and "self_privileged" (the same model, with the prompt rebuilt by
+the prompt and completion texts and scores whole sequences only), "self_base" (the student's initial model, or
+with `teacher.adapter` the current student: the checkpoint that sampled the rollouts, weights or adapters) and
+"self_privileged" (either of the two, with the prompt rebuilt by
 `render_prompt(..., privileged_template=teacher.prompt_template)`; the completion tokens are unchanged).
 The reference log-probs (`teacher.reference`) come from the student's initial model with adapters off, in a
 first pass whose [C] float32 results are kept in memory, so that two models are never loaded at once.
@@ -45,6 +46,7 @@ from grpo_kd.config import Config
 from grpo_kd.device import release_memory
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.paths import RunPaths
+from grpo_kd.train.checkpoint import student_checkpoint
 from grpo_kd.train.teacher_samples import sample_teacher
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ def run_teacher_pass(cfg: Config, *, iteration: int, task: int = 0, num_tasks: i
     if not pending:
         return PassResult([], skipped, 0)
     ref = _reference_pass(cfg, pending, progress, teacher_dir, params) if spec.reference else {}
-    teacher = _load_teacher(cfg)
+    teacher = _load_teacher(cfg, paths, iteration)
     scorer = Scorer(cfg, teacher, teacher_tok, spec)
     common = {"iteration": iteration, "task": {"index": task, "count": num_tasks}, "params": params,
               "teacher": {**_teacher_desc(cfg), "model": _model_fp(teacher), "tokenizer": teacher_fp},
@@ -168,10 +170,16 @@ def _model_fp(model) -> dict[str, Any]:
     return model_fingerprint(model)
 
 
-def _load_teacher(cfg: Config):
+def _load_teacher(cfg: Config, paths: RunPaths, iteration: int):
+    """The teacher; a self-teacher with `teacher.adapter` is the student that sampled this iteration's rollouts
+    (the checkpoint of iteration - 1; the initial model at iteration 1), not its base."""
     from grpo_kd.models import load_teacher
 
-    return load_teacher(cfg.teacher, cfg.model)
+    current = cfg.teacher.kind != "model" and cfg.teacher.adapter
+    checkpoint = student_checkpoint(paths, iteration) if current else None
+    if checkpoint is not None:
+        log.info("self-teacher: the current student, %s", checkpoint)
+    return load_teacher(cfg.teacher, cfg.model, checkpoint=None if checkpoint is None else str(checkpoint))
 
 
 # ----------------------------------------------------------------------------------------------- reference

@@ -21,6 +21,7 @@ from ._update_helpers import (
     final_weights,
     losses,
     make_config,
+    write_rollouts,
 )
 from grpo_kd.config import save_config
 from grpo_kd.paths import RunPaths
@@ -252,3 +253,48 @@ def test_privileged_self_teacher_from_its_own_cache(tiny_models_quick, tmp_path)
     records = MetricsLog(RunPaths.of(run).metrics).read()
     assert len(records) == 3 and all(r["teacher_kl"] >= 0 for r in records)
     assert records[0]["ref_source"] == "none"
+
+
+@pytest.mark.parametrize("current", [True, False])
+def test_self_teacher_is_the_current_student_only_with_adapter(tiny_models_quick, tmp_path, current):
+    """teacher.adapter=true: iteration 2's cache comes from the checkpoint of iteration 1; false: the initial model."""
+    import torch
+
+    from grpo_kd.cache.reader import CacheReader
+    from grpo_kd.cache.rollouts import RolloutStore
+    from grpo_kd.data import Prompt, render_prompt
+    from grpo_kd.models import load_student, load_tokenizer
+    from grpo_kd.train.checkpoint import model_dir
+    from grpo_kd.train.teacher_pass import run_teacher_pass
+
+    run = tmp_path / "run"
+    cfg = make_config(run, tiny_models_quick, *ONE_MICRO, "loss.algorithm=privileged", "teacher.kind=self_privileged",
+                      "teacher.reference=false", "loss.beta=0.0", f"teacher.adapter={str(current).lower()}")
+    build_run(cfg, privileged=True)
+    run_update(cfg, 1)
+    write_rollouts(cfg, 2, privileged=True, seed=1)
+    run_teacher_pass(cfg, iteration=2, progress=False)
+
+    paths = RunPaths.of(run)
+    store = RolloutStore.open(paths.rollouts(2))
+    reader = CacheReader.open(paths.rollouts(2), paths.teacher(2))
+    batch = reader.batch(list(range(reader.num_groups)))
+    tokenizer = load_tokenizer(cfg.model.path)
+    models = {"trained": load_student(cfg.model, checkpoint=str(model_dir(paths.checkpoint(1))), trainable=False),
+              "initial": load_student(cfg.model, trainable=False)}
+    error = {}
+    for name, model in models.items():
+        error[name] = 0.0
+        for b, row in enumerate(batch.index.tolist()):
+            record = store[row]
+            text = render_prompt(tokenizer, Prompt(record.prompt_id, record.prompt_text, record.privileged),
+                                 privileged_template=cfg.teacher.prompt_template)
+            ids = tokenizer(text)["input_ids"] + list(record.completion_ids)
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0].float()
+            C = len(record.completion_ids)
+            expected = torch.log_softmax(logits[-C - 1 : -1], -1).gather(1, torch.tensor(record.completion_ids)[:, None])
+            error[name] = max(error[name], float((batch.teacher_logprobs[b, :C] - expected[:, 0]).abs().max()))
+    teacher, other = ("trained", "initial") if current else ("initial", "trained")
+    assert error[teacher] < 1e-4, error
+    assert error[other] > 1e-3, error  # the two models differ, so the check above can tell them apart
