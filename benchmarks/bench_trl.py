@@ -147,7 +147,6 @@ def worker_grpokd(s: Settings) -> dict:
     import grpo_kd.cache.reader  # noqa: F401  (imported lazily by the phases: counted in the library floor)
     import grpo_kd.models  # noqa: F401
     import grpo_kd.train.algorithms  # noqa: F401
-    import peft  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
     from grpo_kd.paths import RunPaths
     from grpo_kd.train.rollout import run_rollout

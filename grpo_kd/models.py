@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -267,18 +268,17 @@ def load_teacher(teacher_cfg: TeacherConfig, student_cfg: ModelConfig, *, checkp
 # ---------------------------------------------------------------------------------------------- adapters
 
 
-def _peft_model(model) -> Any | None:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return None
-    return model if isinstance(model, PeftModel) else None
+def as_peft_model(model) -> Any | None:
+    """`model` if it is a peft model, else None. peft is not imported for the question: a model can only be a
+    PeftModel once peft is imported, and importing it costs seconds of every phase's start-up."""
+    peft = sys.modules.get("peft")
+    return model if peft is not None and isinstance(model, peft.PeftModel) else None
 
 
 @contextlib.contextmanager
 def adapters_disabled(model) -> Iterator[Any]:
     """Run the frozen base with every adapter switched off; a no-op for a model without adapters."""
-    peft_model = _peft_model(model)
+    peft_model = as_peft_model(model)
     if peft_model is not None:
         with peft_model.disable_adapter():
             yield model
@@ -311,7 +311,7 @@ def same_vocabulary(fp_a: dict[str, Any], fp_b: dict[str, Any]) -> bool:
 
 def _hf_model(model):
     """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
-    peft_model = _peft_model(model)
+    peft_model = as_peft_model(model)
     return peft_model.get_base_model() if peft_model is not None else model
 
 

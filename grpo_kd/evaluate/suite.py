@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -206,8 +207,9 @@ def evaluate_checkpoint(
     if needs_model:
         model = load_checkpoint(checkpoint, cfg)
         student = _student_suites(model, tokenizer, inputs, cfg, baseline, result)
+        dropped = weakref.ref(model)
         del model  # the student leaves memory before the teacher comes in
-        release_memory()
+        release_memory(dropped)
     if student is not None:
         result["distill"] = _distill(student, inputs, cfg, tokenizer)
     if "euroeval" in inputs.suites:
@@ -270,5 +272,6 @@ def _distill(student, inputs: SuiteInputs, cfg: Config, student_tokenizer) -> di
         teacher_tokenizer = load_tokenizer(inputs.teacher, trust_remote_code=t.trust_remote_code)
         return cross_tokenizer_score(student, teacher_model, teacher_tokenizer, batch_size=cfg.eval.batch_size)
     finally:
+        dropped = weakref.ref(teacher_model)
         del teacher_model
-        release_memory()
+        release_memory(dropped)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -206,8 +207,9 @@ def _reference_pass(cfg: Config, shards: list[RolloutShard], progress: bool, tea
             out[shard.shard] = scorer.reference_logprobs(shard, progress=progress)
             out["_tokens"] += int(shard.lengths().sum())
             save_reference(teacher_dir, shard.shard, key, out[shard.shard])
+    dropped = weakref.ref(model)
     del model, scorer
-    release_memory()
+    release_memory(dropped)
     return out
 
 

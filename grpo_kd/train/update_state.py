@@ -132,11 +132,11 @@ class Reference:
     """Live reference log-probs (B, T): the student with adapters off (LoRA), or the initial model, loaded lazily."""
 
     def __init__(self, cfg: Config, policy, dist: Dist, module=None):
-        from peft import PeftModel
+        from grpo_kd.models import as_peft_model
 
         self.cfg, self.policy, self.dist = cfg, policy, dist
         self.module = module  # the FSDP-sharded train module: the policy's shards are only whole through it
-        self.uses_adapters = isinstance(policy, PeftModel)
+        self.uses_adapters = as_peft_model(policy) is not None
         self.model = None
 
     @torch.no_grad()
