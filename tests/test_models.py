@@ -64,7 +64,7 @@ def test_load_tokenizer_has_pad(tiny_models):
     "path, phrase",
     [
         ("/nonexistent/model/dir", "not found"),
-        ("runs/tiny-models/student", "not found"),  # a relative path that is missing, not a hub id
+        ("runs/no-such-models/student", "not found"),  # a relative path that is missing, not a hub id
         ("someone/not-a-cached-model", "hub"),  # a valid hub id, but the hub is offline in the tests
     ],
 )
