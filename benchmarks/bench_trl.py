@@ -369,7 +369,7 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for method in METHODS:
         m = summary[method]
-        speed = "1.00x" if method == "trl" else f"{summary['trl']['time_s'] / m['time_s']:.2f}x faster"
+        speed = "1.00x" if method == "trl" else f"{summary['trl']['time_s'] / m['time_s']:.2f}x TRL's speed"
         mem = "1.00" if method == "trl" else f"{m['peak_rss_mib'] / summary['trl']['peak_rss_mib']:.2f}"
         imports = f"{m['rss_after_imports_mib']:.0f}" if "rss_after_imports_mib" in m else "-"
         working = f"{m['working_mib']:.0f}" if "working_mib" in m else "-"
