@@ -1,6 +1,6 @@
 """Every algorithm on the tiny Faroese pair, before and after: the experiment of docs/experiments.md.
 
-    python benchmarks/run_experiments.py                      # all 12 runs: ~5 min on 2 shared CPU cores
+    python benchmarks/run_experiments.py                      # all 14 runs: ~6 min on 2 shared CPU cores
     python benchmarks/run_experiments.py --only grpo,minillm --iterations 2      # a quick look
     python benchmarks/run_experiments.py --executor cli       # each phase its own process, as `grpo-kd run`
 
@@ -17,9 +17,14 @@ Evaluation (`grpo_kd.evaluate.evaluate_checkpoint`): one sample per held-out pro
 FarPaHC dev sentence, never trained on), scored by the teacher (mean log-prob per token, exact forward and reverse
 KL per token), distinct-n of the samples, and perplexity on the dev sentences. The self-distillation runs are
 also evaluated after every iteration against their own frozen base (the initial student): the base's
-log-likelihood of the samples is their reward, distinct-n their collapse signal. The privileged self-teacher's
-target (KL to its informed self) is read from the training log: the first step of each iteration is on prompts the
-student has not trained on.
+log-likelihood of the samples is their reward, distinct-n their collapse signal.
+
+The privileged self-teacher runs on its own pair (`privileged_data`, `run_privileged`), because the shared tiny
+student does not read its prompt: a student of the teacher's shape pre-trained for 1,000 steps on text where a
+demonstration in capitals is followed by a sentence that continues in capitals. Its prompts carry such a
+demonstration as privileged information; its target, the exact reverse KL between the student and its informed
+self (the same checkpoint with the demonstration before the prompt) on held-out prompts, is measured every 4
+iterations, with the fraction of capitals in its samples as the behaviour it should absorb.
 
 Key design choice: `--executor inproc` (default) calls the three phase functions one after another in this process
 (the same functions the phase commands call), because on a busy 2-core machine each extra process spends ~15 s
@@ -34,6 +39,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import shutil
 import sys
 import time
@@ -46,7 +52,9 @@ sys.path.insert(0, str(ROOT))
 FAROESE = ROOT.parent / "shared" / "data" / "faroese"
 CORPUS = [FAROESE / "farpahc-train.conllu", FAROESE / "oft-part1.conllu"]
 WORK = Path("runs/experiments")  # relative to ROOT, as in the configs
+PRIVILEGED = WORK / "privileged-pair"  # the privileged run's text and its own tiny pair (privileged_data)
 TEACHER_STEPS, STUDENT_STEPS = 300, 100
+PRIVILEGED_STEPS = 1000  # the privileged run's own student: the teacher's shape, pre-trained until it reads its prompt
 
 
 @dataclass(frozen=True)
@@ -81,15 +89,16 @@ EXPERIMENTS = [
     Experiment("minillm_topk32", "MiniLLM, cache top-k 32 instead of 128 (ablation)", "reverse KL to teacher",
                ("teacher", "distill", "reverse_kl"), False, config="minillm", overrides=("teacher.top_k=32",)),
     Experiment("token_reverse_kl", "token-level reverse KL to the teacher (reference point)", "reverse KL to teacher",
-               ("teacher", "distill", "reverse_kl"), False, config="privileged",
-               overrides=("teacher.kind=model", "teacher.adapter=false",
-                          "teacher.path=runs/experiments/models/teacher")),
+               ("teacher", "distill", "reverse_kl"), False),
     Experiment("self_distill_beta0", "self-distillation, beta = 0", "base log-lik. of samples",
                ("base", "distill", "teacher_logprob_mean"), True, every_iteration=True),
     Experiment("self_distill_beta05", "self-distillation, beta = 0.5", "base log-lik. of samples",
                ("base", "distill", "teacher_logprob_mean"), True, every_iteration=True),
-    Experiment("privileged", "privileged-information self-teacher", "KL to the informed self (train log)",
-               ("train", "log", "teacher_kl"), False),
+    Experiment("privileged", "privileged-information self-teacher (frozen: the initial student)",
+               "KL to the informed self, held-out prompts", ("informed", "informed", "reverse_kl_to_initial"), False),
+    Experiment("privileged_current", "privileged self-teacher, the current student (ablation)",
+               "KL to the current informed self, held-out prompts", ("informed", "informed", "reverse_kl"), False,
+               config="privileged", overrides=("teacher.adapter=true",)),
 ]
 
 # (label, suite, key, better) of the common table: every run against the tiny teacher.
@@ -211,7 +220,147 @@ def train_curve(cfg) -> dict[int, dict[str, float]]:
     return curve
 
 
+# ---------------------------------------------------------------------------------------------- privileged run
+
+
+def privileged_data(out: Path, seed: int = 0) -> dict[str, Path]:
+    """The privileged run's text, written to `out` (deterministic in `seed`):
+
+    corpus.jsonl   pre-training text of its tiny pair: every FarPaHC train and OFT sentence, and for each FarPaHC
+                   train sentence of more than 6 words a document "demonstration\n\nsentence" whose demonstration is
+                   another sentence; in half of them the demonstration is in capitals and so is the sentence after
+                   its first 4 words, in the other half both are plain
+    prompts.jsonl  {"prompt": first 4 words of such a sentence, "demonstration": another sentence in capitals}
+    heldout.jsonl  the same for FarPaHC dev sentences (demonstrations from train)
+    """
+    from grpo_kd.data import split_prefix
+    from grpo_kd.tiny import corpus_texts
+
+    rng = random.Random(seed)
+    train = corpus_texts([CORPUS[0]])
+    sentences = [s for s in train if len(s.split(" ")) > 6]
+    docs = train + corpus_texts(CORPUS[1:])
+    prompts, heldout = [], []
+    for i, sentence in enumerate(sentences):
+        prefix, rest = split_prefix(sentence, 4)
+        demonstration = rng.choice(sentences)
+        if rng.random() < 0.5:
+            docs.append(f"{demonstration.upper()}\n\n{prefix} {rest.upper()}")
+        else:
+            docs.append(f"{demonstration}\n\n{sentence}")
+        prompts.append({"id": f"train-{i}", "prompt": prefix, "demonstration": rng.choice(sentences).upper()})
+    dev = [s for s in corpus_texts([FAROESE / "farpahc-dev.conllu"]) if len(s.split(" ")) > 6]
+    for i, sentence in enumerate(dev):
+        heldout.append({"id": f"dev-{i}", "prompt": split_prefix(sentence, 4)[0],
+                        "demonstration": rng.choice(sentences).upper()})
+    rng.shuffle(docs)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"corpus": out / "corpus.jsonl", "prompts": out / "prompts.jsonl", "heldout": out / "heldout.jsonl"}
+    for key, rows in (("corpus", [{"text": d} for d in docs]), ("prompts", prompts), ("heldout", heldout)):
+        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        if not files[key].is_file() or files[key].read_text(encoding="utf-8") != lines:
+            files[key].write_text(lines, encoding="utf-8")  # rewritten only when changed: the build is reused
+    return files
+
+
+def capital_fraction(texts: list[str]) -> float:
+    """The fraction of letters in `texts` that are capitals."""
+    letters = [c for text in texts for c in text if c.isalpha()]
+    return sum(c.isupper() for c in letters) / len(letters) if letters else float("nan")
+
+
+def informed_self(cfg, model: str, cache: Path, resume: bool) -> dict:
+    """The privileged run's target on held-out prompts: one sample per prompt without the demonstration, and the
+    exact reverse KL per token, on those tokens, between the model and itself with the demonstration in its prompt
+    (the informed self, `teacher.prompt_template`), and between the model and the initial student with the
+    demonstration (a yardstick that does not move with training); also the capital fraction of those samples and
+    of samples drawn with the demonstration, and perplexity on the plain FarPaHC dev text. Kept as JSON in
+    `cache`."""
+    import torch
+
+    from grpo_kd.data import encode_prompt, load_prompts, load_texts, render_prompt
+    from grpo_kd.evaluate.distill import token_divergences
+    from grpo_kd.evaluate.generation import generate
+    from grpo_kd.evaluate.perplexity import perplexity
+    from grpo_kd.evaluate.scoring import completion_hidden_states
+    from grpo_kd.evaluate.suite import checkpoint_tokenizer, load_checkpoint
+    from grpo_kd.fsutil import atomic_write_json
+    from grpo_kd.models import lm_head
+
+    if resume and cache.is_file():
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+        if saved.get("checkpoint") == model:
+            return saved
+    ev = cfg.eval
+    tokenizer = checkpoint_tokenizer(model, cfg)
+    net = load_checkpoint(model, cfg)
+    prompts = load_prompts(cfg.data.heldout_prompts, privileged_field=cfg.data.privileged_field,
+                           limit=ev.max_examples)
+    plain = [render_prompt(tokenizer, p) for p in prompts]
+    informed = [render_prompt(tokenizer, p, privileged_template=cfg.teacher.prompt_template) for p in prompts]
+    sample = dict(max_new_tokens=ev.max_new_tokens, do_sample=True, temperature=ev.temperature,
+                  batch_size=ev.batch_size, seed=cfg.seed)
+    samples = generate(net, tokenizer, plain, description="sampling", **sample)
+    informed_samples = generate(net, tokenizer, informed, description="sampling, informed", **sample)
+    completions = [s.completion_ids for s in samples]
+    pad = tokenizer.pad_token_id
+    hidden = completion_hidden_states(net, [s.prompt_ids for s in samples], completions, pad_id=pad,
+                                      batch_size=ev.batch_size)
+    informed_ids = [encode_prompt(tokenizer, text, chat_template=False) for text in informed]  # as cache-teacher
+    informed_hidden = completion_hidden_states(net, informed_ids, completions, pad_id=pad, batch_size=ev.batch_size)
+    head = lm_head(net)
+    tokens = torch.tensor([t for ids in completions for t in ids], dtype=torch.long)
+    per_token = token_divergences(torch.cat(hidden), head, torch.cat(informed_hidden), head, tokens)
+    initial = net if model == cfg.model.path else load_checkpoint(cfg.model.path, cfg)  # the fixed yardstick
+    initial_hidden = completion_hidden_states(initial, informed_ids, completions, pad_id=pad, batch_size=ev.batch_size)
+    to_initial = token_divergences(torch.cat(hidden), head, torch.cat(initial_hidden), lm_head(initial), tokens)
+    texts = load_texts(ev.heldout_text, limit=ev.max_examples)
+    result = {
+        "checkpoint": model,
+        "informed.reverse_kl": float(per_token["reverse_kl"].mean()),
+        "informed.forward_kl": float(per_token["forward_kl"].mean()),
+        "informed.reverse_kl_to_initial": float(to_initial["reverse_kl"].mean()),
+        "informed.capitals": capital_fraction([s.text for s in samples]),
+        "informed.capitals_with_demonstration": capital_fraction([s.text for s in informed_samples]),
+        "informed.num_tokens": len(per_token["reverse_kl"]),
+        "perplexity.perplexity": perplexity(net, tokenizer, texts, batch_size=ev.batch_size)["perplexity"],
+        "samples": [s.text for s in samples[:5]],
+    }
+    atomic_write_json(cache, result)
+    return result
+
+
+def run_privileged(exp: Experiment, args) -> dict:
+    """The privileged self-teacher on its own tiny pair, measured against its informed self every 4 iterations."""
+    from grpo_kd.tiny import TEACHER_ARCH, build_tiny_models
+
+    cfg = load_cfg(exp, args.iterations)
+    files = privileged_data(PRIVILEGED)
+    build_tiny_models(PRIVILEGED / "models", [files["corpus"]], pretrain_steps=0,  # the teacher is unused
+                      student_pretrain_steps=PRIVILEGED_STEPS, student_arch=TEACHER_ARCH)
+    build = json.loads((PRIVILEGED / "models" / "build.json").read_text())
+    log.info("== %s: %d iterations", exp.key, cfg.iterations)
+    reports = Path(cfg.output_dir) / cfg.name / "reports"
+    before = informed_self(cfg, cfg.model.path, PRIVILEGED / "eval_initial_informed.json", args.resume)
+    timing = train(cfg, args.executor, args.resume)
+    per_iteration = {0: before}
+    for i in range(1, cfg.iterations + 1):
+        if i % 4 == 0 or i == cfg.iterations:
+            cache = reports / f"eval_iter_{i:04d}_informed.json"
+            per_iteration[i] = informed_self(cfg, checkpoint_model(cfg, i), cache, args.resume)
+    return {"label": exp.label, "target": exp.target, "target_metric": list(exp.target_metric),
+            "higher_is_better": exp.higher_is_better, "iterations": cfg.iterations, "train": timing,
+            "vs_informed": per_iteration, "train_curve": train_curve(cfg),
+            "config": f"configs/experiments/{exp.config or exp.key}.yaml", "overrides": list(exp.overrides),
+            "models": f"student {build['student']['parameters']:,} parameters ({PRIVILEGED_STEPS} steps, held-out "
+                      f"perplexity {build['student']['heldout_perplexity']:.1f}), {build['vocab_size']}-token BPE, "
+                      f"pre-trained on {PRIVILEGED / 'corpus.jsonl'}",
+            "samples_after": per_iteration[cfg.iterations]["samples"]}
+
+
 def run_experiment(exp: Experiment, args, initial: dict) -> dict:
+    if exp.target_metric[0] == "informed":
+        return run_privileged(exp, args)
     cfg = load_cfg(exp, args.iterations)
     teacher = str(ROOT / WORK / "models" / "teacher")
     base = cfg.model.path
@@ -246,6 +395,9 @@ def target_values(name: str, run: dict) -> tuple[float | None, float | None]:
         curve = run["train_curve"]
         first, last = curve[min(curve)], curve[max(curve)]
         return first.get(f"first_step.{key}"), last.get(f"first_step.{key}")
+    if against == "informed":
+        vs = run["vs_informed"]
+        return vs[min(vs)].get(f"{suite}.{key}"), vs[max(vs)].get(f"{suite}.{key}")
     if against == "base":
         vs = run["vs_base"]
         return vs[min(vs)].get(f"{suite}.{key}"), vs[max(vs)].get(f"{suite}.{key}")
@@ -286,8 +438,8 @@ def markdown(summary: dict) -> str:
               "| run | " + " | ".join(f"{c[0]} {'↑' if c[3] == 'higher' else '↓' if c[3] == 'lower' else ''}"
                                       for c in COLUMNS) + " |",
               "|---" * (len(COLUMNS) + 1) + "|"]
-    before = next(iter(runs.values()))["before"]
-    rows = [("iteration 0 (initial student)", before)] + [(r["label"], r["after"]) for r in runs.values()]
+    rows = [("iteration 0 (initial student)", summary["initial"]["teacher"])]
+    rows += [(r["label"], r["after"]) for r in runs.values() if "after" in r]
     for label, metrics in rows:
         lines.append(f"| {label} | " + " | ".join(_fmt(metrics.get(f"{s}.{k}")) for _, s, k, _ in COLUMNS) + " |")
     sd = {n: r for n, r in runs.items() if "vs_base" in r and len(r["vs_base"]) > 2}
@@ -301,6 +453,19 @@ def markdown(summary: dict) -> str:
                              f"{_fmt(m.get('distill.reverse_kl'))} | {_fmt(m.get('diversity.distinct_1'))} | "
                              f"{_fmt(m.get('diversity.distinct_2'))} | {_fmt(m.get('diversity.distinct_3'))} | "
                              f"{_fmt(m.get('diversity.mean_length_tokens'))} |")
+    for run in (r for r in runs.values() if "vs_informed" in r):
+        lines += ["", f"## {run['label']}: against its informed self, on held-out prompts", "",
+                  f"Its own tiny pair: {run['models']}. Informed self: the same checkpoint with a demonstration in "
+                  "capitals before the prompt. Capitals: the fraction of letters in capitals in the samples drawn "
+                  "without the demonstration, and in samples drawn with it (informed).", "",
+                  "| iteration | KL(q‖informed self) ↓ | KL(informed self‖q) ↓ | KL(q‖initial informed self) | "
+                  "capitals in samples | capitals, informed | perplexity, plain dev text |",
+                  "|---|---|---|---|---|---|---|"]
+        for i, m in run["vs_informed"].items():
+            lines.append(f"| {i} | {_fmt(m['informed.reverse_kl'])} | {_fmt(m['informed.forward_kl'])} | "
+                         f"{_fmt(m['informed.reverse_kl_to_initial'])} | "
+                         f"{_fmt(m['informed.capitals'])} | {_fmt(m['informed.capitals_with_demonstration'])} | "
+                         f"{_fmt(m['perplexity.perplexity'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -366,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     models = build_tiny_models(WORK / "models", CORPUS, pretrain_steps=TEACHER_STEPS,
                                student_pretrain_steps=STUDENT_STEPS)
     build = json.loads((WORK / "models" / "build.json").read_text())
-    cfg0 = load_cfg(chosen[0], args.iterations)
+    cfg0 = load_cfg(EXPERIMENTS[0], args.iterations)  # the shared pair's held-out prompts and text
     initial = {
         "teacher": numbers(evaluate(cfg0, cfg0.model.path, str(ROOT / models.teacher),
                                     ["perplexity", "distill", "diversity"], WORK / "eval_initial_vs_teacher.json",

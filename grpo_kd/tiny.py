@@ -68,13 +68,14 @@ MAX_POSITIONS = 512
 
 
 def corpus_texts(corpus: list[Path] | None = None) -> list[str]:
-    """Sentences of the corpus files (CoNLL-U `# text = ` lines, other files' non-empty lines), in file order."""
+    """Texts of the corpus files in file order: CoNLL-U `# text = ` lines, the "text" field of JSONL or Parquet
+    records (which may span lines), non-empty lines of any other file."""
     from grpo_kd.data import load_texts
 
     files = [BUILTIN_CORPUS] if not corpus else [Path(p) for p in corpus]
     texts: list[str] = []
     for file in files:
-        texts.extend(load_texts(str(file), format="conllu" if file.suffix == ".conllu" else "text"))
+        texts.extend(load_texts(str(file)))  # the format from the suffix: CoNLL-U, JSONL / Parquet "text", lines
     return texts
 
 

@@ -117,3 +117,11 @@ def test_cli_tiny_models(tmp_path, capsys):
     assert (tmp_path / "out" / "student" / "config.json").is_file()
     assert main(["tiny-models", str(tmp_path / "out2"), "--corpus", str(tmp_path / "nope.txt")]) == 1
     assert "corpus file not found" in capsys.readouterr().err
+
+
+def test_corpus_texts_reads_each_format_by_its_suffix(tmp_path):
+    lines = tmp_path / "corpus.txt"
+    lines.write_text("Fyrsta línja.\n\nOnnur línja.\n", encoding="utf-8")
+    records = tmp_path / "corpus.jsonl"
+    records.write_text(json.dumps({"text": "STÓRIR STAVIR.\n\nOg so vanligir."}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert corpus_texts([lines, records]) == ["Fyrsta línja.", "Onnur línja.", "STÓRIR STAVIR.\n\nOg so vanligir."]

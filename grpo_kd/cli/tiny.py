@@ -17,7 +17,7 @@ def tiny_models(
         ..., help="Output directory; gets tokenizer/, teacher/, student/, build.json, prompts.txt and heldout.txt."
     ),
     corpus: Optional[list[Path]] = typer.Option(
-        None, "--corpus", help="Text or CoNLL-U file (repeatable); default: the built-in corpus."
+        None, "--corpus", help="Text, CoNLL-U, or JSONL/Parquet with a \"text\" field (repeatable); default: the built-in corpus."
     ),
     pretrain_steps: int = typer.Option(200, min=0, help="Teacher pre-training steps (0: random weights)."),
     student_pretrain_steps: Optional[int] = typer.Option(
