@@ -351,6 +351,9 @@ def _coerce_scalar(hint: Any, value: Any, key: str) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (dict, list)):  # `key={prompt}` on the command line is a YAML mapping
+            raise ConfigError(f"{key}: expected str, got {_describe(value)}; text with braces or brackets must be "
+                              f"quoted, e.g. {key}='\"{{prompt}}\"' on the command line")
     else:
         raise TypeError(f"config field {key} has an unsupported annotation {hint!r}")
     raise ConfigError(f"{key}: expected {hint.__name__}, got {_describe(value)}")

@@ -46,7 +46,7 @@ def _auto_baseline(reports: Path, iteration: Optional[int]) -> Optional[dict]:
 
 def evaluate(
     checkpoint: Path = typer.Option(..., help="Model or checkpoint directory to evaluate (or a hub id)."),
-    teacher: Optional[Path] = typer.Option(None, help="Teacher model directory (distill suite; default: teacher.path)."),
+    teacher: Optional[Path] = typer.Option(None, help="Teacher model directory (distill suite; default: teacher.path, or with teacher.kind=self_privileged the informed self)."),
     suite: Optional[str] = typer.Option(None, help="Comma list of foqa,perplexity,distill,diversity,euroeval (default: eval.suites)."),
     config: Optional[Path] = CONFIG_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,

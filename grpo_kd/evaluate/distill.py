@@ -133,11 +133,14 @@ def _sequence_summary(per_sequence: list[torch.Tensor], texts: Sequence[str]) ->
 
 
 @torch.no_grad()
-def distill_metrics(student: StudentSide, teacher_model, *, batch_size: int = 8, pad_id: int) -> dict:
-    """Teacher score, exact forward / reverse KL and top-1 agreement on the student's samples (same vocabulary)."""
+def distill_metrics(student: StudentSide, teacher_model, *, batch_size: int = 8, pad_id: int,
+                    teacher_prompt_ids: Sequence[Sequence[int]] | None = None) -> dict:
+    """Teacher score, exact forward / reverse KL and top-1 agreement on the student's samples (same vocabulary).
+    `teacher_prompt_ids`: the prompts the teacher is conditioned on, when not the student's (a privileged
+    self-teacher sees its privileged information too); the completions are the same tokens."""
     teacher_hidden = completion_hidden_states(
-        teacher_model, student.prompt_ids, student.completion_ids, pad_id=pad_id, batch_size=batch_size,
-        description="teacher pass",
+        teacher_model, teacher_prompt_ids or student.prompt_ids, student.completion_ids, pad_id=pad_id,
+        batch_size=batch_size, description="teacher pass",
     )
     teacher_head = lm_head(teacher_model)
     device = teacher_head.weight.device  # the last GPU of a teacher spread over several

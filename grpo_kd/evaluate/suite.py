@@ -61,20 +61,27 @@ class SuiteInputs:
     prompts: list[str] | None = None
     teacher: str | None = None
     same_vocabulary: bool = True
+    informed_prompts: list[str] | None = None  # distill against the informed self: the prompts it sees
 
 
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def heldout_prompts(cfg: Config, tokenizer) -> list[str]:
+def heldout_prompts(cfg: Config, tokenizer, *, privileged_template: str | None = None) -> list[str]:
     """Held-out prompts: data.heldout_prompts, else a held-out slice of data.prompts, else the first
-    `eval.prompt_words` words of each sentence of eval.heldout_text; rendered as in training (chat template)."""
+    `eval.prompt_words` words of each sentence of eval.heldout_text; rendered as in training (chat template).
+    With `privileged_template`, the same prompts as the privileged self-teacher sees them (each needs its
+    privileged information: data.privileged_field, or the rest of the sentence with data.prefix_words)."""
     from grpo_kd.data import load_prompts, prompts_from_config, render_prompt, split_heldout
 
     limit = cfg.eval.max_examples
+    if privileged_template is not None and not (cfg.data.heldout_prompts or cfg.data.prompts):
+        raise GrpoKdError("distill against the informed self needs held-out prompts with privileged information: "
+                          "set data.heldout_prompts (with data.privileged_field or data.prefix_words) or data.prompts")
     if cfg.data.heldout_prompts:
+        privileged_field = cfg.data.privileged_field if privileged_template is not None else None
         prompts = load_prompts(cfg.data.heldout_prompts, format=cfg.data.format, prompt_field=cfg.data.prompt_field,
-                               limit=limit, prefix_words=cfg.data.prefix_words)
+                               privileged_field=privileged_field, limit=limit, prefix_words=cfg.data.prefix_words)
     elif cfg.data.prompts:
         _, prompts = split_heldout(prompts_from_config(cfg.data), cfg.data.heldout_fraction, cfg.seed)
         if not prompts:
@@ -83,7 +90,8 @@ def heldout_prompts(cfg: Config, tokenizer) -> list[str]:
         prompts = load_prompts(cfg.eval.heldout_text, prefix_words=cfg.eval.prompt_words, limit=limit)
     else:
         raise GrpoKdError("distill/diversity need held-out prompts: set data.heldout_prompts, data.prompts or eval.heldout_text")
-    return [render_prompt(tokenizer, p, chat_template=cfg.data.chat_template) for p in prompts[:limit]]
+    return [render_prompt(tokenizer, p, chat_template=cfg.data.chat_template, privileged_template=privileged_template)
+            for p in prompts[:limit]]
 
 
 def _foqa_inputs(source: str, cfg: Config) -> tuple[list[QAExample], list[QAExample]]:
@@ -141,7 +149,12 @@ def resolve_inputs(suites, cfg: Config, tokenizer, *, teacher=None, prompts=None
         inputs.texts = list(source) if not isinstance(source, (str, Path)) else load_texts(str(source), limit=cfg.eval.max_examples)
     if "distill" in inputs.suites or "diversity" in inputs.suites:
         inputs.prompts = list(prompts) if prompts is not None else heldout_prompts(cfg, tokenizer)
-    if "distill" in inputs.suites:
+    if "distill" in inputs.suites and not teacher and cfg.teacher.kind == "self_privileged":
+        if prompts is not None:
+            raise GrpoKdError("distill against the informed self renders its held-out prompts from the config, with "
+                              "their privileged information; prompts cannot be given as text")
+        inputs.informed_prompts = heldout_prompts(cfg, tokenizer, privileged_template=cfg.teacher.prompt_template)
+    elif "distill" in inputs.suites:
         inputs.teacher = str(teacher) if teacher else (cfg.teacher.path if cfg.teacher.kind == "model" else None)
         if not inputs.teacher:
             raise GrpoKdError("distill: no teacher; pass --teacher DIR or set teacher.path")
@@ -210,7 +223,11 @@ def evaluate_checkpoint(
         dropped = weakref.ref(model)
         del model  # the student leaves memory before the teacher comes in
         release_memory(dropped)
-    if student is not None:
+    if student is not None and inputs.informed_prompts is not None:
+        informed = checkpoint if cfg.teacher.adapter else cfg.model.path  # the self-teacher cache-teacher uses
+        result["teacher"] = f"{informed}, informed: teacher.prompt_template {cfg.teacher.prompt_template!r}"
+        result["distill"] = _distill_informed(student, inputs, cfg, tokenizer, informed)
+    elif student is not None:
         result["distill"] = _distill(student, inputs, cfg, tokenizer)
     if "euroeval" in inputs.suites:
         ev = cfg.eval
@@ -271,6 +288,24 @@ def _distill(student, inputs: SuiteInputs, cfg: Config, student_tokenizer) -> di
             return distill_metrics(student, teacher_model, batch_size=cfg.eval.batch_size, pad_id=student_tokenizer.pad_token_id)
         teacher_tokenizer = load_tokenizer(inputs.teacher, trust_remote_code=t.trust_remote_code)
         return cross_tokenizer_score(student, teacher_model, teacher_tokenizer, batch_size=cfg.eval.batch_size)
+    finally:
+        dropped = weakref.ref(teacher_model)
+        del teacher_model
+        release_memory(dropped)
+
+
+def _distill_informed(student, inputs: SuiteInputs, cfg: Config, tokenizer, informed: str) -> dict:
+    """`distill` with the privileged self-teacher as the teacher: the model `informed` (the checkpoint itself with
+    `teacher.adapter`, else the initial student) scores the student's samples with the privileged information in
+    its prompts, exactly as cache-teacher conditions it."""
+    from grpo_kd.data import encode_prompt
+    from grpo_kd.evaluate.distill import distill_metrics
+
+    prompt_ids = [encode_prompt(tokenizer, text, chat_template=cfg.data.chat_template) for text in inputs.informed_prompts]
+    teacher_model = load_checkpoint(informed, cfg)
+    try:
+        return distill_metrics(student, teacher_model, batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id,
+                               teacher_prompt_ids=prompt_ids)
     finally:
         dropped = weakref.ref(teacher_model)
         del teacher_model

@@ -173,3 +173,45 @@ def test_cross_tokenizer_teacher_score_when_asked(tiny_models, tiny_student_othe
     distill = result["distill"]
     assert distill["kl_method"].startswith("none") and "forward_kl" not in distill
     assert distill["num_samples"] == 2 and distill["teacher_nll_per_byte"] > 0 and distill["teacher_logprob_mean"] < 0
+
+
+def test_distill_against_the_informed_self(tiny_models, tmp_path, capsys):
+    """teacher.kind=self_privileged: the teacher is the model with each prompt's privileged text before it. The
+    KL equals one from full logits on the informed prompts, and is exactly 0 when the template drops the text."""
+    from grpo_kd.models import load_causal_lm, load_tokenizer
+
+    rows = [{"id": f"q{i}", "prompt": p, "answer": a} for i, (p, a) in enumerate(
+        [("Tórshavn er", "Tórshavn er høvuðsstaðurin."), ("Í Føroyum eru", "átjan oyggjar"),
+         ("Bóndin fór", "niður til sjóvar at fiska.")])]
+    prompts = tmp_path / "heldout.jsonl"
+    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    common = ["--checkpoint", str(tiny_models.student), "--suite", "distill", "--out", str(tmp_path / "reports"),
+              f"model.path={tiny_models.student}", f"data.heldout_prompts={prompts}", "data.privileged_field=answer",
+              "teacher.kind=self_privileged", "eval.max_new_tokens=6", "eval.batch_size=2", "seed=3"]
+
+    def run(name: str, template: str) -> dict:
+        assert main(["evaluate", *common, "--name", name, f"teacher.prompt_template=\"{template}\""]) == 0
+        return json.loads((tmp_path / "reports" / f"eval_{name}.json").read_text())
+
+    plain = run("plain", "{prompt}")
+    assert plain["distill"]["reverse_kl"] == pytest.approx(0.0, abs=1e-6)
+    informed = run("informed", "Svar: {privileged} | {prompt}")
+    assert "informed" in informed["teacher"]
+
+    tok = load_tokenizer(str(tiny_models.student))
+    model = load_causal_lm(str(tiny_models.student), device="cpu")
+    from grpo_kd.evaluate.generation import generate
+
+    texts = [r["prompt"] for r in rows]
+    samples = generate(model, tok, texts, max_new_tokens=6, do_sample=True, batch_size=2, seed=3)
+    reverse = []
+    for s, r in zip(samples, rows):
+        teacher_prompt = tok(f"Svar: {r['answer']} | {r['prompt']}")["input_ids"]
+        q_ids, p_ids = torch.tensor([s.prompt_ids + s.completion_ids]), torch.tensor([teacher_prompt + s.completion_ids])
+        C = len(s.completion_ids)
+        with torch.no_grad():
+            log_q = torch.log_softmax(model(q_ids).logits[0, -C - 1 : -1].double(), -1)  # (C, V)
+            log_p = torch.log_softmax(model(p_ids).logits[0, -C - 1 : -1].double(), -1)  # (C, V)
+        reverse += (log_q.exp() * (log_q - log_p)).sum(-1).tolist()
+    assert informed["distill"]["reverse_kl"] == pytest.approx(sum(reverse) / len(reverse), rel=1e-4)
+    assert informed["distill"]["reverse_kl"] > 1e-3
