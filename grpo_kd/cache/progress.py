@@ -3,19 +3,19 @@
     progress = ShardProgress(teacher_dir, shard=3, spec=spec, key={...params, rollouts, teacher model...})
     done = progress.load()             # {batch index: ScoredRows} kept by an earlier run with the same key
     progress.save(n, scored)           # after batch n is scored
-    progress.clear()                   # once the shard itself is finished
+    progress.clear()                   # once the shard itself is finished (reference batches included)
 
 Layout: `progress-0000J/key.json` (what the batches were made from) and one `batch-NNNNN.npz` per scored batch,
-each written to a temporary name and renamed; `reference.npz` holds the reference pass's log-probs of the shard
-with its own key (`save_reference` / `load_reference`), since that pass runs before the teacher is loaded. The
-final shard is still written only by `TeacherShardSink` and still atomically; these files only save forward
+each written to a temporary name and renamed; one `reference-NNNNN.npz` per batch of the reference pass, which
+runs before the teacher is loaded, each carrying its own key (`save_reference_batch` / `load_reference_batches`).
+The final shard is still written only by `TeacherShardSink` and still atomically; these files only save forward
 passes. A resumed run replays the kept batches into the sink in their original order and scores the rest, so
 its shard is byte-identical to an uninterrupted run's.
 
 Key design choice: **kept work is trusted only as far as it can be checked.** A batch file that does not load
 (cut short by a crash), fails the cache spec's shape and dtype check, or holds other rows than the batch it
 claims to be, is dropped and scored again; a key that differs in anything (settings, rollout file, teacher or
-reference weights) drops every kept batch (or the kept reference log-probs). Files are read with
+reference weights) drops every kept batch (or every kept reference batch). Files are read with
 `allow_pickle=False`.
 """
 
@@ -116,33 +116,45 @@ class ShardProgress:
             return None
 
 
-REFERENCE_NAME = "reference.npz"
+REFERENCE_PREFIX = "reference-"
 
 
-def save_reference(directory: Path, shard: int, key: dict[str, Any], logprobs: list[np.ndarray]) -> None:
-    """Keep the reference log-probs of every row of shard `shard` (a list of (C,) float32 arrays)."""
+def kept_reference_files(directory: Path, shard: int) -> list[Path]:
+    """The reference-pass batch files kept for unfinished shard `shard`, in batch order."""
+    return sorted(progress_dir(directory, shard).glob(f"{REFERENCE_PREFIX}*.npz"))
+
+
+def save_reference_batch(directory: Path, shard: int, key: dict[str, Any], index: int, rows: np.ndarray,
+                         logprobs: np.ndarray) -> None:
+    """Keep the reference log-probs of batch `index` of shard `shard`: its rows and their tokens' log-probs,
+    concatenated in row order ((N,) float32), under `key`."""
     path = progress_dir(directory, shard)
     path.mkdir(parents=True, exist_ok=True)
-    lengths = np.array([len(x) for x in logprobs], np.int64)
-    values = np.concatenate(logprobs).astype(np.float32) if logprobs else np.zeros(0, np.float32)
-    _save_npz(path / REFERENCE_NAME, {"key": np.array(json.dumps(_jsonable(key), sort_keys=True)),
-                                      "lengths": lengths, "values": values})
+    _save_npz(path / f"{REFERENCE_PREFIX}{index:05d}.npz",
+              {"key": np.array(json.dumps(_jsonable(key), sort_keys=True)), "rows": np.asarray(rows, np.int64),
+               "values": np.asarray(logprobs, np.float32)})
 
 
-def load_reference(directory: Path, shard: int, key: dict[str, Any], lengths: np.ndarray) -> list[np.ndarray] | None:
-    """The kept reference log-probs of shard `shard` when they were made under `key` for rows of `lengths`."""
-    path = progress_dir(directory, shard) / REFERENCE_NAME
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            same = str(data["key"]) == json.dumps(_jsonable(key), sort_keys=True)
-            kept, values = data["lengths"], data["values"]
-        if not same or not np.array_equal(kept, lengths) or len(values) != int(kept.sum()):
-            return None
-    except Exception:  # noqa: BLE001 - a file cut short can fail anywhere in numpy's zip reader
-        return None
-    return np.split(values, np.cumsum(kept)[:-1]) if len(kept) else []
+def load_reference_batches(directory: Path, shard: int, key: dict[str, Any],
+                           lengths: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{batch index: (rows, (N,) log-probs)} of the reference batches kept under `key` whose sizes fit the rows'
+    completion `lengths`; any other reference file of the shard (other key, cut short) is removed."""
+    wanted = json.dumps(_jsonable(key), sort_keys=True)
+    kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for path in kept_reference_files(directory, shard):
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                same = str(data["key"]) == wanted
+                rows, values = data["rows"], data["values"]
+            fits = same and rows.ndim == 1 and rows.size and rows.min() >= 0 and rows.max() < len(lengths) and \
+                len(values) == int(lengths[rows].sum())
+        except Exception:  # noqa: BLE001 - a file cut short can fail anywhere in numpy's zip reader
+            fits = False
+        if fits:
+            kept[int(path.stem[len(REFERENCE_PREFIX):])] = (rows, values)
+        else:
+            path.unlink(missing_ok=True)
+    return kept
 
 
 def _save_npz(final: Path, arrays: dict[str, np.ndarray]) -> None:

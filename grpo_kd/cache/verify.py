@@ -27,7 +27,7 @@ from grpo_kd.cache.manifest import (
     tmp_leftovers,
     write_index,
 )
-from grpo_kd.cache.progress import kept_batch_files
+from grpo_kd.cache.progress import kept_batch_files, kept_reference_files
 from grpo_kd.cache.reader import _bf16_bits_to_float32
 from grpo_kd.cache.rollouts import RolloutStore
 from grpo_kd.cache.teacher import TEACHER_KIND, CacheSpec, open_shard_reader
@@ -97,8 +97,10 @@ def verify_iteration(paths: RunPaths, iteration: int, report: VerifyReport) -> N
                 if teacher_dir.is_dir() else []
             what = "unfinished: data without a manifest" if unfinished else "missing (no manifest)"
             kept = len(kept_batch_files(teacher_dir, rollout.shard))
-            if kept:
-                what += f"; {kept} scored batches are kept for the next `grpo-kd cache-teacher` to resume from"
+            kept_reference = len(kept_reference_files(teacher_dir, rollout.shard))
+            if kept or kept_reference:
+                what += (f"; {kept} scored batches (and {kept_reference} reference batches) are kept for the next "
+                         "`grpo-kd cache-teacher` to resume from")
             report.bad(rel(teacher_dir / f"part-{rollout.shard:05d}"), f"teacher shard {what}")
     for j, manifest in sorted(manifests.items()):
         name = rel(teacher_dir / manifest.get("file", f"part-{j:05d}"))

@@ -21,10 +21,9 @@ first pass whose [C] float32 results are kept in memory, so that two models are 
 
 Idempotence: a shard whose manifest exists, whose checksum matches and which scored the current rollout file
 with the current settings is skipped. An unfinished shard (a killed or requeued run) is written again into a
-temporary name (`TeacherShardSink`), but the teacher batches a killed run had scored are kept
-(`grpo_kd.cache.progress`) and replayed instead of scored again, and so are its reference log-probs once the
-reference pass has finished them: a kill costs at most one batch of teacher work (or the shard's reference pass,
-when it comes during that pass), never correctness.
+temporary name (`TeacherShardSink`), but the batches a killed run had scored, of the reference pass and of the
+teacher, are kept (`grpo_kd.cache.progress`) and replayed instead of scored again: a kill costs at most the batch
+in progress, never correctness.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 
 from grpo_kd.cache.manifest import CacheError, describe_vocab, read_json, shard_is_complete, shard_manifest_path
-from grpo_kd.cache.progress import ShardProgress, load_reference, progress_dir, save_reference
+from grpo_kd.cache.progress import ShardProgress, load_reference_batches, progress_dir, save_reference_batch
 from grpo_kd.cache.reader import completion_hidden
 from grpo_kd.cache.rollouts import RolloutShard, RolloutStore
 from grpo_kd.cache.teacher import CacheSpec, ScoredRows, TeacherShardSink, bf16_bits
@@ -199,14 +198,16 @@ def _reference_pass(cfg: Config, shards: list[RolloutShard], progress: bool, tea
     with adapters_disabled(model):
         for shard in shards:
             key = {"params": params, "rollouts": shard.manifest["sha256"], "reference": desc}
-            kept = load_reference(teacher_dir, shard.shard, key, shard.lengths())
-            if kept is not None:
-                log.info("reference log-probs of shard %d kept from an interrupted run", shard.shard)
-                out[shard.shard] = kept
-                continue
-            out[shard.shard] = scorer.reference_logprobs(shard, progress=progress)
-            out["_tokens"] += int(shard.lengths().sum())
-            save_reference(teacher_dir, shard.shard, key, out[shard.shard])
+            kept = load_reference_batches(teacher_dir, shard.shard, key, shard.lengths())
+            if kept:
+                log.info("reference log-probs of shard %d: %d batches kept from an interrupted run", shard.shard,
+                         len(kept))
+
+            def keep(index, rows, logprobs, shard=shard.shard, key=key):
+                save_reference_batch(teacher_dir, shard, key, index, rows, logprobs)
+
+            out[shard.shard], scored = scorer.reference_logprobs(shard, progress=progress, kept=kept, keep=keep)
+            out["_tokens"] += scored
     dropped = weakref.ref(model)
     del model, scorer
     release_memory(dropped)
@@ -319,15 +320,30 @@ class Scorer:
                     yield n, rows, h, targets, C
                 bar.advance(task, int(C.sum()))
 
-    def reference_logprobs(self, shard: RolloutShard, progress: bool) -> list[np.ndarray]:
+    def reference_logprobs(self, shard: RolloutShard, progress: bool,
+                           kept: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+                           keep=None) -> tuple[list[np.ndarray], int]:
+        """([R] (C,) float32 log-probs per row, tokens scored now). A batch in `kept` ({index: (rows, (N,)
+        log-probs)} from an interrupted run) with exactly that batch's rows is reused; `keep(index, rows,
+        logprobs)` is called after each batch scored now."""
         from grpo_kd.kernels import linear_logprobs
 
+        kept = kept or {}
         out: list[np.ndarray] = [np.zeros(0, np.float32)] * shard.num_rows
-        for _, rows, h, targets, C in self._loop(shard, f"reference  shard {shard.shard}", progress):
-            logprobs, _, _ = linear_logprobs(h, self.head.weight, targets, bias=self.head.bias)  # (N,)
-            for i, part in zip(rows, np.split(logprobs.float().cpu().numpy(), np.cumsum(C)[:-1])):
+        scored = 0
+        label = f"reference  shard {shard.shard}"
+        for n, rows, h, targets, C in self._loop(shard, label, progress, {n: r for n, (r, _) in kept.items()}):
+            if h is None:
+                values = kept[n][1]
+            else:
+                logprobs, _, _ = linear_logprobs(h, self.head.weight, targets, bias=self.head.bias)  # (N,)
+                values = logprobs.float().cpu().numpy()
+                scored += int(C.sum())
+                if keep is not None:
+                    keep(n, rows, values)
+            for i, part in zip(rows, np.split(values, np.cumsum(C)[:-1])):
                 out[i] = part
-        return out
+        return out, scored
 
     def score_shard(self, shard: RolloutShard, ref: list[np.ndarray] | None, progress: bool,
                     done: dict[int, ScoredRows] | None = None) -> Iterator[tuple[int, ScoredRows, bool]]:

@@ -109,7 +109,7 @@ def test_killed_shard_resumes_from_its_kept_batches(tmp_path, cache_models, caps
     kept_tokens = [int(np.load(p)["num_tokens"].sum()) for p in kept]
     capsys.readouterr()
     assert main(["cache", "verify", str(killed_run)]) == 1
-    assert f"{len(kept)} scored batches are kept" in capsys.readouterr().out
+    assert f"{len(kept)} scored batches (and " in capsys.readouterr().out
     cut = kept[-1]  # as if the crash had cut the last batch file short
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
 
@@ -121,3 +121,43 @@ def test_killed_shard_resumes_from_its_kept_batches(tmp_path, cache_models, caps
     assert shard_hashes(teacher_dir) == expected
     assert not kept_dir.exists()
     assert main(["cache", "verify", str(killed_run)]) == 0
+
+
+def test_kill_during_the_reference_pass_keeps_its_scored_batches(tmp_path, cache_models):
+    """The reference pass keeps each batch too: a run killed during it scores only the reference batches not kept
+    (a file cut short is scored again), and the shard is byte-identical to a clean run's."""
+    from grpo_kd.cache.progress import kept_batch_files, kept_reference_files
+    from grpo_kd.config import load_config
+    from grpo_kd.train.teacher_pass import run_teacher_pass
+
+    teacher = {"token_budget": 40}
+    config, clean_run = make_run(tmp_path, cache_models, name="clean", num_prompts=8, group_size=4,
+                                 max_new_tokens=16, num_shards=1, teacher=teacher)
+    clean = run_teacher_pass(load_config(config, []), iteration=1, progress=False)
+    expected = shard_hashes(RunPaths.of(clean_run).teacher(1))
+
+    killed_run = tmp_path / "killed"
+    shutil.copytree(RunPaths.of(clean_run).rollouts(1), RunPaths.of(killed_run).rollouts(1))
+    teacher_dir = RunPaths.of(killed_run).teacher(1)
+    proc = subprocess.Popen(cache_teacher(config, "killed", tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(kept_reference_files(teacher_dir, 0)) < 2:
+        assert proc.poll() is None, "cache-teacher finished before it could be killed: lower the token budget"
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = kept_reference_files(teacher_dir, 0)
+    kept_tokens = [len(np.load(p)["values"]) for p in kept]
+    cut = kept[-1]  # as if the crash had cut the last file short
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    teacher_kept = sum(int(np.load(p)["num_tokens"].sum()) for p in kept_batch_files(teacher_dir, 0))  # usually 0
+
+    result = run_teacher_pass(load_config(config, [f"output_dir={tmp_path}", "name=killed"]), iteration=1,
+                              progress=False)
+    assert result.reference_tokens == clean.reference_tokens - sum(kept_tokens[:-1])
+    assert result.reference_tokens < clean.reference_tokens
+    assert result.tokens == clean.tokens - teacher_kept
+    assert shard_hashes(teacher_dir) == expected
+    assert not kept_reference_files(teacher_dir, 0)  # cleared with the finished shard
