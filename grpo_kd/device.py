@@ -66,8 +66,9 @@ def release_memory(*dropped: weakref.ref) -> None:
 
     `dropped`: weak references to what the caller let go of. The full garbage collection, which costs about 0.4 s
     in a process that has imported transformers (measured on a tiny run, a fifth of its iteration), then runs only
-    if one of them is still alive, held by a reference cycle (as the first model loaded in a process is, through
-    the frames of transformers' lazy import); without `dropped` it always runs.
+    if one of them is still alive, held by a reference cycle (as the first model loaded in a process can be: its
+    loading frames are caught in a cycle that torch.fx.wrap makes while transformers lazily imports the model
+    code); without `dropped` it always runs.
     """
     if not dropped or any(ref() is not None for ref in dropped):
         gc.collect()
