@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,25 @@ def cache_teacher(config, run_name, root) -> list[str]:
 
 def shard_hashes(teacher_dir):
     return {p.name: sha256_file(p) for p in sorted(teacher_dir.glob("part-*.arrow"))}
+
+
+def kill_once_kept(command: list[str], kept_files, count: int, poll_s: float) -> list[Path]:
+    """Run `command` and SIGKILL it as soon as `kept_files()` lists `count` files; returns what it lists then."""
+    proc = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(kept_files()) < count:
+        assert proc.poll() is None, "cache-teacher finished before it could be killed: lower the token budget"
+        assert time.monotonic() < deadline
+        time.sleep(poll_s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return kept_files()
+
+
+def cut_short(path: Path) -> None:
+    """As if a crash had cut the file short."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 @pytest.mark.slow
@@ -95,23 +115,14 @@ def test_killed_shard_resumes_from_its_kept_batches(tmp_path, cache_models, caps
     shutil.copytree(RunPaths.of(clean_run).rollouts(1), RunPaths.of(killed_run).rollouts(1))
     teacher_dir = RunPaths.of(killed_run).teacher(1)
     kept_dir = progress_dir(teacher_dir, 0)
-    proc = subprocess.Popen(cache_teacher(config, "killed", tmp_path), env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while len(kept_batch_files(teacher_dir, 0)) < 3:
-        assert proc.poll() is None, "cache-teacher finished before it could be killed: lower the token budget"
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kept = kill_once_kept(cache_teacher(config, "killed", tmp_path), lambda: kept_batch_files(teacher_dir, 0), 3,
+                          poll_s=0.002)
     assert not list_shard_manifests(teacher_dir)
-    kept = kept_batch_files(teacher_dir, 0)
     kept_tokens = [int(np.load(p)["num_tokens"].sum()) for p in kept]
     capsys.readouterr()
     assert main(["cache", "verify", str(killed_run)]) == 1
     assert f"{len(kept)} scored batches (and " in capsys.readouterr().out
-    cut = kept[-1]  # as if the crash had cut the last batch file short
-    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    cut_short(kept[-1])
 
     result = run_teacher_pass(load_config(config, [f"output_dir={tmp_path}", "name=killed"]), iteration=1,
                               progress=False)
@@ -139,19 +150,10 @@ def test_kill_during_the_reference_pass_keeps_its_scored_batches(tmp_path, cache
     killed_run = tmp_path / "killed"
     shutil.copytree(RunPaths.of(clean_run).rollouts(1), RunPaths.of(killed_run).rollouts(1))
     teacher_dir = RunPaths.of(killed_run).teacher(1)
-    proc = subprocess.Popen(cache_teacher(config, "killed", tmp_path), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while len(kept_reference_files(teacher_dir, 0)) < 2:
-        assert proc.poll() is None, "cache-teacher finished before it could be killed: lower the token budget"
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    kept = kept_reference_files(teacher_dir, 0)
+    kept = kill_once_kept(cache_teacher(config, "killed", tmp_path), lambda: kept_reference_files(teacher_dir, 0), 2,
+                          poll_s=0.001)
     kept_tokens = [len(np.load(p)["values"]) for p in kept]
-    cut = kept[-1]  # as if the crash had cut the last file short
-    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    cut_short(kept[-1])
     teacher_kept = sum(int(np.load(p)["num_tokens"].sum()) for p in kept_batch_files(teacher_dir, 0))  # usually 0
 
     result = run_teacher_pass(load_config(config, [f"output_dir={tmp_path}", "name=killed"]), iteration=1,
