@@ -276,16 +276,12 @@ def informed_self(cfg, model: str, cache: Path, resume: bool) -> dict:
     demonstration (a yardstick that does not move with training); also the capital fraction of those samples and
     of samples drawn with the demonstration, and perplexity on the plain FarPaHC dev text. Kept as JSON in
     `cache`."""
-    import torch
-
-    from grpo_kd.data import encode_prompt, load_prompts, load_texts, render_prompt
-    from grpo_kd.evaluate.distill import token_divergences
+    from grpo_kd.data import encode_prompt, load_texts
+    from grpo_kd.evaluate.distill import distill_metrics, student_side
     from grpo_kd.evaluate.generation import generate
     from grpo_kd.evaluate.perplexity import perplexity
-    from grpo_kd.evaluate.scoring import completion_hidden_states
-    from grpo_kd.evaluate.suite import checkpoint_tokenizer, load_checkpoint
+    from grpo_kd.evaluate.suite import checkpoint_tokenizer, heldout_prompts, load_checkpoint
     from grpo_kd.fsutil import atomic_write_json
-    from grpo_kd.models import lm_head
 
     if resume and cache.is_file():
         saved = json.loads(cache.read_text(encoding="utf-8"))
@@ -294,35 +290,27 @@ def informed_self(cfg, model: str, cache: Path, resume: bool) -> dict:
     ev = cfg.eval
     tokenizer = checkpoint_tokenizer(model, cfg)
     net = load_checkpoint(model, cfg)
-    prompts = load_prompts(cfg.data.heldout_prompts, privileged_field=cfg.data.privileged_field,
-                           limit=ev.max_examples)
-    plain = [render_prompt(tokenizer, p) for p in prompts]
-    informed = [render_prompt(tokenizer, p, privileged_template=cfg.teacher.prompt_template) for p in prompts]
+    plain = heldout_prompts(cfg, tokenizer)
+    informed = heldout_prompts(cfg, tokenizer, privileged_template=cfg.teacher.prompt_template)
     sample = dict(max_new_tokens=ev.max_new_tokens, do_sample=True, temperature=ev.temperature,
                   batch_size=ev.batch_size, seed=cfg.seed)
     samples = generate(net, tokenizer, plain, description="sampling", **sample)
     informed_samples = generate(net, tokenizer, informed, description="sampling, informed", **sample)
-    completions = [s.completion_ids for s in samples]
-    pad = tokenizer.pad_token_id
-    hidden = completion_hidden_states(net, [s.prompt_ids for s in samples], completions, pad_id=pad,
-                                      batch_size=ev.batch_size)
+    student = student_side(net, tokenizer, samples, plain, ev.batch_size)
     informed_ids = [encode_prompt(tokenizer, text, chat_template=False) for text in informed]  # as cache-teacher
-    informed_hidden = completion_hidden_states(net, informed_ids, completions, pad_id=pad, batch_size=ev.batch_size)
-    head = lm_head(net)
-    tokens = torch.tensor([t for ids in completions for t in ids], dtype=torch.long)
-    per_token = token_divergences(torch.cat(hidden), head, torch.cat(informed_hidden), head, tokens)
+    score = dict(batch_size=ev.batch_size, pad_id=tokenizer.pad_token_id, teacher_prompt_ids=informed_ids)
+    to_self = distill_metrics(student, net, **score)
     initial = net if model == cfg.model.path else load_checkpoint(cfg.model.path, cfg)  # the fixed yardstick
-    initial_hidden = completion_hidden_states(initial, informed_ids, completions, pad_id=pad, batch_size=ev.batch_size)
-    to_initial = token_divergences(torch.cat(hidden), head, torch.cat(initial_hidden), lm_head(initial), tokens)
+    to_initial = distill_metrics(student, initial, **score)
     texts = load_texts(ev.heldout_text, limit=ev.max_examples)
     result = {
         "checkpoint": model,
-        "informed.reverse_kl": float(per_token["reverse_kl"].mean()),
-        "informed.forward_kl": float(per_token["forward_kl"].mean()),
-        "informed.reverse_kl_to_initial": float(to_initial["reverse_kl"].mean()),
+        "informed.reverse_kl": to_self["reverse_kl"],
+        "informed.forward_kl": to_self["forward_kl"],
+        "informed.reverse_kl_to_initial": to_initial["reverse_kl"],
         "informed.capitals": capital_fraction([s.text for s in samples]),
         "informed.capitals_with_demonstration": capital_fraction([s.text for s in informed_samples]),
-        "informed.num_tokens": len(per_token["reverse_kl"]),
+        "informed.num_tokens": to_self["num_tokens"],
         "perplexity.perplexity": perplexity(net, tokenizer, texts, batch_size=ev.batch_size)["perplexity"],
         "samples": [s.text for s in samples[:5]],
     }
