@@ -28,6 +28,7 @@ in progress, never correctness.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import weakref
@@ -202,10 +203,7 @@ def _reference_pass(cfg: Config, shards: list[RolloutShard], progress: bool, tea
             if kept:
                 log.info("reference log-probs of shard %d: %d batches kept from an interrupted run", shard.shard,
                          len(kept))
-
-            def keep(index, rows, logprobs, shard=shard.shard, key=key):
-                save_reference_batch(teacher_dir, shard, key, index, rows, logprobs)
-
+            keep = functools.partial(save_reference_batch, teacher_dir, shard.shard, key)  # (index, rows, logprobs)
             out[shard.shard], scored = scorer.reference_logprobs(shard, progress=progress, kept=kept, keep=keep)
             out["_tokens"] += scored
     dropped = weakref.ref(model)
