@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from grpo_kd.errors import GrpoKdError
-from grpo_kd.fsutil import atomic_write_json
+from grpo_kd.fsutil import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -204,13 +203,10 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 32) -> float:
 
 
 def _save_dir(path: Path, *objects) -> None:
-    """save_pretrained each object into a temporary directory, then rename it into place."""
-    tmp = path.with_name(f"{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for obj in objects:
-        obj.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    """save_pretrained each object into a temporary directory, then rename it over `path`."""
+    with atomic_path(path) as tmp:
+        for obj in objects:
+            obj.save_pretrained(tmp)
 
 
 # ---------------------------------------------------------------------------------------------- builds
