@@ -71,7 +71,7 @@ from grpo_kd.models import (
     tokenizer_fingerprint,
 )
 from grpo_kd.paths import RunPaths, part_name
-from grpo_kd.slurm.shards import shard_range
+from grpo_kd.shards import shard_range
 from grpo_kd.train.checkpoint import student_checkpoint
 from grpo_kd.train.policy import collate, completion_logprobs
 from grpo_kd.train.sampling import Sample, SamplingParams, sample_batch
@@ -352,7 +352,7 @@ def _sample_shard(cfg: Config, paths: RunPaths, iteration: int, plan: dict[str, 
 
 def _sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, show_progress):
     """Sample G completions for each (group_id, prompt, prompt_ids), `rollout.batch_size` prompts at a time."""
-    from grpo_kd.evaluate.progress import progress
+    from grpo_kd.progress import progress
 
     eos_ids = eos_token_ids(student, tokenizer)
     pad_id = tokenizer.pad_token_id
