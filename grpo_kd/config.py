@@ -80,6 +80,7 @@ class RolloutConfig:
     batch_size: int = 16  # prompts per generation batch
     teacher_mix_alpha: float = 0.0  # MiniLLM: draw from alpha * p_teacher + (1 - alpha) * q_student
     num_shards: int = 1
+    engine: Literal["hf", "vllm"] = "hf"  # vllm: sample with vLLM (settings in `vllm`); see grpo_kd/engines
 
 
 @dataclass
@@ -105,6 +106,7 @@ class TeacherConfig:
     reference: bool = True  # also store the reference model's per-token log-probs (KL penalty)
     cross_tokenizer_norm: Literal["token", "byte"] = "token"
     cross_tokenizer: bool = False  # teacher with another vocabulary: cache sequence scores only (else refuse)
+    engine: Literal["hf", "vllm"] = "hf"  # vllm: score (teacher and reference) with vLLM's prompt log-probs
 
 
 @dataclass
@@ -136,6 +138,20 @@ class LossConfig:
     length_normalize: bool = True  # MiniLLM: R^Norm
     pt_batch_size: int = 8  # L_PT: pre-training sequences per optimizer step (over all ranks)
     pt_seq_len: int = 256  # L_PT: tokens per pre-training sequence
+    # truncated importance sampling (rollout.engine vllm): each token's policy-gradient term is weighted by
+    # min(exp(old_logprobs - sampler_logprobs), tis_cap), the trainer's over vLLM's probability; 0 = off
+    tis_cap: float = 0.0
+
+
+@dataclass
+class VllmConfig:
+    """vLLM engine settings, for `rollout.engine: vllm` and `teacher.engine: vllm` (grpo_kd/engines/vllm_engine.py)."""
+
+    gpu_memory_utilization: float | None = None  # None: 0.85 on GPUs; 0.1 on a CPU, where it is of host memory
+    tensor_parallel_size: int = 0  # 0: every GPU the job sees (1 on a CPU)
+    enforce_eager: bool = False  # True: no torch.compile / CUDA graphs (faster start, slower steps)
+    max_num_seqs: int = 256  # sequences the engine batches at once
+    max_model_len: int | None = None  # None: the longest prompt + completion of the phase
 
 
 @dataclass
@@ -223,6 +239,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -245,7 +262,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
-    return from_dict(Config, raw)
+    cfg = from_dict(Config, raw)
+    check_engines(cfg)
+    return cfg
+
+
+def check_engines(cfg: Config) -> None:
+    """What vLLM cannot do, refused from the config alone (the model-dependent rules are in
+    `grpo_kd.engines.vllm_engine.preflight`, run before any phase)."""
+    t = cfg.teacher
+    if cfg.rollout.engine == "vllm" and cfg.rollout.teacher_mix_alpha > 0:
+        raise ConfigError("rollout.engine=vllm cannot do teacher-mixed sampling (rollout.teacher_mix_alpha > 0 needs "
+                          "the teacher at every step); use rollout.engine=hf or teacher_mix_alpha=0")
+    if t.engine == "vllm":
+        rules = [(t.num_samples > 0, "teacher.num_samples > 0 (sampling needs the full distribution; vLLM gives the "
+                                     "top-k)"),
+                 (t.temperature != 1.0, f"teacher.temperature={t.temperature} (vLLM's prompt log-probs are of the "
+                                        "untempered logits)"),
+                 (t.load_in_4bit, "teacher.load_in_4bit (bitsandbytes through transformers)"),
+                 (t.device_map is not None, "teacher.device_map (vLLM spreads a teacher with "
+                                            "vllm.tensor_parallel_size)")]
+        for bad, what in rules:
+            if bad:
+                raise ConfigError(f"teacher.engine=vllm cannot serve {what}; use teacher.engine=hf")
+    if cfg.loss.tis_cap < 0:
+        raise ConfigError(f"loss.tis_cap must be >= 0 (0 = off), got {cfg.loss.tis_cap}")
+    if cfg.vllm.gpu_memory_utilization is not None and not 0 < cfg.vllm.gpu_memory_utilization <= 1:
+        raise ConfigError(f"vllm.gpu_memory_utilization must be in (0, 1], got {cfg.vllm.gpu_memory_utilization}")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
