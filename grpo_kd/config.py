@@ -147,11 +147,15 @@ class LossConfig:
 class VllmConfig:
     """vLLM engine settings, for `rollout.engine: vllm` and `teacher.engine: vllm` (grpo_kd/engines/vllm_engine.py)."""
 
-    gpu_memory_utilization: float | None = None  # None: 0.85 on GPUs; 0.1 on a CPU, where it is of host memory
+    # None: 0.85 on GPUs; on a CPU (where vLLM reads it as a share of host memory) the KV cache is sized to the phase
+    gpu_memory_utilization: float | None = None
     tensor_parallel_size: int = 0  # 0: every GPU the job sees (1 on a CPU)
     enforce_eager: bool = False  # True: no torch.compile / CUDA graphs (faster start, slower steps)
     max_num_seqs: int = 256  # sequences the engine batches at once
     max_model_len: int | None = None  # None: the longest prompt + completion of the phase
+    # tokens per engine step (None: vLLM's default); the teacher pass's prompt log-probs take about
+    # this x vocabulary x 4 bytes per step: lower it for a 262k-vocabulary teacher that runs short of memory
+    max_num_batched_tokens: int | None = None
 
 
 @dataclass

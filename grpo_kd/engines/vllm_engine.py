@@ -9,9 +9,11 @@ Key design choices:
   loads next (the rollout's transformers student for the behaviour log-probs, the teacher after the reference)
   has the memory back. Two models are never resident at once, as on the transformers path.
 - Each setting has one default, resolved here from the `vllm` config section: `gpu_memory_utilization` 0.85
-  with GPUs and 0.1 on a CPU (vLLM's CPU backend reads it as the share of host memory for weights and KV cache;
-  its default 0.92 fails there); `tensor_parallel_size` 0 = every GPU the job sees, so a SLURM job's GPU count
-  is the tensor-parallel degree; the dtype is the one the transformers path would choose (`choose_dtype`).
+  with GPUs; on a CPU, where vLLM reads it as the share of host memory for weights, activations and KV cache
+  (its default 0.92 fails on a shared machine, and a fixed small share fails once the model outgrows it), the
+  KV cache is instead sized to the phase (`kv_cache_bytes`: its requests x their longest sequence) unless
+  `gpu_memory_utilization` is set; `tensor_parallel_size` 0 = every GPU the job sees, so a SLURM job's GPU
+  count is the tensor-parallel degree; the dtype is the one the transformers path would choose.
 - Log-probs: sampling runs with `logprobs_mode="processed_logprobs"`, the log-prob under the distribution vLLM
   drew from (temperature, then top-k/top-p truncation renormalised). Prompt log-probs (the teacher pass) are
   of the untempered logits after the model's own final soft cap whatever the mode (prompt tokens skip the
@@ -84,7 +86,7 @@ def on_gpu() -> bool:
 def memory_utilization(cfg: Config) -> float:
     if cfg.vllm.gpu_memory_utilization is not None:
         return cfg.vllm.gpu_memory_utilization
-    return 0.85 if on_gpu() else 0.1
+    return 0.85 if on_gpu() else 0.1  # on a CPU only a floor: the KV cache is sized by kv_cache_bytes
 
 
 def tensor_parallel_size(cfg: Config) -> int:
@@ -99,16 +101,40 @@ def vllm_dtype(requested: str) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def engine_kwargs(cfg: Config, source: ModelSource, *, max_model_len: int, max_logprobs: int) -> dict[str, Any]:
-    """Keyword arguments of `vllm.LLM` for one phase's engine."""
+def kv_cache_bytes(source: ModelSource, max_model_len: int, requests: int, max_num_seqs: int) -> int:
+    """KV-cache bytes for `requests` sequences of up to `max_model_len` tokens (at most `max_num_seqs` at once),
+    plus a block of slack each: 2 (K, V) x layers x KV heads x head size x the dtype's bytes per token."""
+    text = model_config(source).get_text_config()
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    width = 4 if vllm_dtype(source.dtype) == "float32" else 2
+    per_token = 2 * text.num_hidden_layers * heads * head * width
+    tokens = max(1, min(requests, max_num_seqs)) * (max_model_len + 128)
+    return max(tokens * per_token, 32 * 2**20)
+
+
+def model_config(source: ModelSource):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
+
+
+def engine_kwargs(cfg: Config, source: ModelSource, *, max_model_len: int, max_logprobs: int,
+                  requests: int) -> dict[str, Any]:
+    """Keyword arguments of `vllm.LLM` for one phase's engine, which serves `requests` sequences in all."""
+    max_model_len = cfg.vllm.max_model_len or max_model_len
     kwargs: dict[str, Any] = {
         "model": source.path, "tokenizer": source.tokenizer, "dtype": vllm_dtype(source.dtype),
         "trust_remote_code": source.trust_remote_code, "seed": cfg.seed,
         "gpu_memory_utilization": memory_utilization(cfg), "tensor_parallel_size": tensor_parallel_size(cfg),
         "enforce_eager": cfg.vllm.enforce_eager, "max_num_seqs": cfg.vllm.max_num_seqs,
-        "max_model_len": cfg.vllm.max_model_len or max_model_len, "max_logprobs": max(max_logprobs, 1),
+        "max_model_len": max_model_len, "max_logprobs": max(max_logprobs, 1),
         "logprobs_mode": "processed_logprobs",
     }
+    if not on_gpu() and cfg.vllm.gpu_memory_utilization is None:
+        kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(source, max_model_len, requests, cfg.vllm.max_num_seqs)
+    if cfg.vllm.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = cfg.vllm.max_num_batched_tokens
     if source.adapter is not None:
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_bound(source.lora_rank))
     return kwargs
@@ -134,15 +160,19 @@ def lora_request(source: ModelSource):
 
 
 @contextlib.contextmanager
-def open_engine(cfg: Config, source: ModelSource, *, max_model_len: int, max_logprobs: int) -> Iterator[Any]:
-    """A started `vllm.LLM` for `source`, shut down (its processes too) when the block ends."""
+def open_engine(cfg: Config, source: ModelSource, *, max_model_len: int, max_logprobs: int,
+                requests: int) -> Iterator[Any]:
+    """A started `vllm.LLM` for `source` (serving `requests` sequences), shut down (its processes too) when the
+    block ends."""
     version = require_vllm()
     from vllm import LLM
 
-    kwargs = engine_kwargs(cfg, source, max_model_len=max_model_len, max_logprobs=max_logprobs)
-    log.info("%s: starting an engine for %s%s (dtype %s, tensor parallel %d, memory %.2f)", version, source.path,
+    kwargs = engine_kwargs(cfg, source, max_model_len=max_model_len, max_logprobs=max_logprobs, requests=requests)
+    kv = kwargs.get("kv_cache_memory_bytes")
+    memory = f"KV cache {kv / 2**20:.0f} MiB" if kv else f"memory share {kwargs['gpu_memory_utilization']:.2f}"
+    log.info("%s: starting an engine for %s%s (dtype %s, tensor parallel %d, %s)", version, source.path,
              f" + adapter {source.adapter}" if source.adapter else "", kwargs["dtype"],
-             kwargs["tensor_parallel_size"], kwargs["gpu_memory_utilization"])
+             kwargs["tensor_parallel_size"], memory)
     try:
         llm = LLM(**kwargs)
     except (RuntimeError, ValueError, TypeError, OSError) as exc:
@@ -176,8 +206,9 @@ def checkpoint_fingerprint(path: str, *, trust_remote_code: bool = False) -> dic
     stable = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
     digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode("utf-8"))
     architectures = config.get("architectures") or ["unknown"]
-    return {"name": path, "architecture": architectures[0], "num_parameters": _safetensors_numel(Path(path)),
-            "config_hash": digest.hexdigest()}
+    local = Path(path).is_dir()  # a hub id: the count is unknown here (None), the config hash is not
+    return {"name": path, "architecture": architectures[0],
+            "num_parameters": _safetensors_numel(Path(path)) if local else None, "config_hash": digest.hexdigest()}
 
 
 def _safetensors_numel(directory: Path) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from grpo_kd.config import Config
-from grpo_kd.engines.vllm_engine import ModelSource, lora_request, open_engine, require_vllm
+from grpo_kd.engines.vllm_engine import ModelSource, lora_request, model_config, open_engine, require_vllm
 from grpo_kd.train.sampling import Sample, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,8 @@ def student_eos_ids(source: ModelSource, tokenizer) -> set[int]:
     try:
         generation = GenerationConfig.from_pretrained(source.path)
     except OSError:  # no generation_config.json: the model config's eos, as transformers would use
-        generation = GenerationConfig.from_model_config(_model_config(source))
+        generation = GenerationConfig.from_model_config(model_config(source))
     return eos_token_ids(types.SimpleNamespace(generation_config=generation), tokenizer)
-
-
-def _model_config(source: ModelSource):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
 
 
 def vllm_sampling_params(params: SamplingParams, seed: int, eos_ids: set[int]):
@@ -110,7 +104,7 @@ def sample_shard(cfg: Config, iteration: int, plan: dict[str, Any], prompts, par
     source = student_source(cfg, checkpoint)
     eos_ids = student_eos_ids(source, tokenizer)
     longest = max((len(ids) for _, ids, _ in rows), default=1) + params.max_new_tokens
-    with open_engine(cfg, source, max_model_len=longest, max_logprobs=1) as llm:
+    with open_engine(cfg, source, max_model_len=longest, max_logprobs=1, requests=len(rows)) as llm:
         started = time.perf_counter()
         samples = generate(llm, source, [ids for _, ids, _ in rows], seeds, params, eos_ids,
                            show_progress=show_progress) if rows else []

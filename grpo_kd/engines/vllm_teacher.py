@@ -132,7 +132,9 @@ def _scoring(cfg: Config, source: ModelSource, tokenizer, spec: CacheSpec, shard
     fingerprint = checkpoint_fingerprint(source.path, trust_remote_code=source.trust_remote_code)
     if source.adapter is not None:
         fingerprint["adapter"] = str(source.adapter)
-    with open_engine(cfg, source, max_model_len=scorer.longest(shards), max_logprobs=scorer.top_k) as llm:
+    rows = sum(shard.num_rows for shard in shards)
+    with open_engine(cfg, source, max_model_len=scorer.longest(shards), max_logprobs=scorer.top_k,
+                     requests=rows) as llm:
         scorer.llm = llm
         try:
             yield scorer, fingerprint

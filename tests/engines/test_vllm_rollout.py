@@ -50,7 +50,7 @@ def test_lora_student_is_served_and_seeds_fix_each_completion(vllm_models, needs
     seeds = [sample_seed(7, 2, group, index) for group, index in ((0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1))]
     params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=1.0, top_k=0)
     eos = student_eos_ids(source, tokenizer)
-    with open_engine(cfg, source, max_model_len=64, max_logprobs=1) as llm:
+    with open_engine(cfg, source, max_model_len=64, max_logprobs=1, requests=len(prompts)) as llm:
         samples = generate(llm, source, prompts, seeds, params, eos)
         again = generate(llm, source, [prompts[4], prompts[1]], [seeds[4], seeds[1]], params, eos)
     assert [s.completion_ids for s in again] == [samples[4].completion_ids, samples[1].completion_ids]
