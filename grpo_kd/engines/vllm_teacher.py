@@ -65,8 +65,7 @@ class VllmScorer(Scorer):
 
         requests = [TokensPrompt(prompt_token_ids=[int(t) for t in prompts[i]] + [int(t) for t in completions[i]])
                     for i in rows]
-        params = SamplingParams(max_tokens=1, prompt_logprobs=self.top_k, detokenize=False, flat_logprobs=True,
-                                seed=self.cfg.seed)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=self.top_k, detokenize=False, flat_logprobs=True)
         outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=lora_request(self.source))
         P = np.array([len(prompts[i]) for i in rows], np.int64)
         C = np.array([len(completions[i]) for i in rows], np.int64)
