@@ -128,7 +128,8 @@ def run_worker(args, phase: str, engine: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise SystemExit(f"{phase}/{engine} failed:\n{done.stderr[-3000:]}")
+        errors = [line for line in done.stderr.splitlines() if "Error" in line][-5:]  # vLLM's root cause
+        raise SystemExit(f"{phase}/{engine} failed:\n" + "\n".join(errors) + f"\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -141,12 +142,13 @@ def write_report(args, results: dict, parameters: int, device: str, command: str
     report = {"command": command, "device": device, "preset": args.preset, "model": str(args.model),
               "parameters": parameters, "threads": args.threads, "prompts": args.prompts,
               "group_size": args.group_size, "max_new_tokens": args.max_new_tokens, "top_k": args.top_k,
-              "results": results}
+              "load_average": args.load, "results": results}
     (out / f"engines-{args.preset}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Rollout and teacher pass: transformers vs vLLM ({device})", "", f"Command: `{command}`", "",
              f"Model: {parameters / 1e6:.0f}M parameters ({args.preset}), {args.prompts} prompts x "
              f"{args.group_size} completions x {args.max_new_tokens} new tokens, teacher top-k {args.top_k}, "
-             f"{args.threads} threads.", "",
+             f"{args.threads} threads; 1-minute load average {args.load[0]:.1f} at the start, {args.load[1]:.1f} at "
+             "the end (other work on the machine slows both engines; compare them within one run).", "",
              "| phase | engine | tokens | tokens/s (load excluded) | load / engine start (s) | note |",
              "|---|---|---|---|---|---|"]
     for phase in ("rollout", "teacher"):
@@ -212,12 +214,14 @@ def main(argv: list[str]) -> int:
 
     shutil.rmtree(args.work / "runs", ignore_errors=True)
     results: dict = {"rollout": {}, "teacher": {}}
+    args.load = [os.getloadavg()[0]]
     for phase in ("rollout", "teacher"):  # the hf rollout first: the teacher pass of both engines scores it
         for engine in ("hf", "vllm"):
             results[phase][engine] = run_worker(args, phase, engine)
             print(f"{phase:8s} {engine:5s} {results[phase][engine]['tokens_per_s']:9.1f} tokens/s", flush=True)
     from grpo_kd.engines.vllm_engine import checkpoint_fingerprint
 
+    args.load.append(os.getloadavg()[0])
     parameters = checkpoint_fingerprint(str(args.model))["num_parameters"]
     command = "python benchmarks/bench_engines.py " + " ".join(shlex.quote(a) for a in argv)
     device = device_slug("cuda" if torch.cuda.is_available() else "cpu")
