@@ -188,6 +188,22 @@ def _is_adapter_dir(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
+def student_weights(cfg: ModelConfig, checkpoint: str | None) -> tuple[str, Path | None]:
+    """(base weights, adapter directory | None) of the student at `checkpoint` (None: the initial model)."""
+    if checkpoint is None:
+        return cfg.path, None
+    ckpt = Path(checkpoint)
+    if not ckpt.is_dir():
+        raise GrpoKdError(f"student checkpoint not found: {checkpoint}")
+    if (ckpt / "model").is_dir() and not (ckpt / "config.json").is_file() and not _is_adapter_dir(ckpt):
+        ckpt = ckpt / "model"  # a training checkpoint: grpo_kd.train.checkpoint.MODEL_DIR
+    if _is_adapter_dir(ckpt):
+        return cfg.path, ckpt
+    if (ckpt / "config.json").is_file():
+        return str(ckpt), None
+    raise GrpoKdError(f"student checkpoint {checkpoint} holds neither adapter_config.json nor config.json")
+
+
 def load_student(cfg: ModelConfig, *, checkpoint: str | None = None, trainable: bool = True):
     """The student: base weights from `cfg.path` (or a full-weight `checkpoint`), LoRA adapters when `cfg.lora`.
 
@@ -196,20 +212,7 @@ def load_student(cfg: ModelConfig, *, checkpoint: str | None = None, trainable: 
     fresh adapters); a training checkpoint (checkpoints/iter_NNNN, whose weights are in its `model/`) works too.
     `trainable=False` gives an eval-mode model with no parameter requiring grad.
     """
-    base_path = cfg.path
-    adapter_dir = None
-    if checkpoint is not None:
-        ckpt = Path(checkpoint)
-        if not ckpt.is_dir():
-            raise GrpoKdError(f"student checkpoint not found: {checkpoint}")
-        if (ckpt / "model").is_dir() and not (ckpt / "config.json").is_file() and not _is_adapter_dir(ckpt):
-            ckpt = ckpt / "model"  # a training checkpoint: grpo_kd.train.checkpoint.MODEL_DIR
-        if _is_adapter_dir(ckpt):
-            adapter_dir = ckpt
-        elif (ckpt / "config.json").is_file():
-            base_path = str(ckpt)
-        else:
-            raise GrpoKdError(f"student checkpoint {checkpoint} holds neither adapter_config.json nor config.json")
+    base_path, adapter_dir = student_weights(cfg, checkpoint)
     model = load_causal_lm(
         base_path,
         dtype=cfg.dtype,

@@ -56,6 +56,7 @@ class TinyArch:
     num_kv_heads: int
     intermediate_size: int
     tie_embeddings: bool
+    head_dim: int | None = None  # None: hidden_size // num_heads; vLLM's CPU attention needs one of 32, 64, ...
 
 
 TEACHER_ARCH = TinyArch(hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=256, tie_embeddings=False)
@@ -145,6 +146,7 @@ def _make_llama(arch: TinyArch, tokenizer, seed: int):
         intermediate_size=arch.intermediate_size,
         max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=arch.tie_embeddings,
+        **({} if arch.head_dim is None else {"head_dim": arch.head_dim}),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -225,6 +227,11 @@ class _BuildParams:
     student_arch: dict
 
 
+def _arch_params(arch: TinyArch) -> dict:
+    """The arch as build.json records it; an unset head_dim is left out, so older builds stay valid."""
+    return {k: v for k, v in asdict(arch).items() if not (k == "head_dim" and v is None)}
+
+
 def _split_texts(texts: list[str], seed: int, heldout_fraction: float = 0.05) -> tuple[list[str], list[str]]:
     held = set(random.Random(seed).sample(range(len(texts)), max(1, int(heldout_fraction * len(texts)))))
     return [t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held]
@@ -254,7 +261,7 @@ def build_tiny_models(
     student_steps = pretrain_steps // 4 if student_pretrain_steps is None else student_pretrain_steps
     params = _BuildParams(
         [str(Path(p).resolve()) for p in corpus or []], vocab_size, pretrain_steps, student_steps,
-        seq_len, batch_size, seed, asdict(teacher_arch), asdict(student_arch),
+        seq_len, batch_size, seed, _arch_params(teacher_arch), _arch_params(student_arch),
     )  # fmt: skip
     paths = TinyModels(teacher=out / "teacher", student=out / "student", tokenizer=out / "tokenizer")
     report_path = out / "build.json"
@@ -277,7 +284,7 @@ def build_tiny_models(
             ppl = perplexity(model, heldout_blocks)
         _save_dir(getattr(paths, role), model, tokenizer)
         report[role] = {
-            "arch": asdict(arch),
+            "arch": _arch_params(arch),
             "parameters": sum(p.numel() for p in model.parameters()),
             "pretrain_steps": steps,
             "last_train_loss": last_loss,

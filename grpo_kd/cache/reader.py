@@ -60,6 +60,7 @@ class CacheBatch(NamedTuple):
     teacher_seq_logprob: torch.Tensor | None  # (B,) float64 summed teacher log-prob of the completion
     teacher_seq_tokens: torch.Tensor | None  # (B,) int64 tokens in that sum (teacher tokens if cross-tokenizer)
     teacher_seq_bytes: torch.Tensor | None  # (B,) int64 UTF-8 bytes of the completion (cross-tokenizer only)
+    sampler_logprobs: torch.Tensor | None = None  # (B, T) float32 the sampling engine's own (rollout.engine vllm)
 
 
 _TOKEN_FIELDS = {  # cache field -> (batch field, numpy dtype of the padded array)
@@ -175,7 +176,8 @@ class CacheReader:
             input_ids[b, P[b]:P[b] + C[b]] = completions[b]
             completion_ids[b, :C[b]] = completions[b]
             old[b, :C[b]] = self._row_list(s, r, "old_logprobs")
-        student = self._student_logprobs(rows, T)
+        student = self._optional_logprobs(rows, T, "student_logprobs", "teacher_mixed")
+        sampler = self._optional_logprobs(rows, T, "sampler_logprobs", "sampler_logprobs")
         index = np.array([self._row_starts[self._shard_pos[s]] + r for s, r in rows], np.int64)
         group_ids = np.array([g.group_id for g in slices for _ in range(g.size)], np.int64)
         finished = np.array([self._shard(s).table.column("finish_reason")[r].as_py() == "stop" for s, r in rows])
@@ -187,6 +189,7 @@ class CacheReader:
             completion_ids=as_t(completion_ids), completion_mask=as_t(np.arange(T)[None, :] < C[:, None]),
             old_logprobs=as_t(old), student_logprobs=None if student is None else as_t(student),
             finished=as_t(finished.astype(bool)), **teacher,
+            sampler_logprobs=None if sampler is None else as_t(sampler),
         )
 
     def _shard(self, shard: int):
@@ -196,12 +199,13 @@ class CacheReader:
         offsets, values = self._shard(shard).list_column(name)
         return values[offsets[row]:offsets[row + 1]]
 
-    def _student_logprobs(self, rows, T: int) -> np.ndarray | None:
-        if not any(self._shard(s).manifest.get("teacher_mixed") for s, _ in rows):
+    def _optional_logprobs(self, rows, T: int, column: str, flag: str) -> np.ndarray | None:
+        """(B, T) of a nullable log-prob column, when a shard of these rows has it (manifest `flag`), else None."""
+        if not any(self._shard(s).manifest.get(flag) for s, _ in rows):
             return None
         out = np.zeros((len(rows), T), np.float32)
         for b, (s, r) in enumerate(rows):
-            values = self._row_list(s, r, "student_logprobs")
+            values = self._row_list(s, r, column)
             out[b, :len(values)] = values
         return out
 

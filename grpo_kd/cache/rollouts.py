@@ -54,6 +54,7 @@ ROLLOUT_SCHEMA = pa.schema(
         pa.field("completion_ids", pa.list_(pa.int32()), nullable=False),
         pa.field("old_logprobs", pa.list_(pa.float32()), nullable=False),  # behaviour log-prob per sampled token
         pa.field("student_logprobs", pa.list_(pa.float32()), nullable=True),  # teacher-mixed sampling only
+        pa.field("sampler_logprobs", pa.list_(pa.float32()), nullable=True),  # the engine's own (vLLM) only
         pa.field("finish_reason", pa.string(), nullable=False),  # "stop" | "length"
         pa.field("prompt_text", pa.string(), nullable=False),
         pa.field("completion_text", pa.string(), nullable=False),
@@ -79,15 +80,18 @@ class RolloutRecord:
     completion_text: str = ""
     privileged: str | None = None
     student_logprobs: Sequence[float] | None = None  # (C,) when sampling was teacher-mixed
+    sampler_logprobs: Sequence[float] | None = None  # (C,) the sampling engine's own log-probs (rollout.engine vllm)
 
     def check(self) -> None:
         n = len(self.completion_ids)
         if len(self.old_logprobs) != n:
             raise CacheError(f"rollout {self.prompt_id}/{self.sample_index}: {len(self.old_logprobs)} old_logprobs "
                              f"for {n} completion tokens")
-        if self.student_logprobs is not None and len(self.student_logprobs) != n:
-            raise CacheError(f"rollout {self.prompt_id}/{self.sample_index}: {len(self.student_logprobs)} "
-                             f"student_logprobs for {n} completion tokens")
+        for name in ("student_logprobs", "sampler_logprobs"):
+            values = getattr(self, name)
+            if values is not None and len(values) != n:
+                raise CacheError(f"rollout {self.prompt_id}/{self.sample_index}: {len(values)} {name} for {n} "
+                                 "completion tokens")
         if len(self.prompt_ids) == 0:
             raise CacheError(f"rollout {self.prompt_id}/{self.sample_index}: empty prompt_ids")
 
@@ -105,6 +109,7 @@ def _records_table(records: list[RolloutRecord]) -> pa.Table:
         "completion_ids": lists("completion_ids", np.int32),
         "old_logprobs": lists("old_logprobs", np.float32),
         "student_logprobs": lists("student_logprobs", np.float32),
+        "sampler_logprobs": lists("sampler_logprobs", np.float32),
         "finish_reason": pa.array([r.finish_reason for r in records], pa.string()),
         "prompt_text": pa.array([r.prompt_text for r in records], pa.string()),
         "completion_text": pa.array([r.completion_text for r in records], pa.string()),
@@ -150,6 +155,7 @@ def write_rollout_shard(
         "prompt_tokens": int(sum(len(r.prompt_ids) for r in records)),
         "tokens": int(sum(len(r.completion_ids) for r in records)),  # completion tokens
         "teacher_mixed": any(r.student_logprobs is not None for r in records),
+        "sampler_logprobs": any(r.sampler_logprobs is not None for r in records),
         "meta": meta,
     }
     write_shard_manifest(directory, shard, manifest)
@@ -200,7 +206,8 @@ class RolloutShard:
         return np.diff(self.list_column(name)[0])
 
     def record(self, row: int) -> RolloutRecord:
-        values = {name: self.table.column(name)[row].as_py() for name in ROLLOUT_SCHEMA.names}
+        values = {name: self.table.column(name)[row].as_py() for name in ROLLOUT_SCHEMA.names
+                  if name in self.table.column_names}  # a shard written before a nullable column was added
         return RolloutRecord(**values)
 
 

@@ -31,9 +31,13 @@ def run(
     from grpo_kd.slurm.local import run_local
     from grpo_kd.slurm.plan import prepare_run
 
+    from grpo_kd.engines.vllm_engine import preflight
+
     if in_process:
         setup_logging()  # the phases log here, as their own commands do; the default executor logs to RUN/logs
-    cfg, paths = prepare_run(resolve_config(config, overrides), iterations)
+    cfg = resolve_config(config, overrides)
+    preflight(cfg)  # what vLLM cannot serve is refused before any phase
+    cfg, paths = prepare_run(cfg, iterations)
     how = "in this process" if in_process else "each phase in its own process"
     console.print(f"run {cfg.name}: {cfg.iterations} iterations in {paths.root} ({how}; config: {paths.config})",
                   highlight=False)
@@ -59,9 +63,13 @@ def submit(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the scripts and the order; submit nothing."),
 ) -> None:
     """Write sbatch scripts for each phase and iteration and submit them with afterok dependencies."""
+    from grpo_kd.engines.vllm_engine import preflight
     from grpo_kd.slurm.submit import prepare_chain
 
-    cfg, paths = prepare_chain(resolve_config(config, overrides), iterations, write=not dry_run)
+    cfg = resolve_config(config, overrides)
+    if not dry_run:  # a dry run may be made where the models are not (their configs are read by the preflight)
+        preflight(cfg)
+    cfg, paths = prepare_chain(cfg, iterations, write=not dry_run)
     _submit(cfg, paths, resume=False, dry_run=dry_run)
 
 

@@ -27,6 +27,10 @@ def tiny_models(
     other_vocab_size: int = typer.Option(
         0, min=0, help="Also write OUT/student-other-vocab/, a student with a tokenizer of this size (0: none)."
     ),
+    head_dim: Optional[int] = typer.Option(
+        None, min=8, help="Attention head size of both models (default hidden/heads: 24 and 12); vLLM's CPU "
+        "attention serves 32, 64, 80, 96, 112, 128, ..."
+    ),
     seed: int = typer.Option(0, help="Seed of the tokenizer split, the weights and the batches."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if OUT holds a build with these settings."),
 ) -> None:
@@ -34,8 +38,10 @@ def tiny_models(
 
     Also splits the text's distinct lines into OUT/prompts.txt and OUT/heldout.txt (every tenth line), the data
     that configs/tiny.yaml and the demo use."""
+    from dataclasses import replace
+
     from grpo_kd.demo import write_demo_data
-    from grpo_kd.tiny import build_tiny_models, build_tiny_student
+    from grpo_kd.tiny import STUDENT_ARCH, TEACHER_ARCH, build_tiny_models, build_tiny_student
 
     setup_logging()
     for file in corpus or []:
@@ -44,6 +50,7 @@ def tiny_models(
     paths = build_tiny_models(
         out, corpus, vocab_size=vocab_size, pretrain_steps=pretrain_steps,
         student_pretrain_steps=student_pretrain_steps, seed=seed, force=force,
+        teacher_arch=replace(TEACHER_ARCH, head_dim=head_dim), student_arch=replace(STUDENT_ARCH, head_dim=head_dim),
     )  # fmt: skip
     report = json.loads((out / "build.json").read_text(encoding="utf-8"))
     for role in ("teacher", "student"):

@@ -71,6 +71,7 @@ class RolloutConfig:
     batch_size: int = 16  # prompts per generation batch
     teacher_mix_alpha: float = 0.0  # MiniLLM: draw from alpha * p_teacher + (1 - alpha) * q_student
     num_shards: int = 1
+    engine: Literal["hf", "vllm"] = "hf"  # vllm: sample with vLLM (settings in `vllm`); see grpo_kd/engines
 
 
 @dataclass
@@ -96,6 +97,7 @@ class TeacherConfig:
     reference: bool = True  # also store the reference model's per-token log-probs (KL penalty)
     cross_tokenizer_norm: Literal["token", "byte"] = "token"
     cross_tokenizer: bool = False  # teacher with another vocabulary: cache sequence scores only (else refuse)
+    engine: Literal["hf", "vllm"] = "hf"  # vllm: score (teacher and reference) with vLLM's prompt log-probs
 
 
 @dataclass
@@ -107,6 +109,9 @@ class PolicyLossConfig:
     epsilon_high: float = 0.2
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     importance_sampling_level: Literal["token", "sequence"] = "token"
+    # truncated importance sampling (rollout.engine vllm): each token's policy-gradient term is weighted by
+    # min(exp(old_logprobs - sampler_logprobs), tis_cap), the trainer's over vLLM's probability; 0 = off
+    tis_cap: float = 0.0
 
 
 @dataclass
@@ -214,6 +219,21 @@ class LossConfig:
 
 
 @dataclass
+class VllmConfig:
+    """vLLM engine settings, for `rollout.engine: vllm` and `teacher.engine: vllm` (grpo_kd/engines/)."""
+
+    # None: 0.85 on GPUs; on a CPU (where vLLM reads it as a share of host memory) the KV cache is sized to the phase
+    gpu_memory_utilization: float | None = None
+    tensor_parallel_size: int = 0  # 0: every GPU the job sees (1 on a CPU)
+    enforce_eager: bool = False  # True: no torch.compile / CUDA graphs (faster start, slower steps)
+    max_num_seqs: int = 256  # sequences the engine batches at once
+    max_model_len: int | None = None  # None: the longest prompt + completion of the phase
+    # tokens per engine step (None: vLLM's default); the teacher pass's prompt log-probs take about
+    # this x vocabulary x 4 bytes per step: lower it for a 262k-vocabulary teacher that runs short of memory
+    max_num_batched_tokens: int | None = None
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-5
     weight_decay: float = 0.0
@@ -298,6 +318,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

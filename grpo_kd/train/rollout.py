@@ -22,7 +22,12 @@ ratio off 1 by the kept mass). With teacher-mixed sampling, `old_logprobs = log(
 q_S(y))` of the two recomputed terms and `student_logprobs = log q_S(y)`, both at the *rollout* temperature
 (the teacher cache scores at `teacher.temperature`, which may differ; importance weights q_S / mixture need
 these). The manifest records the largest difference between the stored values and those of the KV-cache
-sampling loop (`logprob_drift_max`): float rounding in float32, bf16 noise on a GPU.
+sampling loop (`logprob_drift`: mean and max |delta| per token; `logprob_drift_max`): float rounding in
+float32, bf16 noise on a GPU.
+
+Engines (`rollout.engine`): "hf" samples with the KV-cache loop of `grpo_kd.train.sampling`; "vllm" samples with
+vLLM (`grpo_kd.engines.vllm_rollout`) and then recomputes `old_logprobs` the same way, storing vLLM's own log-probs
+as `sampler_logprobs`; its `logprob_drift` is the vLLM-vs-trainer mismatch that `loss.tis_cap` corrects.
 
 Randomness is per completion (see `grpo_kd.train.sampling`): a completion depends on the seed, the iteration,
 its group id and sample index, not on the batch size or the shard layout, so 1 shard and n shards write the
@@ -79,6 +84,7 @@ from grpo_kd.train.sampling import Sample, SamplingParams, sample_batch
 log = logging.getLogger(__name__)
 
 RNG_SCHEME = "per-row torch.Generator seeded by sha256(seed, iteration, group_id, sample_index); inverse CDF"
+VLLM_RNG_SCHEME = "vLLM, one request per completion with seed sha256(seed, iteration, group_id, sample_index)"
 # Keys of a shard manifest's meta that must match for a finished shard to be reused.
 PLAN_KEYS = ("iteration", "seed", "num_shards", "group_range", "prompts", "sampling")
 
@@ -94,14 +100,17 @@ class RolloutSummary:
     tokens: int  # completion tokens
     seconds: float  # sampling and the log-prob recompute (model loading excluded)
     skipped: bool  # the shard was already complete
+    drift: dict[str, float] | None = None  # mean_abs / max_abs of |sampler log-prob - old_logprobs| per token
 
     def line(self) -> str:
         if self.skipped:
             return (f"rollout shard {self.shard}/{self.num_shards}: already complete ({self.completions} completions, "
                     f"{self.tokens} tokens): {self.path}")
         rate = self.tokens / self.seconds if self.seconds > 0 else float("nan")
+        drift = (f", |sampler - trainer log-prob| mean {self.drift['mean_abs']:.2e} max {self.drift['max_abs']:.2e}"
+                 if self.drift else "")
         return (f"rollout shard {self.shard}/{self.num_shards}: {self.completions} completions, {self.tokens} tokens, "
-                f"{rate:.1f} tokens/s -> {self.path}")
+                f"{rate:.1f} tokens/s{drift} -> {self.path}")
 
 
 # ---------------------------------------------------------------------------------------------- what to sample
@@ -186,8 +195,9 @@ def plan_meta(cfg: Config, iteration: int, shard: int, num_shards: int) -> dict[
         },
         "sampling": {
             **sampling_params(cfg).as_dict(),
+            "engine": r.engine,
             "group_size": r.group_size,
-            "rng": RNG_SCHEME,
+            "rng": RNG_SCHEME if r.engine == "hf" else VLLM_RNG_SCHEME,
             "logprobs": "completion_logprobs at the sampling temperature, untruncated (top-k/top-p not applied)",
         },
     }
@@ -286,7 +296,8 @@ def rollout_shard(
     tokens = sum(len(r.completion_ids) for r in records)
     log.info("rollout shard %d/%d: %d completions, %d tokens in %.1fs", shard, num_shards, len(records), tokens,
              seconds)
-    return RolloutSummary(path, shard, num_shards, len(records), tokens, seconds, skipped=False)
+    return RolloutSummary(path, shard, num_shards, len(records), tokens, seconds, skipped=False,
+                          drift=meta["logprob_drift"])
 
 
 def _refuse_other_layout(directory: Path, num_shards: int) -> None:
@@ -317,7 +328,7 @@ def _write_index_if_all_done(directory: Path, num_shards: int) -> None:
         write_index(directory, ROLLOUT_KIND)
 
 
-def _load_models(cfg: Config, params: SamplingParams, checkpoint: Path | None):
+def load_models(cfg: Config, params: SamplingParams, checkpoint: Path | None):
     """(tokenizer, student, teacher | None, their fingerprints for the manifest); the vocabulary is checked first."""
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     student_fp = tokenizer_fingerprint(tokenizer)
@@ -339,36 +350,47 @@ def _sample_shard(cfg: Config, paths: RunPaths, iteration: int, plan: dict[str, 
     params = sampling_params(cfg)
     checkpoint = student_checkpoint(paths, iteration)
     prompts = iteration_prompts(training_prompts(cfg), cfg.rollout.prompts_per_iteration, iteration, cfg.seed)
-    tokenizer, student, teacher, fingerprints = _load_models(cfg, params, checkpoint)
+    if cfg.rollout.engine == "vllm":
+        from grpo_kd.engines.vllm_rollout import sample_shard
+
+        return sample_shard(cfg, iteration, plan, prompts, params, checkpoint, show_progress)
+    tokenizer, student, teacher, fingerprints = load_models(cfg, params, checkpoint)
     groups = [(g, prompts[g], prompt_ids(tokenizer, prompts[g], cfg)) for g in range(*plan["group_range"])]
     if not groups:
         log.warning("this rollout shard has no groups (%d shards for %d prompts per iteration); it is written empty",
                     plan["num_shards"], cfg.rollout.prompts_per_iteration)
     started = time.perf_counter()
-    records, drift = _sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, show_progress)
+    records, drift = sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, show_progress)
     seconds = round(time.perf_counter() - started, 3)  # sampling and the recompute, not the loading
-    return records, {**plan, **fingerprints, "generation_seconds": seconds, "logprob_drift_max": drift}
+    return records, {**plan, **fingerprints, **drift, "generation_seconds": seconds}
 
 
-def _sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, show_progress):
-    """Sample G completions for each (group_id, prompt, prompt_ids), `rollout.batch_size` prompts at a time."""
+def sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, show_progress, *,
+                  sampler=sample_batch, keep_sampler_logprobs: bool = False):
+    """Sample G completions for each (group_id, prompt, prompt_ids), `rollout.batch_size` prompts at a time.
+
+    `sampler` has `sample_batch`'s form (the vLLM path passes completions it sampled already); with
+    `keep_sampler_logprobs` the sampler's own log-probs are stored beside the recomputed ones. Returns (records,
+    {"logprob_drift": {mean_abs, max_abs}, "logprob_drift_max"}) of |sampler log-prob - old_logprobs| per token.
+    """
     from grpo_kd.progress import progress
 
     eos_ids = eos_token_ids(student, tokenizer)
     pad_id = tokenizer.pad_token_id
     size = cfg.rollout.group_size
     records: list[RolloutRecord] = []
-    drift = 0.0
+    drift, drift_sum, tokens = 0.0, 0.0, 0
     batches = list(_batches(groups, cfg.rollout.batch_size))
     for batch in (progress(batches, "rollout") if show_progress else batches):
         rows = [(g, prompt, ids, s) for g, prompt, ids in batch for s in range(size)]
         prompt_ids = [ids for _, _, ids, _ in rows]
         seeds = [sample_seed(cfg.seed, iteration, g, s) for g, _, _, s in rows]
-        samples = sample_batch(student, prompt_ids, seeds, params, eos_ids=eos_ids, pad_id=pad_id, teacher=teacher)
+        samples = sampler(student, prompt_ids, seeds, params, eos_ids=eos_ids, pad_id=pad_id, teacher=teacher)
         old, student_lp, _ = recorded_logprobs(student, teacher, prompt_ids, samples, params, pad_id)
         for r, ((g, prompt, ids, s), sample) in enumerate(zip(rows, samples)):
             n = len(sample.completion_ids)
-            drift = max(drift, float((old[r, :n] - torch.tensor(sample.sampling_logprobs)).abs().max()))
+            delta = (old[r, :n] - torch.tensor(sample.sampling_logprobs)).abs()  # (C,)
+            drift, drift_sum, tokens = max(drift, float(delta.max())), drift_sum + float(delta.sum()), tokens + n
             records.append(RolloutRecord(
                 prompt_id=prompt.id, group_id=g, sample_index=s, prompt_ids=ids,
                 completion_ids=sample.completion_ids, old_logprobs=old[r, :n].numpy(),
@@ -376,5 +398,7 @@ def _sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, 
                 completion_text=tokenizer.decode(sample.completion_ids, skip_special_tokens=True),
                 privileged=prompt.privileged,
                 student_logprobs=None if student_lp is None else student_lp[r, :n].numpy(),
+                sampler_logprobs=sample.sampling_logprobs if keep_sampler_logprobs else None,
             ))  # fmt: skip
-    return records, drift
+    stats = {"mean_abs": drift_sum / max(tokens, 1), "max_abs": drift}
+    return records, {"logprob_drift": stats, "logprob_drift_max": drift}

@@ -28,6 +28,7 @@ in progress, never correctness.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import shutil
@@ -111,11 +112,31 @@ def run_teacher_pass(cfg: Config, *, iteration: int, task: int = 0, num_tasks: i
     if not pending:
         return PassResult(task, num_tasks, [], skipped, 0)
     ref = _reference_pass(cfg, pending, progress, teacher_dir, params) if spec.reference else {}
+    with _teacher_scorer(cfg, paths, iteration, teacher_tok, spec, pending) as (scorer, model_fp):
+        common = {"iteration": iteration, "task": {"index": task, "count": num_tasks}, "params": params,
+                  "teacher": {**_teacher_desc(cfg), "model": model_fp, "tokenizer": teacher_fp},
+                  "student": {"tokenizer": student_fp}, "token_level": spec.token_level}
+        tokens = _score_pending(scorer, pending, common, ref, spec, teacher_dir, progress)
+    return PassResult(task, num_tasks, [s.shard for s in pending], skipped, tokens, ref.get("_tokens", 0))
+
+
+@contextlib.contextmanager
+def _teacher_scorer(cfg: Config, paths: RunPaths, iteration: int, tokenizer, spec: CacheSpec, pending):
+    """(scorer, the teacher's model fingerprint) for the pass: transformers or vLLM (`teacher.engine`)."""
+    if cfg.teacher.engine == "vllm":
+        from grpo_kd.engines.vllm_teacher import teacher_scorer
+
+        with teacher_scorer(cfg, paths, iteration, tokenizer, spec, pending) as scorer_fp:
+            yield scorer_fp
+        return
     teacher = _load_teacher(cfg, paths, iteration)
-    scorer = Scorer(cfg, teacher, teacher_tok, spec)
-    common = {"iteration": iteration, "task": {"index": task, "count": num_tasks}, "params": params,
-              "teacher": {**_teacher_desc(cfg), "model": _model_fp(teacher), "tokenizer": teacher_fp},
-              "student": {"tokenizer": student_fp}, "token_level": spec.token_level}
+    yield Scorer(cfg, teacher, tokenizer, spec), _model_fp(teacher)
+
+
+def _score_pending(scorer, pending: list[RolloutShard], common: dict, ref: dict, spec: CacheSpec, teacher_dir,
+                   progress: bool) -> int:
+    """Score and write every pending shard, resuming from kept batches; returns the tokens scored now."""
+    params = common["params"]
     tokens = 0
     for shard in pending:
         scored_rollouts = {"file": shard.path.name, "sha256": shard.manifest["sha256"], "rows": shard.num_rows,
@@ -137,7 +158,7 @@ def run_teacher_pass(cfg: Config, *, iteration: int, task: int = 0, num_tasks: i
                 sink.add(scored)
         kept.clear()
         log.info("teacher shard %d written: %d rows, %d tokens", shard.shard, shard.num_rows, sink.tokens_written)
-    return PassResult(task, num_tasks, [s.shard for s in pending], skipped, tokens, ref.get("_tokens", 0))
+    return tokens
 
 
 def _open_rollouts(directory) -> RolloutStore:
@@ -166,6 +187,7 @@ def _params(cfg: Config, spec: CacheSpec) -> dict[str, Any]:
             "kind": t.kind, "path": t.path if t.kind == "model" else cfg.model.path,
             "adapter": t.adapter, "prompt_template": t.prompt_template if t.kind == "self_privileged" else None,
             "temperature": t.temperature, "softcap": t.softcap, "token_budget": t.token_budget, "seed": cfg.seed,
+            "engine": t.engine,
             "cross_tokenizer_norm": t.cross_tokenizer_norm if spec.cross_tokenizer else None}
 
 
@@ -204,12 +226,10 @@ def _load_teacher(cfg: Config, paths: RunPaths, iteration: int):
 def _reference_pass(cfg: Config, shards: list[RolloutShard], progress: bool, teacher_dir, params: dict) -> dict:
     """{shard: [R] list of (C,) float32 arrays} of the reference model's log-probs of each rollout's tokens,
     plus "_desc" (the model) and "_tokens" (tokens scored now). Kept log-probs of an interrupted run are reused."""
-    model = load_student(cfg.model, checkpoint=None, trainable=False)
-    scorer = Scorer(cfg, model, None, CacheSpec(format=cfg.teacher.cache_format, token_level=False),
-                    reference=True)
-    desc = {"path": cfg.model.path, "adapters": "off", "model": _model_fp(model)}
-    out: dict[Any, Any] = {"_desc": desc, "_tokens": 0}
-    with adapters_disabled(model):
+    out: dict[Any, Any] = {"_tokens": 0}
+    with _reference_scorer(cfg, shards) as (scorer, model_fp):
+        desc = {"path": cfg.model.path, "adapters": "off", "model": model_fp}
+        out["_desc"] = desc
         for shard in shards:
             key = {"params": params, "rollouts": shard.manifest["sha256"], "reference": desc}
             kept = load_reference_batches(teacher_dir, shard.shard, key, shard.lengths())
@@ -219,10 +239,27 @@ def _reference_pass(cfg: Config, shards: list[RolloutShard], progress: bool, tea
             keep = functools.partial(save_reference_batch, teacher_dir, shard.shard, key)  # (index, rows, logprobs)
             out[shard.shard], scored = scorer.reference_logprobs(shard, progress=progress, kept=kept, keep=keep)
             out["_tokens"] += scored
-    dropped = weakref.ref(model)
-    del model, scorer
-    release_memory(dropped)
+        del scorer  # the model goes when the block ends
     return out
+
+
+@contextlib.contextmanager
+def _reference_scorer(cfg: Config, shards: list[RolloutShard]):
+    """(scorer, model fingerprint) of the reference: the student's initial model with adapters off, through
+    transformers or vLLM (`teacher.engine`); its memory is returned when the block ends."""
+    spec = CacheSpec(format=cfg.teacher.cache_format, token_level=False)
+    if cfg.teacher.engine == "vllm":
+        from grpo_kd.engines.vllm_teacher import reference_scorer
+
+        with reference_scorer(cfg, spec, shards) as scorer_fp:
+            yield scorer_fp
+        return
+    model = load_student(cfg.model, checkpoint=None, trainable=False)
+    with adapters_disabled(model):
+        yield Scorer(cfg, model, None, spec, reference=True), _model_fp(model)
+    dropped = weakref.ref(model)
+    del model
+    release_memory(dropped)
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -332,8 +369,7 @@ class Scorer:
             if h is None:
                 values = kept[n][1]
             else:
-                logprobs, _, _ = linear_logprobs(h, self.head.weight, targets, bias=self.head.bias)  # (N,)
-                values = logprobs.float().cpu().numpy()
+                values = self._sampled_logprobs(h, targets)  # (N,)
                 scored += int(C.sum())
                 if keep is not None:
                     keep(n, rows, values)
@@ -346,43 +382,63 @@ class Scorer:
         """(batch index, ScoredRows, scored now?) per batch, in the batch order (longest rows first). A batch in
         `done` (kept from an interrupted run) is passed through without a forward pass when it holds exactly that
         batch's rows, and scored again otherwise."""
-        group_ids = shard.table.column("group_id").to_numpy()
-        student_C = shard.lengths()
         done = done or {}
         kept = {n: scored.row for n, scored in done.items()}
         for n, rows, h, targets, C in self._loop(shard, f"teacher    shard {shard.shard}", progress, kept):
             if h is None:
                 yield n, done[n], False
                 continue
-            token: dict[str, np.ndarray] = {}
-            extra = None
             if self.spec.token_level:
-                ids, logprobs, _, target = linear_topk(h, self.head.weight, self.spec.top_k, bias=self.head.bias,
-                                                       temperature=self.temperature, softcap=self.softcap,
-                                                       target_ids=targets)
-                token["topk_ids"] = ids.to(torch.int32).cpu().numpy()
-                token["topk_logprobs"] = (logprobs.to(torch.float16).cpu().numpy() if self.spec.logprob_dtype
-                                          == "float16" else bf16_bits(logprobs))
-                token["target_logprobs"] = target.float().cpu().numpy()
-                if self.spec.num_samples:
-                    seed = hash((self.cfg.seed, shard.shard, n)) % 2**31
-                    token["sample_ids"], token["sample_weights"], token["sample_logprobs"] = sample_teacher(
-                        h, self.head.weight, self.head.bias, self.spec.num_samples, temperature=self.temperature,
-                        softcap=self.softcap, seed=seed)
-                seq = _row_sums(token["target_logprobs"], C)
+                token = self._token_fields(h, targets, (self.cfg.seed, shard.shard, n))
+                target = token["target_logprobs"]
             else:
-                target, _, _ = linear_logprobs(h, self.head.weight, targets, bias=self.head.bias,
-                                               temperature=self.temperature, softcap=self.softcap)
-                seq = _row_sums(target.float().cpu().numpy(), C)
-                texts = shard.table.column("completion_text")
-                extra = {"xtok_num_tokens": C.astype(np.int32),
-                         "xtok_num_bytes": np.array([len(texts[int(i)].as_py().encode("utf-8")) for i in rows],
-                                                    np.int64)}
-            if self.spec.reference:
-                token["ref_logprobs"] = np.concatenate([ref[i] for i in rows]) if len(rows) else np.zeros(0)
-            yield n, ScoredRows(row=rows.astype(np.int64), group_id=group_ids[rows].astype(np.int64),
-                                num_tokens=student_C[rows].astype(np.int32), seq_logprob=seq, token=token,
-                                extra=extra), True
+                token, target = {}, self._sampled_logprobs(h, targets)
+            yield n, self._scored_rows(shard, rows, C, token, target, ref), True
+
+    def _token_fields(self, h: torch.Tensor, targets: torch.Tensor, seed_key: tuple) -> dict[str, np.ndarray]:
+        """topk_ids, topk_logprobs, target_logprobs (and the m samples) of one batch's (N, H) hidden states."""
+        ids, logprobs, _, target = _linear_topk()(h, self.head.weight, self.spec.top_k, bias=self.head.bias,
+                                                  temperature=self.temperature, softcap=self.softcap,
+                                                  target_ids=targets)
+        token = {"topk_ids": ids.to(torch.int32).cpu().numpy(), "topk_logprobs": self._stored_topk(logprobs),
+                 "target_logprobs": target.float().cpu().numpy()}
+        if self.spec.num_samples:
+            seed = hash(seed_key) % 2**31
+            token["sample_ids"], token["sample_weights"], token["sample_logprobs"] = sample_teacher(
+                h, self.head.weight, self.head.bias, self.spec.num_samples, temperature=self.temperature,
+                softcap=self.softcap, seed=seed)
+        return token
+
+    def _stored_topk(self, logprobs: torch.Tensor) -> np.ndarray:
+        """(N, k) top-k log-probs in the cache's storage dtype (float16, or bfloat16 bits)."""
+        if self.spec.logprob_dtype == "float16":
+            return logprobs.to(torch.float16).cpu().numpy()
+        return bf16_bits(logprobs)
+
+    def _sampled_logprobs(self, h: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+        """(N,) float32 log-probs of the scored tokens: the reference's at temperature 1, else the teacher's."""
+        if self.reference:
+            logprobs, _, _ = linear_logprobs(h, self.head.weight, targets, bias=self.head.bias)
+        else:
+            logprobs, _, _ = linear_logprobs(h, self.head.weight, targets, bias=self.head.bias,
+                                             temperature=self.temperature, softcap=self.softcap)
+        return logprobs.float().cpu().numpy()
+
+    def _scored_rows(self, shard: RolloutShard, rows: np.ndarray, C: np.ndarray, token: dict[str, np.ndarray],
+                     target: np.ndarray, ref: list[np.ndarray] | None) -> ScoredRows:
+        """One batch's ScoredRows from its token fields and the (N,) log-probs of its scored tokens."""
+        extra = None
+        if not self.spec.token_level:
+            texts = shard.table.column("completion_text")
+            extra = {"xtok_num_tokens": C.astype(np.int32),
+                     "xtok_num_bytes": np.array([len(texts[int(i)].as_py().encode("utf-8")) for i in rows],
+                                                np.int64)}
+        if self.spec.reference:
+            token["ref_logprobs"] = np.concatenate([ref[i] for i in rows]) if len(rows) else np.zeros(0)
+        group_ids = shard.table.column("group_id").to_numpy()
+        return ScoredRows(row=rows.astype(np.int64), group_id=group_ids[rows].astype(np.int64),
+                          num_tokens=shard.lengths()[rows].astype(np.int32), seq_logprob=_row_sums(target, C),
+                          token=token, extra=extra)
 
 
 def _row_sums(values: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -253,11 +253,17 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate + beta * k3 KL to the reference (`linear_grpo_loss`), scaled to the whole step.
 
-    hidden (B, T, H); advantages (B,) or (B, T); old log-probs are the recorded behaviour log-probs.
+    hidden (B, T, H); advantages (B,) or (B, T); old log-probs are the recorded behaviour log-probs. With
+    `loss.policy.tis_cap` and rollouts sampled by another engine, advantages carry the truncated importance weights
+    (`tis_weights`).
     """
     head = lm_head(ctx.policy)
     policy = cfg.loss.policy
     mask = micro.completion_mask.float()  # (B, T)
+    weights = tis_weights(micro, policy.tis_cap)  # (B, T) | None
+    if weights is not None:
+        per_token = advantages[:, None] if advantages.ndim == 1 else advantages  # (B, 1) or (B, T)
+        advantages = per_token.to(weights) * weights  # (B, T)
     loss, metrics = linear_grpo_loss(
         hidden, head.weight, micro.completion_ids, mask, advantages,
         old_logprobs=micro.old_logprobs, ref_logprobs=reference_logprobs(micro, cfg, ctx), beta=policy.beta,
@@ -267,7 +273,26 @@ def policy_loss(
         temperature=ctx.temperature, max_completion_length=cfg.rollout.max_new_tokens,
         bias=head.bias, softcap=head.softcap, impl=ctx.impl,
     )  # fmt: skip
+    if weights is not None:  # the mean truncated importance weight over the micro-batch's tokens
+        metrics["tis_weight"] = weights.sum() / mask.sum().clamp(min=1.0)
     return loss * policy_scale(cfg.loss.policy.loss_type, micro, ctx.norm), metrics
+
+
+def tis_weights(micro: CacheBatch, cap: float) -> torch.Tensor | None:
+    """Truncated importance sampling for the sampler/trainer mismatch (Yao et al., 2025, "Your efficient RL
+    framework secretly brings you off-policy RL training"): the tokens were drawn from the engine's distribution
+    mu (`sampler_logprobs`, vLLM's numerics) while the surrogate's ratio is taken against the trainer's own
+    pi_old (`old_logprobs`), so each token's policy-gradient term gets the weight w = min(pi_old / mu, cap),
+    (B, T), 0 on padding, no gradient. None when `cap` is 0 or the rollouts carry no sampler log-probs (the
+    transformers engine, whose sampler is the trainer's own forward).
+
+    Because w > 0, w * min(r A, clip(r) A) = min(r (w A), clip(r) (w A)): `policy_loss` applies w by passing
+    the per-token advantages w * A to the kernel; the KL term is not weighted.
+    """
+    if cap <= 0 or micro.sampler_logprobs is None:
+        return None
+    old = micro.old_logprobs.float()  # (B, T)
+    return torch.exp(old - micro.sampler_logprobs.to(old)).clamp(max=cap) * micro.completion_mask  # (B, T)
 
 
 def policy_scale(loss_type: str, micro: CacheBatch, norm: StepNorm) -> float:
