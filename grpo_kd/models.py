@@ -383,3 +383,14 @@ def lm_head(model) -> LMHead:
             raise GrpoKdError(f"{hf.name_or_path!r} scales its logits ({name}); the fused kernels do not support it")
     softcap = getattr(config, "final_logit_softcapping", None)
     return LMHead(weight=head.weight, bias=head.bias, softcap=float(softcap) if softcap else None)
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """The ids that end a completion: the model's generation config, else the tokenizer's eos."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+    if not ids:
+        raise GrpoKdError(f"the tokenizer {tokenizer.name_or_path!r} has no eos token to stop completions at")
+    return {int(i) for i in ids}

@@ -12,11 +12,10 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from grpo_kd.cache.manifest import list_shard_manifests, shard_data_path, shard_is_complete, write_shard_manifest
-from grpo_kd.cache.rollouts import RolloutStore, write_rollout_shard
+from grpo_kd.cache.rollouts import write_rollout_shard
 from grpo_kd.cache.spec import CacheSpec
 from grpo_kd.evaluate.report import save_evaluation
 from grpo_kd.fsutil import atomic_path, atomic_write_text

@@ -3,7 +3,7 @@ layer than its own. Lazy imports (inside functions) count too: a cycle that only
 cycle a reader has to untangle.
 
     base (errors, fsutil, paths, device, progress, shards, config, assets) < kernels < cache
-        < models, data < tiny, train, evaluate < slurm < cli, demo
+        < models, data < tiny, train, engines, evaluate < slurm < cli, demo
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ LAYERS = {  # first part below grpo_kd -> layer
     "kernels": 1,
     "cache": 2,
     "models": 3, "data": 3,
-    "tiny": 4, "train": 4, "evaluate": 4,
+    "tiny": 4, "train": 4, "evaluate": 4, "engines": 4,
     "slurm": 5,
     "cli": 6, "demo": 6,
 }

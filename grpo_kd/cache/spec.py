@@ -152,4 +152,4 @@ class ShardReader(Protocol):
     def rows(self) -> np.ndarray: ...  # (R,) rollout rows present, in storage order
     def row_values(self, name: str) -> np.ndarray: ...  # (R,) a row field, indexed by rollout row
     def read(self, rows: np.ndarray, names: list[str]) -> dict[str, list[np.ndarray]]: ...  # per-row arrays
-    def iter_token_chunks(self, names: list[str]) -> Iterator[dict[str, np.ndarray]]: ...  # yields dicts of flat token arrays
+    def iter_token_chunks(self, names: list[str]) -> Iterator[dict[str, np.ndarray]]: ...  # flat token arrays

@@ -33,7 +33,7 @@ from grpo_kd.engines.vllm_engine import ModelSource, checkpoint_fingerprint, lor
 from grpo_kd.engines.vllm_rollout import student_source
 from grpo_kd.paths import RunPaths
 from grpo_kd.train.checkpoint import student_checkpoint
-from grpo_kd.train.teacher_pass import Scorer
+from grpo_kd.train.teacher_scoring import Scorer
 
 log = logging.getLogger(__name__)
 

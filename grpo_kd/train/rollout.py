@@ -68,6 +68,7 @@ from grpo_kd.config import Config
 from grpo_kd.data import Prompt, encode_prompt, prompts_from_config, render_prompt, split_heldout
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.models import (
+    eos_token_ids,
     load_student,
     load_teacher,
     load_tokenizer,
@@ -221,17 +222,6 @@ def _check_teacher_vocabulary(cfg: Config, student_fp: dict[str, Any]) -> dict[s
     return teacher_fp
 
 
-def eos_token_ids(model, tokenizer) -> set[int]:
-    """The ids that end a completion: the model's generation config, else the tokenizer's eos."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
-    if not ids:
-        raise GrpoKdError(f"the tokenizer {tokenizer.name_or_path!r} has no eos token to stop completions at")
-    return {int(i) for i in ids}
-
-
 # ---------------------------------------------------------------------------------------------- recording
 
 
@@ -351,9 +341,7 @@ def _sample_shard(cfg: Config, paths: RunPaths, iteration: int, plan: dict[str, 
     checkpoint = student_checkpoint(paths, iteration)
     prompts = iteration_prompts(training_prompts(cfg), cfg.rollout.prompts_per_iteration, iteration, cfg.seed)
     if cfg.rollout.engine == "vllm":
-        from grpo_kd.engines.vllm_rollout import sample_shard
-
-        return sample_shard(cfg, iteration, plan, prompts, params, checkpoint, show_progress)
+        return _sample_shard_vllm(cfg, iteration, plan, prompts, params, checkpoint, show_progress)
     tokenizer, student, teacher, fingerprints = load_models(cfg, params, checkpoint)
     groups = [(g, prompts[g], prompt_ids(tokenizer, prompts[g], cfg)) for g in range(*plan["group_range"])]
     if not groups:
@@ -363,6 +351,38 @@ def _sample_shard(cfg: Config, paths: RunPaths, iteration: int, plan: dict[str, 
     records, drift = sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, show_progress)
     seconds = round(time.perf_counter() - started, 3)  # sampling and the recompute, not the loading
     return records, {**plan, **fingerprints, **drift, "generation_seconds": seconds}
+
+
+def _sample_shard_vllm(cfg: Config, iteration: int, plan: dict[str, Any], prompts, params: SamplingParams,
+                       checkpoint: Path | None, show_progress: bool):
+    """(records, manifest meta) of a shard sampled by vLLM (`rollout.engine: vllm`): the engine draws every
+    completion with its own seed, shuts down, and the transformers student recomputes `old_logprobs` through
+    `sample_groups`, replaying the drawn completions (grpo_kd/engines/vllm_rollout.py)."""
+    from grpo_kd.engines.vllm_rollout import sample_with_vllm  # vLLM is optional: imported only when used
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    groups = [(g, prompts[g], prompt_ids(tokenizer, prompts[g], cfg)) for g in range(*plan["group_range"])]
+    rows = [(g, ids, s) for g, _, ids in groups for s in range(cfg.rollout.group_size)]
+    seeds = [sample_seed(cfg.seed, iteration, g, s) for g, _, s in rows]
+    samples, engine = sample_with_vllm(cfg, checkpoint, [ids for _, ids, _ in rows], seeds, params, tokenizer,
+                                       show_progress=show_progress)
+    by_seed = dict(zip(seeds, samples))
+
+    def replay(student, prompt_ids, row_seeds, params, **_) -> list[Sample]:  # noqa: ARG001 (sample_batch's form)
+        return [by_seed[int(seed)] for seed in row_seeds]
+
+    tokenizer, student, _, fingerprints = load_models(cfg, params, checkpoint)
+    started = time.perf_counter()
+    records, drift = sample_groups(cfg, iteration, groups, params, student, None, tokenizer, show_progress,
+                                   sampler=replay, keep_sampler_logprobs=True)
+    recompute_seconds = time.perf_counter() - started
+    generate_seconds = engine.pop("sampling_seconds")
+    log.info("vLLM rollout: %d completions sampled in %.1f s, log-probs recomputed in %.1f s; |vLLM - trainer| "
+             "per token: mean %.2e, max %.2e", len(records), generate_seconds, recompute_seconds,
+             drift["logprob_drift"]["mean_abs"], drift["logprob_drift"]["max_abs"])
+    return records, {**plan, **fingerprints, **drift, "engine": engine,
+                     "generation_seconds": round(generate_seconds + recompute_seconds, 3),
+                     "sampling_seconds": round(generate_seconds, 3), "recompute_seconds": round(recompute_seconds, 3)}
 
 
 def sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, show_progress, *,

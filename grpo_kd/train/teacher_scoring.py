@@ -1,0 +1,220 @@
+"""Scoring rollout shards with one loaded model: the teacher pass's inputs, batches and cache rows.
+
+    scorer = Scorer(cfg, teacher, teacher_tokenizer, spec)
+    for index, scored_rows, fresh in scorer.score_shard(shard, reference_logprobs, progress=True, done=kept): ...
+
+Per shard: rows sorted by length (stable), cut into batches of at most `teacher.token_budget` padded tokens;
+for each batch `final_hidden_states` (the LM head never runs) and then, on the completion positions only,
+`linear_topk` (top-k ids and log-probs and the exact sampled-token log-prob), optionally m samples from the
+teacher with their log-probs (`teacher_samples.py`). Alignment: completion token t sits at position P + t of
+`prompt + completion` and is predicted by the hidden state at P + t - 1 (`grpo_kd.cache.reader.completion_hidden`).
+The prompt the model is conditioned on is rebuilt for the privileged self-teacher and for a teacher with another
+tokenizer. The phase (which shards, the reference pass, resuming, writing) is `teacher_pass.py`; the vLLM engine
+(`grpo_kd.engines.vllm_teacher`) reuses this class's inputs, batches and row assembly with its own forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from grpo_kd.cache.reader import completion_hidden
+from grpo_kd.cache.rollouts import RolloutShard
+from grpo_kd.cache.spec import CacheSpec, ScoredRows, bf16_bits
+from grpo_kd.config import Config
+from grpo_kd.data import Prompt, encode_prompt, render_prompt
+from grpo_kd.kernels import linear_logprobs, linear_topk
+from grpo_kd.models import (
+    final_hidden_states,
+    lm_head,
+)
+from grpo_kd.progress import counter
+from grpo_kd.train.teacher_samples import sample_teacher
+
+log = logging.getLogger(__name__)
+
+
+class Scorer:
+    """One loaded model scoring rollout shards batch by batch (see the module doc)."""
+
+    def __init__(self, cfg: Config, model, tokenizer, spec: CacheSpec, reference: bool = False):
+        self.cfg, self.model, self.tokenizer, self.spec = cfg, model, tokenizer, spec
+        self.head = lm_head(model)
+        self.reference = reference
+        self.temperature = 1.0 if reference else cfg.teacher.temperature
+        cap = cfg.teacher.softcap if not reference else None
+        self.softcap = cap if cap is not None else self.head.softcap
+        self.device = model.get_input_embeddings().weight.device
+        self.privileged = (not reference) and cfg.teacher.kind == "self_privileged"
+
+    # -- inputs
+    def _prompts(self, shard: RolloutShard) -> list[np.ndarray]:
+        """Prompt ids the model is conditioned on, per row (rebuilt for the privileged or another tokenizer)."""
+        offsets, values = shard.list_column("prompt_ids")
+        if not (self.privileged or self.spec.cross_tokenizer):
+            return [values[offsets[i]:offsets[i + 1]] for i in range(shard.num_rows)]
+        texts = shard.table.column("prompt_text").to_pylist()
+        privileged = shard.table.column("privileged").to_pylist()
+        ids = shard.table.column("prompt_id").to_pylist()
+        template = self.cfg.teacher.prompt_template if self.privileged else None
+        chat = self.cfg.data.chat_template
+        return [np.asarray(encode_prompt(self.tokenizer, render_prompt(self.tokenizer, Prompt(pid, text, priv),
+                                                                       chat_template=chat,
+                                                                       privileged_template=template),
+                                         chat_template=chat), np.int64)
+                for pid, text, priv in zip(ids, texts, privileged)]
+
+    def _completions(self, shard: RolloutShard) -> list[np.ndarray]:
+        if self.spec.cross_tokenizer and not self.reference:
+            return [np.asarray(self.tokenizer(t, add_special_tokens=False)["input_ids"], np.int64)
+                    for t in shard.table.column("completion_text").to_pylist()]
+        offsets, values = shard.list_column("completion_ids")
+        return [values[offsets[i]:offsets[i + 1]] for i in range(shard.num_rows)]
+
+    def _batches(self, prompts, completions) -> list[np.ndarray]:
+        lengths = np.array([len(p) + len(c) for p, c in zip(prompts, completions)], np.int64)
+        order = np.argsort(-lengths, kind="stable")  # longest first: an out-of-memory shows at once
+        batches, current, longest = [], [], 0
+        for i in order.tolist():
+            if current and (len(current) + 1) * max(longest, lengths[i]) > self.cfg.teacher.token_budget:
+                batches.append(np.array(current))
+                current, longest = [], 0
+            current.append(i)
+            longest = max(longest, int(lengths[i]))
+        return batches + ([np.array(current)] if current else [])
+
+    @torch.no_grad()
+    def _hidden(self, prompts, completions, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Flat completion hidden states (N, H), their target ids (N,), and C per row, in `rows` order."""
+        P = np.array([len(prompts[i]) for i in rows], np.int64)
+        C = np.array([len(completions[i]) for i in rows], np.int64)
+        L, T = int((P + C).max()), int(C.max(initial=0))
+        ids = np.zeros((len(rows), L), np.int64)
+        for b, i in enumerate(rows):
+            ids[b, :P[b]] = prompts[i]
+            ids[b, P[b]:P[b] + C[b]] = completions[i]
+        input_ids = torch.from_numpy(ids).to(self.device)  # (B, L)
+        mask = torch.from_numpy(np.arange(L)[None, :] < (P + C)[:, None]).to(self.device)  # (B, L)
+        hidden = final_hidden_states(self.model, input_ids, mask.long())  # (B, L, H)
+        P_t = torch.from_numpy(P)
+        h = completion_hidden(hidden, P_t, T)  # (B, T, H)
+        keep = torch.from_numpy(np.arange(T)[None, :] < C[:, None]).to(h.device)  # (B, T)
+        targets = torch.from_numpy(ids).to(h.device).gather(1, (P_t[:, None] + torch.arange(T)[None, :])
+                                                            .clamp(max=L - 1).to(h.device))  # (B, T)
+        weight = self.head.weight
+        return h[keep].to(weight.device), targets[keep].to(weight.device), C  # (N, H), (N,)
+
+    def _loop(self, shard: RolloutShard, label: str, progress: bool,
+              kept: dict[int, np.ndarray] | None = None) -> Iterator[
+            tuple[int, np.ndarray, torch.Tensor | None, torch.Tensor | None, np.ndarray]]:
+        """(batch index, rows, hidden states (N, H), target ids (N,), C per row) per batch. A batch whose index
+        and rows are in `kept` ({index: rows} of batches scored earlier) gets no forward pass: None, None."""
+        prompts, completions = self._prompts(shard), self._completions(shard)
+        batches = self._batches(prompts, completions)
+        total = int(sum(len(c) for c in completions))
+        with counter(label, total, "tokens", enabled=progress) as advance:
+            for n, rows in enumerate(batches):
+                if kept and n in kept and np.array_equal(kept[n], rows):
+                    C = np.array([len(completions[i]) for i in rows], np.int64)
+                    yield n, rows, None, None, C
+                else:
+                    if kept and n in kept:
+                        log.warning("shard %d: kept batch %d holds other rows; scoring it again", shard.shard, n)
+                    h, targets, C = self._hidden(prompts, completions, rows)
+                    yield n, rows, h, targets, C
+                advance(int(C.sum()))
+
+    def reference_logprobs(self, shard: RolloutShard, progress: bool,
+                           kept: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+                           keep=None) -> tuple[list[np.ndarray], int]:
+        """([R] (C,) float32 log-probs per row, tokens scored now). A batch in `kept` ({index: (rows, (N,)
+        log-probs)} from an interrupted run) with exactly that batch's rows is reused; `keep(index, rows,
+        logprobs)` is called after each batch scored now."""
+        kept = kept or {}
+        out: list[np.ndarray] = [np.zeros(0, np.float32)] * shard.num_rows
+        scored = 0
+        label = f"reference  shard {shard.shard}"
+        for n, rows, h, targets, C in self._loop(shard, label, progress, {n: r for n, (r, _) in kept.items()}):
+            if h is None:
+                values = kept[n][1]
+            else:
+                values = self._sampled_logprobs(h, targets)  # (N,)
+                scored += int(C.sum())
+                if keep is not None:
+                    keep(n, rows, values)
+            for i, part in zip(rows, np.split(values, np.cumsum(C)[:-1])):
+                out[i] = part
+        return out, scored
+
+    def score_shard(self, shard: RolloutShard, ref: list[np.ndarray] | None, progress: bool,
+                    done: dict[int, ScoredRows] | None = None) -> Iterator[tuple[int, ScoredRows, bool]]:
+        """(batch index, ScoredRows, scored now?) per batch, in the batch order (longest rows first). A batch in
+        `done` (kept from an interrupted run) is passed through without a forward pass when it holds exactly that
+        batch's rows, and scored again otherwise."""
+        done = done or {}
+        kept = {n: scored.row for n, scored in done.items()}
+        for n, rows, h, targets, C in self._loop(shard, f"teacher    shard {shard.shard}", progress, kept):
+            if h is None:
+                yield n, done[n], False
+                continue
+            if self.spec.token_level:
+                token = self._token_fields(h, targets, (self.cfg.seed, shard.shard, n))
+                target = token["target_logprobs"]
+            else:
+                token, target = {}, self._sampled_logprobs(h, targets)
+            yield n, self._scored_rows(shard, rows, C, token, target, ref), True
+
+    def _token_fields(self, h: torch.Tensor, targets: torch.Tensor, seed_key: tuple) -> dict[str, np.ndarray]:
+        """topk_ids, topk_logprobs, target_logprobs (and the m samples) of one batch's (N, H) hidden states."""
+        ids, logprobs, _, target = linear_topk(h, self.head.weight, self.spec.top_k, bias=self.head.bias,
+                                               temperature=self.temperature, softcap=self.softcap,
+                                               target_ids=targets)
+        token = {"topk_ids": ids.to(torch.int32).cpu().numpy(), "topk_logprobs": self._stored_topk(logprobs),
+                 "target_logprobs": target.float().cpu().numpy()}
+        if self.spec.num_samples:
+            seed = hash(seed_key) % 2**31
+            token["sample_ids"], token["sample_weights"], token["sample_logprobs"] = sample_teacher(
+                h, self.head.weight, self.head.bias, self.spec.num_samples, temperature=self.temperature,
+                softcap=self.softcap, seed=seed)
+        return token
+
+    def _stored_topk(self, logprobs: torch.Tensor) -> np.ndarray:
+        """(N, k) top-k log-probs in the cache's storage dtype (float16, or bfloat16 bits)."""
+        if self.spec.logprob_dtype == "float16":
+            return logprobs.to(torch.float16).cpu().numpy()
+        return bf16_bits(logprobs)
+
+    def _sampled_logprobs(self, h: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+        """(N,) float32 log-probs of the scored tokens: the reference's at temperature 1, else the teacher's."""
+        if self.reference:
+            logprobs, _, _ = linear_logprobs(h, self.head.weight, targets, bias=self.head.bias)
+        else:
+            logprobs, _, _ = linear_logprobs(h, self.head.weight, targets, bias=self.head.bias,
+                                             temperature=self.temperature, softcap=self.softcap)
+        return logprobs.float().cpu().numpy()
+
+    def _scored_rows(self, shard: RolloutShard, rows: np.ndarray, C: np.ndarray, token: dict[str, np.ndarray],
+                     target: np.ndarray, ref: list[np.ndarray] | None) -> ScoredRows:
+        """One batch's ScoredRows from its token fields and the (N,) log-probs of its scored tokens."""
+        extra = None
+        if not self.spec.token_level:
+            texts = shard.table.column("completion_text")
+            extra = {"xtok_num_tokens": C.astype(np.int32),
+                     "xtok_num_bytes": np.array([len(texts[int(i)].as_py().encode("utf-8")) for i in rows],
+                                                np.int64)}
+        if self.spec.reference:
+            token["ref_logprobs"] = np.concatenate([ref[i] for i in rows]) if len(rows) else np.zeros(0)
+        group_ids = shard.table.column("group_id").to_numpy()
+        return ScoredRows(row=rows.astype(np.int64), group_id=group_ids[rows].astype(np.int64),
+                          num_tokens=shard.lengths()[rows].astype(np.int32), seq_logprob=_row_sums(target, C),
+                          token=token, extra=extra)
+
+
+def _row_sums(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per-row sums (float64) of a flat per-token array."""
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    sums = np.add.reduceat(values.astype(np.float64), starts) if len(values) else np.zeros(len(counts))
+    return np.where(counts > 0, sums, 0.0)
