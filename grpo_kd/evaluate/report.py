@@ -63,7 +63,7 @@ def headline_metrics(result: dict) -> dict[str, float]:
     return flat
 
 
-def _fmt(value: float | None) -> str:
+def fmt_number(value: float | None) -> str:
     if value is None:
         return "–"
     return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
@@ -82,7 +82,7 @@ def evaluation_markdown(result: dict, image: str | None = None) -> str:
     if result.get("warnings"):
         lines.append("")
     lines += ["| metric | value |", "|---|---|"]
-    lines += [f"| {key} | {_fmt(value)} |" for key, value in headline_metrics(result).items()]
+    lines += [f"| {key} | {fmt_number(value)} |" for key, value in headline_metrics(result).items()]
     if result.get("distill", {}).get("kl_method"):
         lines += ["", f"KL: {result['distill']['kl_method']}."]
     examples = (result.get("foqa") or {}).get("examples") or []
@@ -114,7 +114,7 @@ def plot_evaluation(result: dict, path: str | Path) -> None:
         ax.set_yticks(positions, [k for k, _ in items], fontsize=8)
         ax.invert_yaxis()
         for y, (_, value) in zip(positions, items):
-            ax.annotate(_fmt(value), (value, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+            ax.annotate(fmt_number(value), (value, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
         ax.margins(x=0.25)
         ax.set_title(suite, fontsize=10)
     fig.suptitle(Path(str(result.get("checkpoint", ""))).name, fontsize=10)
@@ -325,10 +325,10 @@ def _curves_summary(rows: list[dict], keys: list[str]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for key in keys:
         values = [v for v in (_number(r.get(key)) for r in ordered) if v is not None]
-        cells = [key] + [_fmt(v) for v in (values[0], values[-1], min(values), max(values))]
+        cells = [key] + [fmt_number(v) for v in (values[0], values[-1], min(values), max(values))]
         for it in iterations if per_iteration else []:
             mine = [v for v in (_number(r.get(key)) for r in ordered if r["iteration"] == it) if v is not None]
-            cells.append(_fmt(sum(mine) / len(mine)) if mine else "–")
+            cells.append(fmt_number(sum(mine) / len(mine)) if mine else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -338,7 +338,7 @@ def _evaluations_table(evaluations: list[dict]) -> list[str]:
     keys = list(dict.fromkeys(k for t in tables for k in t))
     lines = ["| evaluation | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for evaluation, table in zip(evaluations, tables):
-        lines.append(f"| {evaluation['name']} | " + " | ".join(_fmt(table.get(k)) for k in keys) + " |")
+        lines.append(f"| {evaluation['name']} | " + " | ".join(fmt_number(table.get(k)) for k in keys) + " |")
     warnings = [f"- {e['name']}: {w}" for e in evaluations for w in e.get("warnings", [])]
     return lines + (["", "Warnings:", *warnings] if warnings else [])
 
