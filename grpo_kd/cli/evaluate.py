@@ -90,11 +90,11 @@ def report(run_dir: Path = RUN_ARGUMENT) -> None:
 
 
 def export(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint: full weights, a LoRA adapter, or RUN/checkpoints/iter_NNNN."),
+    checkpoint: Path = typer.Argument(..., help="Full weights, a LoRA adapter, or RUN/checkpoints/iter_NNNN."),
     out: Path = typer.Argument(..., help="Directory of the standalone model (replaced if it exists)."),
     config: Optional[Path] = CONFIG_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
-    dtype: str = typer.Option("auto", help="float32, bfloat16 or float16 (auto: model.dtype, else the base's saved dtype)."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16 or float16 (auto: model.dtype, else the base's)."),
 ) -> None:
     """A standalone transformers model from a checkpoint: a LoRA adapter merged into its base, safetensors, the
     tokenizer and chat template beside it; for EuroEval, vLLM and the hub."""

@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.evaluate.report import headline_metrics, read_evaluations, read_metrics
 from grpo_kd.evaluate.spread import METHODS, Method, Spread, overlap, spread
-from grpo_kd.paths import RunPaths, iteration_name
+from grpo_kd.paths import RunPaths
 
 # Settings that do not change what a run computes: runs that differ only in these (and the seed) form a group.
 NOT_SETUP = ("name", "output_dir", "seed", "iterations")
@@ -201,7 +201,8 @@ def _describe(groups: list[Group]) -> None:
 
 
 def default_metrics(groups: list[Group]) -> list[str]:
-    """Every evaluation headline metric found, then the training reward."""
+    """Every evaluation headline metric found, then the training reward; without either, the first six training
+    metrics."""
     found = list(dict.fromkeys(k for g in groups for r in g.runs for k in r.series))
     evaluation = [k for k in found if not k.startswith("train/")]
     return evaluation + [k for k in ("train/reward/total",) if k in found] or found[:6]
@@ -290,7 +291,3 @@ def compare_runs(runs: Sequence[str | Path] | Mapping[str, Sequence[str | Path]]
     picked = best_checkpoints(groups, best_metric, direction) if best_metric else []
     return Comparison(groups, chosen, method, best_metric, picked, differences(groups, chosen, method, base),
                       base.label if base else None)
-
-
-def iteration_label(iteration: int) -> str:
-    return "initial" if iteration == 0 else iteration_name(iteration)

@@ -55,7 +55,8 @@ def comparison_markdown(comparison: Comparison, image: str | None = None, title:
     if c.best:
         lines += ["", f"## Best checkpoint of each run (by {c.best_metric}, {_DIRECTION_TEXT[c.best[0].direction]})", "",
                   "| run | group | seed | iteration | value | checkpoint |", "|---|---|---|---|---|---|"]
-        lines += [f"| {b.run} | {b.group} | {b.seed} | {b.iteration} | {fmt_number(b.value)} | `{b.checkpoint}` |" for b in c.best]
+        lines += [f"| {b.run} | {b.group} | {b.seed} | {b.iteration} | {fmt_number(b.value)} | `{b.checkpoint}` |"
+                  for b in c.best]
     if c.differences:
         lines += ["", "## Differences and the seed spread", "",
                   f"At each group's last iteration with the metric; against the group's own first iteration and "

@@ -97,7 +97,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, cfg: Config | Non
     model = model.to(getattr(torch, target))
     tokenizer = checkpoint_tokenizer(str(directory), cfg)
     provenance = {"source": str(Path(checkpoint).resolve()), "base": base_dir if adapter else None,
-                  "merged_adapter": adapter, "dtype": target, "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+                  "merged_adapter": adapter, "dtype": target,
+                  "chat_template": bool(getattr(tokenizer, "chat_template", None)),
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     with atomic_path(out) as tmp:
         tmp.mkdir()

@@ -362,7 +362,8 @@ def run_report(run_dir: str | Path) -> dict[str, Path]:
             written["curves"] = run.reports / "learning_curves.png"
             _savefig(fig, written["curves"])
             ordered, _, offsets = run_order(rows)
-            span = f"{len(ordered)} optimizer steps over {len({r['iteration'] for r in ordered})} iteration(s)" if offsets else f"{len(rows)} rows"
+            iterations = len({r["iteration"] for r in ordered})
+            span = f"{len(ordered)} optimizer steps over {iterations} iteration(s)" if offsets else f"{len(rows)} rows"
             axis = ("x: the run's global optimizer step; dashed lines: iteration boundaries (numbers on top)"
                     if offsets else "x: row of the log")
             within = " within each iteration" if offsets and smooths_per_iteration(ordered, window) else ""

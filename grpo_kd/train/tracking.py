@@ -37,7 +37,8 @@ from grpo_kd.train.metrics import MetricsLog, iteration_offsets, offset_of
 
 TENSORBOARD_DIR = "tensorboard"  # under RUN/logs/
 WANDB_HINT = "tracking.wandb needs the wandb package: pip install 'grpo-kd[wandb]' (or set tracking.wandb=false)"
-TENSORBOARD_HINT = "tracking.tensorboard needs the tensorboard package: pip install tensorboard (or set tracking.tensorboard=false)"
+TENSORBOARD_HINT = ("tracking.tensorboard needs the tensorboard package: pip install tensorboard "
+                    "(or set tracking.tensorboard=false)")
 
 
 def wandb_run_id(run_dir: str | Path) -> str:

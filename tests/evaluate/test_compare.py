@@ -36,8 +36,10 @@ def make_run(root: Path, name: str, seed: int, reverse_kl: dict[int, float], rew
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> list[Path]:
     tmp_path = tmp_path_factory.mktemp("runs")
-    a = [make_run(tmp_path, f"grpo_s{seed}", seed, {0: 4.0, 1: 3.0 + d, 2: 2.0 + d}) for seed, d in enumerate((0.0, 0.1, 0.2))]
-    b = [make_run(tmp_path, f"ppo_s{seed}", seed, {0: 4.0, 2: 3.9 + d}, -3.0, "loss.algorithm=ppo") for seed, d in enumerate((0.0, 0.1))]
+    a = [make_run(tmp_path, f"grpo_s{seed}", seed, {0: 4.0, 1: 3.0 + d, 2: 2.0 + d})
+         for seed, d in enumerate((0.0, 0.1, 0.2))]
+    b = [make_run(tmp_path, f"ppo_s{seed}", seed, {0: 4.0, 2: 3.9 + d}, -3.0, "loss.algorithm=ppo")
+         for seed, d in enumerate((0.0, 0.1))]
     c = [make_run(tmp_path, "minillm_s0", 0, {0: 4.0, 2: 1.0}, -3.0, "loss.algorithm=minillm")]
     return a + b + c
 

@@ -34,7 +34,8 @@ with torch.no_grad():
     logits = model(**enc).logits.float()
 logprobs = torch.log_softmax(logits[:, :-1], -1).gather(-1, enc.input_ids[:, 1:, None])[..., 0] * enc.attention_mask[:, 1:]
 chat = tokenizer.apply_chat_template([{"role": "user", "content": "hey"}], tokenize=False)
-print(json.dumps({"logprobs": logprobs.tolist(), "chat": chat, "modules": sorted(m for m in sys.modules if m.startswith(("grpo_kd", "peft")))}))
+ours = sorted(m for m in sys.modules if m.startswith(("grpo_kd", "peft")))
+print(json.dumps({"logprobs": logprobs.tolist(), "chat": chat, "modules": ours}))
 """
 
 
