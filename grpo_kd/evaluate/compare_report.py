@@ -38,7 +38,8 @@ def comparison_markdown(comparison: Comparison, image: str | None = None, title:
 
     c = comparison
     runs = sum(len(g.runs) for g in c.groups)
-    lines = [f"# {title or 'Comparison'}: {runs} runs in {len(c.groups)} groups", "",
+    counted = f"{runs} run{'s' * (runs != 1)} in {len(c.groups)} group{'s' * (len(c.groups) != 1)}"
+    lines = [f"# {title or 'Comparison'}: {counted}", "",
              f"Each cell: {METHOD_TEXT[c.method]}; `[low, high] (n=runs)`. A difference is larger than the seed "
              "spread when the two intervals do not overlap (not judged with a single run).", "",
              "| group | runs (seed) | settings that set it apart |", "|---|---|---|"]
@@ -94,7 +95,8 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> None:
     plt = pyplot()
     columns = min(3, len(c.metrics))
     rows = math.ceil(len(c.metrics) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.0 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.0 * rows + 0.5), squeeze=False,
+                             layout="constrained")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, metric in zip(axes.flat, c.metrics):
         for index, g in enumerate(c.groups):
@@ -112,9 +114,9 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> None:
     for ax in list(axes.flat)[len(c.metrics):]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
-    fig.suptitle(f"bars: {c.method} over seeds", fontsize=8, y=0.0)
-    fig.tight_layout(rect=(0, 0.02, 1, 1 - 0.5 / (3.0 * rows + 0.6)))
+    bars = "95% t interval" if c.method == "t95" else "min-max range"
+    fig.legend(handles, labels, loc="outside upper center", ncol=min(4, len(labels)), fontsize=8, frameon=False,
+               title=f"mean over seeds, bars: {bars}", title_fontsize=8)
     atomic_savefig(fig, Path(path), dpi=110, bbox_inches="tight")
     plt.close(fig)
 
