@@ -34,7 +34,7 @@ _X_KEYS = (*POSITION_KEYS, "global_step", "time", "timestamp")
 
 def pyplot():
     """matplotlib.pyplot on the headless Agg backend."""
-    import matplotlib  # ~0.3-0.5 s with pyplot: imported only by the functions that draw
+    import matplotlib  # 0.5-1.0 s with pyplot: imported only by the functions that draw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

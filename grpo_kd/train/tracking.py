@@ -18,9 +18,8 @@ Key design choices:
   offline by default (files under RUN/logs/wandb; `wandb sync` uploads them). Online, a SLURM array of phase
   tasks would resume the run concurrently, which W&B does not promise to merge: keep those offline.
 - Nothing is imported or opened before the first number: with tracking off a phase pays one `if`, with it on
-  the import happens in the process that logs (TensorBoard's writer ~0.3 s, wandb ~0.8-1.0 s on a loaded
-  2-core machine; `python -c "import time, torch; t=time.perf_counter(); import torch.utils.tensorboard;
-  print(time.perf_counter()-t)"`).
+  the import happens in the process that logs (TensorBoard's writer 0.2-0.5 s, wandb 0.4-1.0 s on a loaded
+  2-core machine; docs/slurm.md, "Start-up cost of a phase").
 """
 
 from __future__ import annotations
@@ -104,14 +103,14 @@ class Tracker:
 
     def _tensorboard_writer(self):
         if self._tensorboard is None:
-            from torch.utils.tensorboard import SummaryWriter  # ~0.3 s (with tensorboard, protobuf): only when logging
+            from torch.utils.tensorboard import SummaryWriter  # 0.2-0.5 s (tensorboard, protobuf): only when logging
 
             self._tensorboard = SummaryWriter(str(self.tensorboard_dir), purge_step=self._purge_step)
         return self._tensorboard
 
     def _wandb_run(self):
         if self._wandb is None:
-            import wandb  # ~0.8-1.0 s: only with tracking.wandb
+            import wandb  # 0.4-1.0 s: only with tracking.wandb
 
             logs = self.run_dir / "logs"
             logs.mkdir(parents=True, exist_ok=True)
