@@ -229,7 +229,8 @@ def best_checkpoints(groups: list[Group], metric: str, direction: str) -> list[B
             values = run.series.get(metric, {})
             if not values:
                 continue
-            pick = (max if direction == "max" else min)(values, key=lambda it: (values[it], -it))
+            sign = -1 if direction == "max" else 1
+            pick = min(values, key=lambda it: (sign * values[it], it))  # a tie goes to the earlier iteration
             out.append(Best(run.name, group.label, run.seed, metric, direction, pick, values[pick], run.checkpoint(pick)))
     return out
 
@@ -270,6 +271,9 @@ def compare_runs(runs: Sequence[str | Path] | Mapping[str, Sequence[str | Path]]
     if method not in METHODS:
         raise GrpoKdError(f"unknown interval {method!r}; expected one of {', '.join(METHODS)}")
     if isinstance(runs, Mapping):
+        empty = [label for label, paths in runs.items() if not paths]
+        if empty:
+            raise GrpoKdError(f"group {empty[0]!r} has no run directory")
         groups = [Group(label, [load_run(p) for p in paths]) for label, paths in runs.items()]
         _describe(groups)
     else:

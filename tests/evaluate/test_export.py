@@ -114,3 +114,12 @@ def test_euroeval_gets_an_export_of_an_adapter(checkpoints, tmp_path, monkeypatc
     given = (tmp_path / "work" / "model.txt").read_text().strip()
     assert given == str((tmp_path / "work" / "model").resolve()) and is_standalone(given)
     assert result["euroeval"]["datasets"]["foqa"]["test_f1"] == 1.5
+
+
+def test_export_of_a_missing_or_foreign_directory_is_one_line(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(tmp_path / "empty"), str(tmp_path / "out"), "--dtype", "float32"]) == 1
+    assert "holds neither config.json nor adapter_config.json" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
