@@ -172,7 +172,7 @@ def _present_targets(model: nn.Module, wanted: list[str]) -> list[str]:
 
 
 def _add_lora(model, cfg: ModelConfig):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # 2.6-4.0 s after transformers: only with LoRA
 
     lora = LoraConfig(
         r=cfg.lora_r,
@@ -221,7 +221,7 @@ def load_student(cfg: ModelConfig, *, checkpoint: str | None = None, trainable: 
         attn_implementation=cfg.attn_implementation,
     )
     if adapter_dir is not None:
-        from peft import PeftModel
+        from peft import PeftModel  # 2.6-4.0 s after transformers: only for an adapter checkpoint
 
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
         log.info("student adapter loaded from %s", adapter_dir)

@@ -13,14 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = [
     ["run"], ["demo"], ["rollout"], ["cache-teacher"], ["update"], ["evaluate"], ["report"],
     ["chain", "submit"], ["chain", "status"], ["chain", "resume"], ["cache", "verify"], ["cache", "stats"],
-    ["config", "show"], ["config", "validate"], ["bench"], ["tiny-models"],
+    ["config", "show"], ["config", "validate"], ["bench"], ["tiny-models"], ["compare"], ["export"],
 ]
 
 
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "grpo_kd.cli.app", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for name in ["run", "demo", "rollout", "cache-teacher", "update", "evaluate", "report", "chain", "cache", "config", "bench"]:
+    for name in ["run", "demo", "rollout", "cache-teacher", "update", "evaluate", "report", "chain", "cache", "config",
+                 "bench", "compare", "export"]:
         assert name in out.stdout
 
 

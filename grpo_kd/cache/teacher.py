@@ -33,19 +33,22 @@ from grpo_kd.cache.manifest import (
     write_shard_manifest,
 )
 from grpo_kd.cache.spec import TEACHER_KIND, CacheSpec, ScoredRows, ShardReader, ShardWriter
-from grpo_kd.cache.zarr_format import ZarrShardReader, ZarrShardWriter
 from grpo_kd.fsutil import atomic_path
 
 
 def open_shard_writer(path: Path, spec: CacheSpec, *, total_rows: int, total_tokens: int) -> ShardWriter:
     if spec.format == "arrow":
         return ArrowShardWriter(path, spec)
+    from grpo_kd.cache.zarr_format import ZarrShardWriter  # zarr + numcodecs: 0.2-0.4 s, only for the zarr format
+
     return ZarrShardWriter(path, spec, total_rows=total_rows, total_tokens=total_tokens)
 
 
 def open_shard_reader(path: Path, spec: CacheSpec) -> ShardReader:
     if spec.format == "arrow":
         return ArrowShardReader(path, spec)
+    from grpo_kd.cache.zarr_format import ZarrShardReader  # zarr + numcodecs: 0.2-0.4 s, only for the zarr format
+
     return ZarrShardReader(path, spec)
 
 

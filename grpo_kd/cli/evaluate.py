@@ -1,4 +1,4 @@
-"""`grpo-kd evaluate` and `grpo-kd report`."""
+"""`grpo-kd evaluate`, `grpo-kd report` and `grpo-kd export`."""
 
 from __future__ import annotations
 
@@ -89,6 +89,27 @@ def report(run_dir: Path = RUN_ARGUMENT) -> None:
     Console().print("\n".join(f"wrote {path}" for path in written.values()), highlight=False)
 
 
+def export(
+    checkpoint: Path = typer.Argument(..., help="Full weights, a LoRA adapter, or RUN/checkpoints/iter_NNNN."),
+    out: Path = typer.Argument(..., help="Directory of the standalone model (replaced if it exists)."),
+    config: Optional[Path] = CONFIG_OPTION,
+    overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
+    dtype: str = typer.Option("auto", help="float32, bfloat16 or float16 (auto: model.dtype, else the base's)."),
+) -> None:
+    """A standalone transformers model from a checkpoint: a LoRA adapter merged into its base, safetensors, the
+    tokenizer and chat template beside it; for EuroEval, vLLM and the hub."""
+    from grpo_kd.evaluate.export import export_checkpoint
+    from grpo_kd.evaluate.suite import locate_run
+
+    setup_logging()
+    run_dir, _ = locate_run(checkpoint)
+    has_config = config is not None or overrides or (run_dir is not None and (run_dir / "config.yaml").is_file())
+    cfg = _config(config, overrides, run_dir) if has_config else None  # else the checkpoint says its own base
+    written = export_checkpoint(checkpoint, out, cfg, dtype=dtype)
+    Console().print(f"wrote {written} (load it with AutoModelForCausalLM.from_pretrained)", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command("evaluate")(evaluate)
     app.command("report")(report)
+    app.command("export")(export)

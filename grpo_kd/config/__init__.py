@@ -27,12 +27,13 @@ from grpo_kd.config.schema import (
     SlurmPhaseConfig,
     TeacherConfig,
     TeacherKLConfig,
+    TrackingConfig,
 )
 
 __all__ = [
     "ALGORITHMS", "ALGORITHM_SECTIONS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",
     "GrpoConfig", "LossConfig", "MiniLLMConfig", "ModelConfig", "OptimConfig", "PolicyLossConfig", "PpoConfig",
     "PretrainConfig", "RewardConfig", "RolloutConfig", "SlurmConfig", "SlurmPhaseConfig", "TeacherConfig",
-    "TeacherKLConfig", "from_dict", "load_config", "parse_override", "read_yaml", "save_config", "to_dict",
-    "to_yaml",
+    "TeacherKLConfig", "TrackingConfig", "from_dict", "load_config", "parse_override", "read_yaml", "save_config",
+    "to_dict", "to_yaml",
 ]

@@ -309,6 +309,17 @@ class EvalConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Where each phase's numbers go besides logs/metrics.jsonl, on one step axis (grpo_kd/train/tracking.py)."""
+
+    tensorboard: bool = True  # event files under RUN/logs/tensorboard/ (`tensorboard --logdir RUN/logs`)
+    wandb: bool = False  # Weights & Biases (pip install 'grpo-kd[wandb]')
+    wandb_project: str = "grpo-kd"
+    wandb_entity: str | None = None
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: files under RUN/logs/wandb, `wandb sync` later
+
+
+@dataclass
 class Config:
     name: str = "run"
     output_dir: str = "runs"  # the run directory is output_dir/name
@@ -324,6 +335,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def run_dir(self) -> Path:

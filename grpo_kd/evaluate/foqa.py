@@ -123,7 +123,7 @@ def _read_parquet(path: Path) -> list[dict]:
 
 
 def _pick_split(data, split: str, source: str):
-    import datasets
+    import datasets  # 1.0-1.5 s (pandas included): only for FoQA from the hub or saved
 
     if not isinstance(data, datasets.DatasetDict):
         return data
@@ -135,7 +135,7 @@ def _pick_split(data, split: str, source: str):
 
 
 def _read_dataset(source: str, split: str) -> list[dict]:
-    import datasets
+    import datasets  # 1.0-1.5 s (pandas included): only for FoQA from the hub or saved
 
     if Path(source).is_dir():
         try:

@@ -5,7 +5,10 @@
 
 Key design choice: the report reads only files (`logs/metrics.jsonl`, `reports/eval_*.json`), so it can be made
 at any time, while a run is going, on any machine, and plots whatever numeric keys are there instead of a fixed
-list (a new reward component shows up without a code change). Matplotlib runs headless (Agg).
+list (a new reward component shows up without a code change). Learning curves are drawn against the run's one
+step axis (the global optimizer step of grpo_kd/train/metrics.py: the steps of earlier iterations plus the step),
+with the iteration boundaries marked and a moving average over the raw points; evaluations are lines over
+iterations. Matplotlib runs headless (Agg) and is imported only to draw.
 """
 
 from __future__ import annotations
@@ -15,13 +18,9 @@ import math
 import re
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from grpo_kd.errors import GrpoKdError  # noqa: E402
-from grpo_kd.fsutil import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
+from grpo_kd.errors import GrpoKdError
+from grpo_kd.fsutil import atomic_savefig, atomic_write_json, atomic_write_text, remove_path
+from grpo_kd.train.metrics import POSITION_KEYS, iteration_offsets, offset_of
 
 # The numbers a table shows per suite, in order (any other numeric key is in the JSON).
 HEADLINE = {
@@ -30,7 +29,17 @@ HEADLINE = {
     "distill": ["teacher_logprob_mean", "forward_kl", "reverse_kl", "top1_agreement"],
     "diversity": ["distinct_1", "distinct_2", "distinct_3", "repetition_rate", "mean_length_words"],
 }
-_X_KEYS = ("step", "iteration", "epoch", "time", "timestamp")
+_X_KEYS = (*POSITION_KEYS, "global_step", "time", "timestamp")
+
+
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend."""
+    import matplotlib  # 0.5-1.0 s with pyplot: imported only by the functions that draw
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _number(value) -> float | None:
@@ -54,7 +63,7 @@ def headline_metrics(result: dict) -> dict[str, float]:
     return flat
 
 
-def _fmt(value: float | None) -> str:
+def fmt_number(value: float | None) -> str:
     if value is None:
         return "–"
     return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
@@ -73,7 +82,7 @@ def evaluation_markdown(result: dict, image: str | None = None) -> str:
     if result.get("warnings"):
         lines.append("")
     lines += ["| metric | value |", "|---|---|"]
-    lines += [f"| {key} | {_fmt(value)} |" for key, value in headline_metrics(result).items()]
+    lines += [f"| {key} | {fmt_number(value)} |" for key, value in headline_metrics(result).items()]
     if result.get("distill", {}).get("kl_method"):
         lines += ["", f"KL: {result['distill']['kl_method']}."]
     examples = (result.get("foqa") or {}).get("examples") or []
@@ -90,14 +99,14 @@ def evaluation_markdown(result: dict, image: str | None = None) -> str:
 
 def _savefig(fig, path: Path) -> None:
     atomic_savefig(fig, path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def plot_evaluation(result: dict, path: str | Path) -> None:
     """One panel per suite: its headline numbers as labelled horizontal bars (scales differ between suites)."""
     flat = headline_metrics(result)
     suites = list(dict.fromkeys(key.split("/")[0] for key in flat)) or ["(none)"]
-    fig, axes = plt.subplots(1, len(suites), figsize=(3.8 * len(suites), 2.8), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(suites), figsize=(3.8 * len(suites), 2.8), squeeze=False)
     for ax, suite in zip(axes[0], suites):
         items = [(k.split("/", 1)[1], v) for k, v in flat.items() if k.startswith(suite + "/")]
         positions = range(len(items))
@@ -105,7 +114,7 @@ def plot_evaluation(result: dict, path: str | Path) -> None:
         ax.set_yticks(positions, [k for k, _ in items], fontsize=8)
         ax.invert_yaxis()
         for y, (_, value) in zip(positions, items):
-            ax.annotate(_fmt(value), (value, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+            ax.annotate(fmt_number(value), (value, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
         ax.margins(x=0.25)
         ax.set_title(suite, fontsize=10)
     fig.suptitle(Path(str(result.get("checkpoint", ""))).name, fontsize=10)
@@ -165,11 +174,36 @@ def read_evaluations(reports_dir: str | Path) -> list[dict]:
     return sorted(evaluations, key=lambda e: (e.get("iteration") is not None, e.get("iteration") or 0, e["name"]))
 
 
-def _x_axis(rows: list[dict]) -> tuple[str, list[float]]:
-    for key in _X_KEYS[:2]:
-        if all(_number(r.get(key)) is not None for r in rows):
-            return key, [float(r[key]) for r in rows]
-    return "row", [float(i) for i in range(len(rows))]
+def run_order(rows: list[dict]) -> tuple[list[dict], list[float], dict[int, int]]:
+    """(rows in run order, the global step of each, {iteration: global step before it}).
+
+    Rows with an iteration and a step are sorted by them (a line written twice keeps its last copy) and placed on
+    the run's step axis; a log without them keeps its order, numbered from 1."""
+    placed = [r for r in rows if isinstance(r.get("iteration"), int) and isinstance(r.get("step"), int)]
+    if len(placed) < len(rows):
+        return rows, [float(i) for i in range(1, len(rows) + 1)], {}
+    unique = {(r["iteration"], r["step"]): r for r in placed}
+    ordered = [unique[key] for key in sorted(unique)]
+    offsets = iteration_offsets(ordered)
+    return ordered, [float(offset_of(offsets, r["iteration"]) + r["step"]) for r in ordered], offsets
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Centred moving average over `window` points (odd), shrinking at both ends."""
+    half = window // 2
+    sums = [0.0]
+    for value in values:
+        sums.append(sums[-1] + value)
+    out = []
+    for i in range(len(values)):
+        lo, hi = max(0, i - half), min(len(values), i + half + 1)
+        out.append((sums[hi] - sums[lo]) / (hi - lo))
+    return out
+
+
+def smoothing_window(points: int) -> int:
+    """About a tenth of the points, odd, between 1 and 25."""
+    return max(1, min(25, round(points / 10)) // 2 * 2 + 1) if points >= 5 else 1
 
 
 def curve_keys(rows: list[dict]) -> list[str]:
@@ -182,41 +216,99 @@ def curve_keys(rows: list[dict]) -> list[str]:
     return list(keys)
 
 
-def plot_curves(rows: list[dict], path: str | Path) -> list[str]:
-    """One small panel per numeric key against the step; returns the keys plotted."""
-    keys = curve_keys(rows)
+def _mark_iterations(ax, offsets: dict[int, int], iterations: list[int], last_x: float) -> None:
+    """Dashed lines between iterations; "it. N" on a top axis when there are few enough to read."""
+    starts = [offsets[it] for it in iterations]
+    for start in starts[1:]:
+        ax.axvline(start + 0.5, color="0.55", linestyle="--", linewidth=0.7, zorder=0)
+    if len(iterations) <= 20:
+        ends = starts[1:] + [last_x]
+        top = ax.secondary_xaxis("top")
+        top.set_xticks([(a + b + 1) / 2 for a, b in zip(starts, ends)], [f"it. {it}" for it in iterations], fontsize=7)
+        top.tick_params(length=0, pad=1)
+
+
+def learning_curves_figure(rows: list[dict]):
+    """(figure, keys, window): one panel per numeric key against the run's global step (see `run_order`): the
+    raw points (light) and their centred mean over `window` points (dark)."""
+    ordered, x, offsets = run_order(rows)
+    keys = curve_keys(ordered)
     if not keys:
-        return []
-    x_name, x = _x_axis(rows)
+        return None, [], 1
     columns = min(3, len(keys))
-    rows_n = math.ceil(len(keys) / columns)
-    fig, axes = plt.subplots(rows_n, columns, figsize=(4.2 * columns, 2.8 * rows_n), squeeze=False)
+    fig, axes = pyplot().subplots(math.ceil(len(keys) / columns), columns,
+                                  figsize=(4.2 * columns, 2.9 * math.ceil(len(keys) / columns)), squeeze=False)
+    iterations = sorted({r["iteration"] for r in ordered}) if offsets else []
+    window = smoothing_window(len(ordered))
+    per_iteration = smooths_per_iteration(ordered, window) if iterations else False
     for ax, key in zip(axes.flat, keys):
-        points = [(xi, _number(r.get(key))) for xi, r in zip(x, rows) if _number(r.get(key)) is not None]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel(x_name, fontsize=8)
+        points = [(xi, _number(r.get(key))) for xi, r in zip(x, ordered) if _number(r.get(key)) is not None]
+        px, py = [p[0] for p in points], [p[1] for p in points]
+        ax.plot(px, py, color="tab:blue", alpha=0.3 if window > 1 else 1.0, linewidth=0.8,
+                marker="." if len(points) < 80 else None, markersize=3)
+        for segment in _segments(points, offsets, iterations if per_iteration else []):
+            if window > 1 and len(segment) >= 3:
+                ys = moving_average([p[1] for p in segment], window)
+                ax.plot([p[0] for p in segment], ys, color="tab:blue", linewidth=1.6)
+        if iterations:
+            _mark_iterations(ax, offsets, iterations, x[-1])
+        ax.set_title(key, fontsize=9, pad=14 if len(iterations) <= 20 and iterations else 6)
+        ax.set_xlabel("global step" if offsets else "row", fontsize=8)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(keys):]:
         ax.set_visible(False)
     fig.tight_layout()
-    _savefig(fig, Path(path))
+    return fig, keys, window
+
+
+def smooths_per_iteration(ordered: list[dict], window: int) -> bool:
+    """Smooth each iteration on its own (metrics such as the clip fraction restart with every iteration's fresh
+    behaviour policy) when the iterations are long enough for the window; else across the whole run."""
+    lengths = sorted(sum(1 for r in ordered if r["iteration"] == it) for it in {r["iteration"] for r in ordered})
+    return lengths[len(lengths) // 2] >= window
+
+
+def _segments(points: list[tuple[float, float]], offsets: dict[int, int], iterations: list[int]):
+    """The points cut at the iteration boundaries (all of them in one piece when `iterations` is empty)."""
+    if not iterations:
+        return [points]
+    starts = [offsets[it] for it in iterations[1:]]
+    pieces: list[list] = [[] for _ in iterations]
+    for point in points:
+        pieces[sum(point[0] > start for start in starts)].append(point)
+    return [piece for piece in pieces if piece]
+
+
+def plot_curves(rows: list[dict], path: str | Path) -> list[str]:
+    """Learning curves as a PNG (see `learning_curves_figure`); returns the keys plotted."""
+    fig, keys, _ = learning_curves_figure(rows)
+    if fig is not None:
+        _savefig(fig, Path(path))
     return keys
 
 
 def plot_evaluations(evaluations: list[dict], path: str | Path) -> list[str]:
-    """One panel per headline metric, the evaluations side by side in iteration order."""
-    tables = [headline_metrics(e) for e in evaluations]
+    """One panel per headline metric, a line over the iterations of the evaluations that have one; nothing (an
+    empty list) when fewer than two have one: the table says it all then."""
+    placed = [e for e in evaluations if isinstance(e.get("iteration"), int)]
+    if len(placed) < 2:
+        return []
+    tables = [headline_metrics(e) for e in placed]
     keys = list(dict.fromkeys(k for t in tables for k in t))
     if not keys:
         return []
-    labels = [e["name"] for e in evaluations]
     columns = min(3, len(keys))
-    fig, axes = plt.subplots(math.ceil(len(keys) / columns), columns, figsize=(4.2 * columns, 3.0 * math.ceil(len(keys) / columns)), squeeze=False)
+    rows_n = math.ceil(len(keys) / columns)
+    fig, axes = pyplot().subplots(rows_n, columns, figsize=(4.2 * columns, 2.8 * rows_n), squeeze=False)
+    iterations = [e["iteration"] for e in placed]
     for ax, key in zip(axes.flat, keys):
-        values = [t.get(key, math.nan) for t in tables]
-        ax.plot(range(len(values)), values, marker="o")
-        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+        points = [(it, t[key]) for it, t in zip(iterations, tables) if key in t]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color="tab:green")
+        ax.set_xticks(sorted(set(iterations)))
+        ax.set_xlabel("iteration", fontsize=8)
         ax.set_title(key, fontsize=9)
+        ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(keys):]:
         ax.set_visible(False)
     fig.tight_layout()
@@ -225,10 +317,19 @@ def plot_evaluations(evaluations: list[dict], path: str | Path) -> list[str]:
 
 
 def _curves_summary(rows: list[dict], keys: list[str]) -> list[str]:
-    lines = ["| metric | first | last | min | max |", "|---|---|---|---|---|"]
+    """first / last / min / max of each key over the run; with 2 to 12 iterations, also each iteration's mean."""
+    ordered, _, offsets = run_order(rows)
+    iterations = sorted({r["iteration"] for r in ordered}) if offsets else []
+    per_iteration = 2 <= len(iterations) <= 12
+    head = ["metric", "first", "last", "min", "max"] + ([f"mean it. {it}" for it in iterations] if per_iteration else [])
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for key in keys:
-        values = [v for v in (_number(r.get(key)) for r in rows) if v is not None]
-        lines.append(f"| {key} | {_fmt(values[0])} | {_fmt(values[-1])} | {_fmt(min(values))} | {_fmt(max(values))} |")
+        values = [v for v in (_number(r.get(key)) for r in ordered) if v is not None]
+        cells = [key] + [fmt_number(v) for v in (values[0], values[-1], min(values), max(values))]
+        for it in iterations if per_iteration else []:
+            mine = [v for v in (_number(r.get(key)) for r in ordered if r["iteration"] == it) if v is not None]
+            cells.append(fmt_number(sum(mine) / len(mine)) if mine else "–")
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -237,7 +338,7 @@ def _evaluations_table(evaluations: list[dict]) -> list[str]:
     keys = list(dict.fromkeys(k for t in tables for k in t))
     lines = ["| evaluation | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for evaluation, table in zip(evaluations, tables):
-        lines.append(f"| {evaluation['name']} | " + " | ".join(_fmt(table.get(k)) for k in keys) + " |")
+        lines.append(f"| {evaluation['name']} | " + " | ".join(fmt_number(table.get(k)) for k in keys) + " |")
     warnings = [f"- {e['name']}: {w}" for e in evaluations for w in e.get("warnings", [])]
     return lines + (["", "Warnings:", *warnings] if warnings else [])
 
@@ -256,16 +357,29 @@ def run_report(run_dir: str | Path) -> dict[str, Path]:
     written: dict[str, Path] = {}
     lines = [f"# Report of run `{run.root.name}`", ""]
     if rows:
-        keys = plot_curves(rows, run.reports / "learning_curves.png")
-        if keys:
+        fig, keys, window = learning_curves_figure(rows)
+        if fig is not None:
             written["curves"] = run.reports / "learning_curves.png"
-            lines += [f"## Learning curves ({len(rows)} steps)", "", "![learning curves](learning_curves.png)", ""]
+            _savefig(fig, written["curves"])
+            ordered, _, offsets = run_order(rows)
+            iterations = len({r["iteration"] for r in ordered})
+            span = f"{len(ordered)} optimizer steps over {iterations} iteration(s)" if offsets else f"{len(rows)} rows"
+            axis = ("x: the run's global optimizer step; dashed lines: iteration boundaries (numbers on top)"
+                    if offsets else "x: row of the log")
+            within = " within each iteration" if offsets and smooths_per_iteration(ordered, window) else ""
+            smooth = f"; dark line: centred mean of {window} points{within}, over the raw ones (light)" if window > 1 else ""
+            lines += [f"## Learning curves ({span})", "", f"{axis}{smooth}.", "",
+                      "![learning curves](learning_curves.png)", ""]
             lines += _curves_summary(rows, keys) + [""]
     if evaluations:
         lines += ["## Evaluations", ""] + _evaluations_table(evaluations) + [""]
         if plot_evaluations(evaluations, run.reports / "evaluations.png"):
             written["evaluations"] = run.reports / "evaluations.png"
             lines += ["![evaluations](evaluations.png)", ""]
+        else:
+            remove_path(run.reports / "evaluations.png")  # a plot of earlier evaluations would now mislead
+    if (run.logs / "tensorboard").is_dir():
+        lines += [f"TensorBoard: `tensorboard --logdir {run.root}`", ""]
     written["markdown"] = run.reports / "report.md"
     atomic_write_text(written["markdown"], "\n".join(lines))
     return written

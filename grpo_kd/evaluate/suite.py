@@ -25,8 +25,10 @@ from grpo_kd.device import release_memory
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.evaluate import diversity as div
 from grpo_kd.evaluate.euroeval import INSTALL_HINT, euroeval_launcher, run_euroeval
+from grpo_kd.evaluate.export import export_checkpoint, is_standalone
 from grpo_kd.evaluate.foqa import QAExample, evaluate_foqa, load_qa, split_shots
 from grpo_kd.evaluate.generation import generate
+from grpo_kd.evaluate.loading import checkpoint_tokenizer, load_checkpoint
 
 SUITES = ("foqa", "perplexity", "distill", "diversity", "euroeval")
 _ITERATION = re.compile(r"iter_(\d+)$")
@@ -162,30 +164,6 @@ def resolve_inputs(suites, cfg: Config, tokenizer, *, teacher=None, prompts=None
     return inputs
 
 
-# ---------------------------------------------------------------------------------------------- models
-
-
-def checkpoint_tokenizer(checkpoint: str, cfg: Config):
-    """The tokenizer saved with the checkpoint, else the config's student tokenizer."""
-    from grpo_kd.models import load_tokenizer
-
-    path = Path(checkpoint)
-    has_own = any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    source = str(path) if has_own or not path.is_dir() else (cfg.model.tokenizer or cfg.model.path)
-    return load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
-
-
-def load_checkpoint(checkpoint: str, cfg: Config):
-    """A checkpoint directory (full weights or adapters on cfg.model.path) or a hub id, in eval mode."""
-    from grpo_kd.models import load_causal_lm, load_student
-
-    if Path(checkpoint).expanduser().is_dir():
-        return load_student(cfg.model, checkpoint=str(checkpoint), trainable=False)
-    model = load_causal_lm(checkpoint, dtype=cfg.model.dtype, device=cfg.model.device,
-                           trust_remote_code=cfg.model.trust_remote_code)
-    return model.eval().requires_grad_(False)
-
-
 # ---------------------------------------------------------------------------------------------- the run
 
 
@@ -232,7 +210,10 @@ def evaluate_checkpoint(
     if "euroeval" in inputs.suites:
         ev = cfg.eval
         work_dir = Path(euroeval_dir) if euroeval_dir else Path("reports") / "euroeval" / Path(checkpoint).name
-        result["euroeval"] = run_euroeval(checkpoint, work_dir, language=ev.euroeval_language, extra_args=ev.euroeval_args)
+        model = checkpoint
+        if not is_standalone(checkpoint):  # an adapter or a training checkpoint: EuroEval loads a plain model
+            model = str(export_checkpoint(checkpoint, work_dir / "model", cfg))
+        result["euroeval"] = run_euroeval(model, work_dir, language=ev.euroeval_language, extra_args=ev.euroeval_args)
     result["seconds"] = round(time.time() - started, 2)
     return result
 

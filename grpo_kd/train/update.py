@@ -58,6 +58,7 @@ from grpo_kd.train.metrics import MetricsLog
 from grpo_kd.train.optim import build_optimizer, build_scheduler
 from grpo_kd.train.pretrain import PretrainBatches, pretrain_loss
 from grpo_kd.train.signals import stop_on_signals
+from grpo_kd.train.tracking import Tracker
 from grpo_kd.train.update_state import (
     Plan,
     StepStats,
@@ -158,7 +159,7 @@ def _train(cfg: Config, iteration: int, resume: bool, paths: RunPaths, dist: Dis
     pretrain = PretrainBatches(cfg, run.tokenizer) if cfg.loss.pt.weight > 0 else None
     if pretrain is not None and cfg.loss.pt.batch_size < dist.world_size:
         raise GrpoKdError(f"loss.pt.batch_size={cfg.loss.pt.batch_size} is smaller than the {dist.world_size} ranks")
-    metrics_log = MetricsLog(paths.metrics)
+    metrics_log = MetricsLog(paths.metrics, tracker=Tracker.for_run(cfg) if dist.is_main else None)
     if dist.is_main:
         metrics_log.truncate_after(iteration, done)
     barrier(dist)
@@ -182,6 +183,7 @@ def _train(cfg: Config, iteration: int, resume: bool, paths: RunPaths, dist: Dis
                 if stopping:
                     raise UpdateInterrupted(saved, stop.signal_name)
     save_state(run, plan.total_steps, None, step=False)
+    metrics_log.close()
     if dist.is_main:
         prune_step_checkpoints(run.final, 0)
         prepared_path.unlink(missing_ok=True)
