@@ -60,7 +60,16 @@ from grpo_kd.cache.manifest import (
 )
 from grpo_kd.cache.rollouts import ROLLOUT_KIND, ROLLOUT_SUFFIX, RolloutRecord, write_rollout_shard
 from grpo_kd.config import Config
-from grpo_kd.data import Prompt, encode_prompt, prompts_from_config, render_prompt, split_heldout
+from grpo_kd.data import (
+    Prompt,
+    encode_prompt,
+    prompt_token_ids,
+    prompts_from_config,
+    render_prompt,
+    split_heldout,
+    teacher_chat_template,
+    teacher_has_own_prompt,
+)
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.models import (
     load_student,
@@ -154,6 +163,14 @@ def prompt_ids(tokenizer, prompt: Prompt, cfg: Config) -> list[int]:
     return list(ids)
 
 
+def teacher_prompt_ids(teacher_tokenizer, prompt: Prompt, cfg: Config) -> list[int]:
+    """The prompt's ids as a mixing teacher with a format of its own sees them (`teacher_has_own_prompt`)."""
+    ids = prompt_token_ids(teacher_tokenizer, prompt, chat_template=teacher_chat_template(cfg))
+    if not ids:
+        raise GrpoKdError(f"prompt {prompt.id!r} is empty after the teacher's tokenization")
+    return ids
+
+
 def sampling_params(cfg: Config) -> SamplingParams:
     r = cfg.rollout
     params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.teacher_mix_alpha)
@@ -183,6 +200,8 @@ def plan_meta(cfg: Config, iteration: int, shard: int, num_shards: int) -> dict[
             "prompts_per_iteration": r.prompts_per_iteration,
             "chat_template": cfg.data.chat_template,
             "max_prompt_tokens": cfg.data.max_prompt_tokens,
+            **({"teacher_own_prompt": teacher_has_own_prompt(cfg), "teacher_chat_template": teacher_chat_template(cfg)}
+               if r.teacher_mix_alpha > 0 else {}),  # what the mixing teacher is conditioned on
         },
         "sampling": {
             **sampling_params(cfg).as_dict(),
@@ -196,10 +215,10 @@ def plan_meta(cfg: Config, iteration: int, shard: int, num_shards: int) -> dict[
 # ---------------------------------------------------------------------------------------------- models
 
 
-def _check_teacher_vocabulary(cfg: Config, student_fp: dict[str, Any]) -> dict[str, Any]:
-    """The teacher's tokenizer fingerprint; a one-line error naming both when it is not the student's."""
+def _check_teacher_vocabulary(cfg: Config, student_tok, student_fp: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The teacher's tokenizer and its fingerprint; a one-line error naming both when it is not the student's."""
     if cfg.teacher.kind != "model":
-        return student_fp  # the self-teachers are the student's own base
+        return student_tok, student_fp  # the self-teachers are the student's own base
     teacher_tok = load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
     teacher_fp = tokenizer_fingerprint(teacher_tok)
     if not same_vocabulary(student_fp, teacher_fp):
@@ -208,7 +227,7 @@ def _check_teacher_vocabulary(cfg: Config, student_fp: dict[str, Any]) -> dict[s
             f"{describe_vocab(teacher_fp)} but the student {cfg.model.path} has {describe_vocab(student_fp)}; "
             "set rollout.teacher_mix_alpha=0"
         )
-    return teacher_fp
+    return teacher_tok, teacher_fp
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -227,11 +246,12 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 def recorded_logprobs(
     student, teacher, prompt_ids: Sequence[Sequence[int]], samples: Sequence[Sample], params: SamplingParams,
-    pad_id: int,
+    pad_id: int, teacher_prompt_ids: Sequence[Sequence[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(old_logprobs (R, T), student_logprobs (R, T) | None, completion_mask (R, T)) recomputed on CPU tensors.
 
-    Without a teacher old = student and the second is None; with one, old = log(alpha p_T + (1 - alpha) q_S).
+    Without a teacher old = student and the second is None; with one, old = log(alpha p_T + (1 - alpha) q_S),
+    the teacher conditioned on `teacher_prompt_ids` (its own format) when given, else on the student's prompt.
     """
     batch = collate(prompt_ids, [s.completion_ids for s in samples], pad_id=pad_id)
     device = next(student.parameters()).device
@@ -242,7 +262,12 @@ def recorded_logprobs(
         if alpha == 0:
             return student_lp, None, batch.completion_mask
         teacher_device = next(teacher.parameters()).device
-        teacher_lp, _ = completion_logprobs(teacher, batch.to(teacher_device), temperature=params.temperature)
+        if teacher_prompt_ids is not None:
+            batch_t = collate(teacher_prompt_ids, [s.completion_ids for s in samples], pad_id=pad_id)
+            batch = batch._replace(completion_mask=batch_t.completion_mask)  # the same completions: the same mask
+        else:
+            batch_t = batch
+        teacher_lp, _ = completion_logprobs(teacher, batch_t.to(teacher_device), temperature=params.temperature)
         teacher_lp = teacher_lp.float().cpu()  # (R, T)
     return mixture_logprobs(teacher_lp, student_lp, alpha) * batch.completion_mask, student_lp, batch.completion_mask
 
@@ -318,11 +343,12 @@ def _write_index_if_all_done(directory: Path, num_shards: int) -> None:
 
 
 def _load_models(cfg: Config, params: SamplingParams, checkpoint: Path | None):
-    """(tokenizer, student, teacher | None, their fingerprints for the manifest); the vocabulary is checked first."""
+    """(tokenizer, student, teacher | None, the teacher's tokenizer | None, their fingerprints for the manifest);
+    the vocabulary is checked first."""
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     student_fp = tokenizer_fingerprint(tokenizer)
     mixed = params.teacher_mix_alpha > 0
-    teacher_fp = _check_teacher_vocabulary(cfg, student_fp) if mixed else None
+    teacher_tok, teacher_fp = _check_teacher_vocabulary(cfg, tokenizer, student_fp) if mixed else (None, None)
     ckpt = None if checkpoint is None else str(checkpoint)
     student = load_student(cfg.model, checkpoint=ckpt, trainable=False)
     teacher = load_teacher(cfg.teacher, cfg.model, checkpoint=ckpt) if mixed else None
@@ -331,7 +357,7 @@ def _load_models(cfg: Config, params: SamplingParams, checkpoint: Path | None):
         fingerprints["teacher"] = {
             "tokenizer": teacher_fp, "model": model_fingerprint(teacher), "kind": cfg.teacher.kind
         }
-    return tokenizer, student, teacher, fingerprints
+    return tokenizer, student, teacher, teacher_tok, fingerprints
 
 
 def _sample_shard(cfg: Config, paths: RunPaths, iteration: int, plan: dict[str, Any], show_progress: bool):
@@ -339,8 +365,11 @@ def _sample_shard(cfg: Config, paths: RunPaths, iteration: int, plan: dict[str, 
     params = sampling_params(cfg)
     checkpoint = student_checkpoint(paths, iteration)
     prompts = iteration_prompts(training_prompts(cfg), cfg.rollout.prompts_per_iteration, iteration, cfg.seed)
-    tokenizer, student, teacher, fingerprints = _load_models(cfg, params, checkpoint)
-    groups = [(g, prompts[g], prompt_ids(tokenizer, prompts[g], cfg)) for g in range(*plan["group_range"])]
+    tokenizer, student, teacher, teacher_tok, fingerprints = _load_models(cfg, params, checkpoint)
+    own = teacher is not None and teacher_has_own_prompt(cfg)  # the mixing teacher reads its own format
+    groups = [(g, prompts[g], prompt_ids(tokenizer, prompts[g], cfg),
+               teacher_prompt_ids(teacher_tok, prompts[g], cfg) if own else None)
+              for g in range(*plan["group_range"])]
     if not groups:
         log.warning("this rollout shard has no groups (%d shards for %d prompts per iteration); it is written empty",
                     plan["num_shards"], cfg.rollout.prompts_per_iteration)
@@ -351,7 +380,9 @@ def _sample_shard(cfg: Config, paths: RunPaths, iteration: int, plan: dict[str, 
 
 
 def _sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, show_progress):
-    """Sample G completions for each (group_id, prompt, prompt_ids), `rollout.batch_size` prompts at a time."""
+    """Sample G completions for each (group_id, prompt, prompt_ids, teacher prompt ids | None), `rollout.batch_size`
+    prompts at a time, the prompts batched by length (less padding; the seeds make a row's tokens independent of
+    its batch) and the records returned in group order."""
     from grpo_kd.evaluate.progress import progress
 
     eos_ids = eos_token_ids(student, tokenizer)
@@ -359,13 +390,15 @@ def _sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, 
     size = cfg.rollout.group_size
     records: list[RolloutRecord] = []
     drift = 0.0
-    batches = list(_batches(groups, cfg.rollout.batch_size))
+    batches = list(_batches(sorted(groups, key=lambda group: len(group[2])), cfg.rollout.batch_size))
     for batch in (progress(batches, "rollout") if show_progress else batches):
-        rows = [(g, prompt, ids, s) for g, prompt, ids in batch for s in range(size)]
+        rows = [(g, prompt, ids, s) for g, prompt, ids, _ in batch for s in range(size)]
         prompt_ids = [ids for _, _, ids, _ in rows]
+        teacher_ids = None if batch[0][3] is None else [t_ids for _, _, _, t_ids in batch for _ in range(size)]
         seeds = [sample_seed(cfg.seed, iteration, g, s) for g, _, _, s in rows]
-        samples = sample_batch(student, prompt_ids, seeds, params, eos_ids=eos_ids, pad_id=pad_id, teacher=teacher)
-        old, student_lp, _ = recorded_logprobs(student, teacher, prompt_ids, samples, params, pad_id)
+        samples = sample_batch(student, prompt_ids, seeds, params, eos_ids=eos_ids, pad_id=pad_id, teacher=teacher,
+                               teacher_prompts=teacher_ids)
+        old, student_lp, _ = recorded_logprobs(student, teacher, prompt_ids, samples, params, pad_id, teacher_ids)
         for r, ((g, prompt, ids, s), sample) in enumerate(zip(rows, samples)):
             n = len(sample.completion_ids)
             drift = max(drift, float((old[r, :n] - torch.tensor(sample.sampling_logprobs)).abs().max()))
@@ -377,4 +410,5 @@ def _sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, 
                 privileged=prompt.privileged,
                 student_logprobs=None if student_lp is None else student_lp[r, :n].numpy(),
             ))  # fmt: skip
+    records.sort(key=lambda record: (record.group_id, record.sample_index))
     return records, drift

@@ -16,6 +16,9 @@ the prompt and completion texts and scores whole sequences only), "self_base" (t
 with `teacher.adapter` the current student: the checkpoint that sampled the rollouts, weights or adapters) and
 "self_privileged" (either of the two, with the prompt rebuilt by
 `render_prompt(..., privileged_template=teacher.prompt_template)`; the completion tokens are unchanged).
+Prompts: each model is conditioned on the prompt in its own format. A teacher with a chat template
+(`teacher.chat_template`, by default `data.chat_template`) renders the prompt text through its own tokenizer's
+template, even with the student's vocabulary, and scores the student's completion tokens after it.
 The reference log-probs (`teacher.reference`) come from the student's initial model with adapters off, in a
 first pass whose [C] float32 results are kept in memory, so that two models are never loaded at once.
 
@@ -44,6 +47,7 @@ from grpo_kd.cache.reader import completion_hidden
 from grpo_kd.cache.rollouts import RolloutShard, RolloutStore
 from grpo_kd.cache.teacher import CacheSpec, ScoredRows, TeacherShardSink, bf16_bits
 from grpo_kd.config import Config
+from grpo_kd.data import teacher_chat_template, teacher_has_own_prompt
 from grpo_kd.device import release_memory
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.paths import RunPaths
@@ -146,6 +150,7 @@ def _params(cfg: Config, spec: CacheSpec) -> dict[str, Any]:
     return {"spec": spec.__dict__, "fields": sorted(spec.token_fields()),  # a cache of an older layout is redone
             "kind": t.kind, "path": t.path if t.kind == "model" else cfg.model.path,
             "adapter": t.adapter, "prompt_template": t.prompt_template if t.kind == "self_privileged" else None,
+            "chat_template": teacher_chat_template(cfg),
             "temperature": t.temperature, "softcap": t.softcap, "token_budget": t.token_budget, "seed": cfg.seed,
             "cross_tokenizer_norm": t.cross_tokenizer_norm if spec.cross_tokenizer else None}
 
@@ -229,24 +234,24 @@ class Scorer:
         self.softcap = cap if cap is not None else self.head.softcap
         self.device = model.get_input_embeddings().weight.device
         self.privileged = (not reference) and cfg.teacher.kind == "self_privileged"
+        self.chat = teacher_chat_template(cfg)
+        self.own_prompt = (not reference) and (teacher_has_own_prompt(cfg) or spec.cross_tokenizer)
 
     # -- inputs
     def _prompts(self, shard: RolloutShard) -> list[np.ndarray]:
-        """Prompt ids the model is conditioned on, per row (rebuilt for the privileged or another tokenizer)."""
+        """Prompt ids the model is conditioned on, per row: the student's, or rebuilt from the prompt text in the
+        teacher's own format (`grpo_kd.data.teacher_has_own_prompt`, or another tokenizer)."""
         offsets, values = shard.list_column("prompt_ids")
-        if not (self.privileged or self.spec.cross_tokenizer):
+        if not self.own_prompt:
             return [values[offsets[i]:offsets[i + 1]] for i in range(shard.num_rows)]
-        from grpo_kd.data import Prompt, encode_prompt, render_prompt
+        from grpo_kd.data import Prompt, prompt_token_ids
 
         texts = shard.table.column("prompt_text").to_pylist()
         privileged = shard.table.column("privileged").to_pylist()
         ids = shard.table.column("prompt_id").to_pylist()
         template = self.cfg.teacher.prompt_template if self.privileged else None
-        chat = self.cfg.data.chat_template
-        return [np.asarray(encode_prompt(self.tokenizer, render_prompt(self.tokenizer, Prompt(pid, text, priv),
-                                                                       chat_template=chat,
-                                                                       privileged_template=template),
-                                         chat_template=chat), np.int64)
+        return [np.asarray(prompt_token_ids(self.tokenizer, Prompt(pid, text, priv), chat_template=self.chat,
+                                            privileged_template=template), np.int64)
                 for pid, text, priv in zip(ids, texts, privileged)]
 
     def _completions(self, shard: RolloutShard) -> list[np.ndarray]:
@@ -400,7 +405,7 @@ def _linear_topk():
 
 
 def _row_sums(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Per-row sums (float64) of a flat per-token array."""
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    sums = np.add.reduceat(values.astype(np.float64), starts) if len(values) else np.zeros(len(counts))
-    return np.where(counts > 0, sums, 0.0)
+    """Per-row sums (float64) of a flat per-token array; 0 for a row without tokens (a completion that is empty
+    in the teacher's tokens, e.g. only an end-of-sequence token)."""
+    rows = np.repeat(np.arange(len(counts)), counts)  # (N,) the row of each token
+    return np.bincount(rows, weights=values.astype(np.float64), minlength=len(counts))
