@@ -252,7 +252,7 @@ def load_student(cfg: ModelConfig, *, checkpoint: str | None = None, trainable: 
         load_in_4bit=cfg.load_in_4bit,
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation,
-        vocab_size=tokenizer_length(cfg.tokenizer or cfg.path, trust_remote_code=cfg.trust_remote_code),
+        vocab_size=tokenizer_length(_student_tokenizer_source(cfg, base_path), trust_remote_code=cfg.trust_remote_code),
     )
     if adapter_dir is not None:
         from peft import PeftModel
@@ -262,6 +262,7 @@ def load_student(cfg: ModelConfig, *, checkpoint: str | None = None, trainable: 
     elif cfg.lora:
         model = _add_lora(model, cfg)
     if trainable:
+        disable_dropout(model)
         if cfg.gradient_checkpointing:
             hf = _hf_model(model)
             if hasattr(hf, "activation_checkpointing_enable"):  # transformers 5 name; the old one warns
@@ -275,6 +276,32 @@ def load_student(cfg: ModelConfig, *, checkpoint: str | None = None, trainable: 
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+def _student_tokenizer_source(cfg: ModelConfig, base_path: str) -> str:
+    """`model.tokenizer`, else the weights' directory when a tokenizer is saved there (checkpoints hold one), else
+    `model.path`."""
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    if not _is_local(base_path) or any((Path(base_path) / name).is_file() for name in _TOKENIZER_FILES):
+        return base_path
+    return cfg.path
+
+
+def disable_dropout(model) -> None:
+    """Switch off the model's own dropout (GPT-2 and GPT-SW3 checkpoints ship 0.1 on attention, residuals and
+    embeddings). The on-policy losses compare the training forward with the sampling forward (the first importance
+    ratio is 1) and the update runs in train mode (for gradient checkpointing); dropout would make every ratio
+    noise. LoRA's own dropout (`model.lora_dropout`) is a setting of the run and is kept."""
+    switched = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout):
+            if module.p > 0 and "lora_dropout" not in name:
+                module.p, switched = 0.0, switched + 1
+        elif isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout > 0:
+            module.attention_dropout, switched = 0.0, switched + 1  # a rate handed to the attention kernel
+    if switched:
+        log.info("dropout switched off in %d modules of the student", switched)
 
 
 def load_teacher(teacher_cfg: TeacherConfig, student_cfg: ModelConfig, *, checkpoint: str | None = None):
@@ -438,7 +465,9 @@ def lm_head(model) -> LMHead:
     for name in ("logit_scale", "logits_scaling"):
         if getattr(config, name, None) not in (None, 1, 1.0):
             raise GrpoKdError(f"{hf.name_or_path!r} scales its logits ({name}); the fused kernels do not support it")
-    softcap = getattr(config, "final_logit_softcapping", None)
+    # The cap the model's own forward applies: Gemma2/3ForCausalLM read final_logit_softcapping from their config;
+    # the multimodal Gemma3ForConditionalGeneration applies none (its text config's value is not read).
+    softcap = getattr(hf.config, "final_logit_softcapping", None)
     rows = getattr(hf, _VOCAB_ATTR, None)
     weight, bias = (head.weight, head.bias) if rows is None else (head.weight[:rows], _rows(head.bias, rows))
     return LMHead(weight=weight, bias=bias, softcap=float(softcap) if softcap else None)  # (V, H), (V,)

@@ -3,7 +3,7 @@
 One call samples one batch of rows (a row is one prompt's copy for one completion; the rollout phase lays out
 `batch_size` prompts x `G` samples). Prompts are left-padded, so every row's next token sits in the last
 column; `position_ids` count real tokens only, so a padded row sees the positions it would see alone; each
-model keeps its own KV cache (`past_key_values`) and every step computes only the last position's logits,
+model keeps its own KV cache and every step computes only the last position's logits,
 `(R, V)`, never `(R, T, V)`. Rows that have finished leave the batch (every model's KV cache is cut down to the
 rows still sampling), so a batch costs what its unfinished rows cost.
 
@@ -31,6 +31,7 @@ forward in TRL).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Sequence
 
@@ -97,6 +98,8 @@ class _Stepper:
         positions = position_ids_from_mask(self.mask)  # (R, P) counts real tokens only, pads at 0
         self.next_position = positions[:, -1:] + 1  # (R, 1)
         self.past = None
+        # transformers 5 names the KV cache `cache` (the old name `past_key_values` warns, then goes)
+        self.cache_name = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
         self.logits = self._forward(input_ids.to(device), positions)  # (R, V)
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -104,11 +107,11 @@ class _Stepper:
             input_ids=input_ids,
             attention_mask=self.mask,
             position_ids=position_ids,
-            past_key_values=self.past,
             use_cache=True,
             return_dict=True,
+            **{self.cache_name: self.past},
         )
-        self.past = out.past_key_values
+        self.past = out[self.cache_name] if self.cache_name in out else out.past_key_values
         hidden = out.last_hidden_state[:, -1].to(self.head.weight.device)  # (R, H) last position only
         logits = F.linear(hidden, self.head.weight, self.head.bias).float()  # (R, V)
         if self.head.softcap is not None:
