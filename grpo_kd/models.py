@@ -19,7 +19,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -30,6 +29,7 @@ from torch import nn
 from grpo_kd.config import ModelConfig, TeacherConfig
 from grpo_kd.device import choose_dtype, infer_device
 from grpo_kd.errors import GrpoKdError
+from grpo_kd.lora import add_lora, disable_dropout
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,25 @@ def _check_4bit(device: torch.device) -> None:
         raise GrpoKdError(f"bitsandbytes {bitsandbytes.__version__} cannot quantise to 4 bits on {device}: {first}") from None
 
 
+def _check_cpu_4bit_widths(source: str, path: str, trust_remote_code: bool) -> None:
+    """bitsandbytes' CPU 4-bit kernels pack each linear layer's input in blocks of 64: a width that is not a
+    multiple of 64 (only tiny models have one) fails at the first forward, so it is refused here."""
+    from transformers import AutoConfig
+
+    from grpo_kd.arch import arch_facts
+
+    try:
+        facts = arch_facts(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))
+    except GrpoKdError:
+        return  # an architecture arch_facts does not read: let bitsandbytes judge
+    widths = {"hidden_size": facts.hidden_size, "intermediate_size": facts.intermediate_size,
+              "attention width": facts.num_heads * facts.head_dim}
+    odd = {name: width for name, width in widths.items() if width % 64}
+    if odd:
+        raise GrpoKdError(f"bitsandbytes' CPU 4-bit kernels need layer widths that are multiples of 64; {path!r} has "
+                          + ", ".join(f"{name} {width}" for name, width in odd.items()))
+
+
 def load_causal_lm(
     path: str,
     *,
@@ -156,6 +175,8 @@ def load_causal_lm(
         kwargs["attn_implementation"] = attn_implementation
     if load_in_4bit:
         _check_4bit(target)
+        if target.type == "cpu":
+            _check_cpu_4bit_widths(source, path, trust_remote_code)
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -175,46 +196,6 @@ def load_causal_lm(
     where = f"device_map={device_map!r}" if device_map is not None else f"device {target}"
     log.info("loaded %s on %s, %s (%s)%s", path, where, torch_dtype, reason, ", 4-bit" if load_in_4bit else "")
     return model
-
-
-def _lora_targets(model: nn.Module, wanted: list[str]) -> tuple[str, bool]:
-    """(a peft `target_modules` pattern, fan_in_fan_out): the layers named in `wanted` (last name component) that
-    are linear layers (`nn.Linear`, bitsandbytes' 4-bit ones, or GPT-2's `Conv1D`) of the text decoder only — not
-    of a vision tower beside it (Gemma-3). An error naming the decoder's linear layers if none matches."""
-    from transformers.pytorch_utils import Conv1D
-
-    decoder = _hf_model(model).get_decoder()
-    prefix = next(name for name, module in model.named_modules() if module is decoder)
-    layers = {name: module for name, module in decoder.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
-    names = sorted({name.rsplit(".", 1)[-1] for name in layers})
-    present = [name for name in wanted if name in names]
-    if not present:
-        raise GrpoKdError(
-            f"none of the LoRA target modules {wanted} is in the model; its linear layers are: {', '.join(names)}"
-        )
-    missing = [name for name in wanted if name not in names]
-    if missing:
-        log.info("LoRA: target modules %s are not in this model and are skipped", missing)
-    conv = {isinstance(m, Conv1D) for n, m in layers.items() if n.rsplit(".", 1)[-1] in present}
-    if len(conv) > 1:
-        raise GrpoKdError(f"LoRA target modules {present} mix Conv1D and linear layers; choose one kind")
-    within = re.escape(prefix) + r"\." if prefix else ""
-    return f"{within}(.*\\.)?({'|'.join(map(re.escape, present))})", conv == {True}
-
-
-def _add_lora(model, cfg: ModelConfig):
-    from peft import LoraConfig, get_peft_model
-
-    targets, fan_in_fan_out = _lora_targets(model, cfg.lora_target_modules)
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        fan_in_fan_out=fan_in_fan_out,  # Conv1D stores its weight as (in, out)
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
 
 
 def _is_adapter_dir(path: Path) -> bool:
@@ -260,7 +241,7 @@ def load_student(cfg: ModelConfig, *, checkpoint: str | None = None, trainable: 
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
         log.info("student adapter loaded from %s", adapter_dir)
     elif cfg.lora:
-        model = _add_lora(model, cfg)
+        model = add_lora(model, cfg)
     if trainable:
         disable_dropout(model)
         if cfg.gradient_checkpointing:
@@ -286,22 +267,6 @@ def _student_tokenizer_source(cfg: ModelConfig, base_path: str) -> str:
     if not _is_local(base_path) or any((Path(base_path) / name).is_file() for name in _TOKENIZER_FILES):
         return base_path
     return cfg.path
-
-
-def disable_dropout(model) -> None:
-    """Switch off the model's own dropout (GPT-2 and GPT-SW3 checkpoints ship 0.1 on attention, residuals and
-    embeddings). The on-policy losses compare the training forward with the sampling forward (the first importance
-    ratio is 1) and the update runs in train mode (for gradient checkpointing); dropout would make every ratio
-    noise. LoRA's own dropout (`model.lora_dropout`) is a setting of the run and is kept."""
-    switched = 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Dropout):
-            if module.p > 0 and "lora_dropout" not in name:
-                module.p, switched = 0.0, switched + 1
-        elif isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout > 0:
-            module.attention_dropout, switched = 0.0, switched + 1  # a rate handed to the attention kernel
-    if switched:
-        log.info("dropout switched off in %d modules of the student", switched)
 
 
 def load_teacher(teacher_cfg: TeacherConfig, student_cfg: ModelConfig, *, checkpoint: str | None = None):

@@ -266,7 +266,7 @@ def _make_gemma3(arch: TinyArch, tokenizer, max_positions: int):
         tie_word_embeddings=arch.tie_embeddings, pad_token_id=pad, bos_token_id=bos, eos_token_id=[eos, end_of_turn],
     )  # fmt: skip
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=28, patch_size=14)
+                                image_size=28, patch_size=14, vision_use_head=False)  # Gemma-3's tower has no head
     config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
                           boi_token_index=boi, eoi_token_index=eoi, image_token_index=image,
                           tie_word_embeddings=arch.tie_embeddings)
