@@ -1,25 +1,31 @@
 """grpo-kd's rollout sampler against transformers' `generate()`: completion tokens per second, side by side.
 
-    python benchmarks/bench_rollout.py --threads 2 --repeats 3 --workdir /tmp/br
+    python benchmarks/bench_rollout.py --threads 1 --repeats 3 --workdir /tmp/br
 
 The medium scale of bench_trl.py: its student (4 layers x 256, vocabulary about 10.6k from the Faroese text and the
 built-in corpus), 16 prompts x G=8 = 128 rows in one batch, 128 new tokens, temperature 1, no top-k / top-p
 truncation, float32 on the CPU. Two students of that shape: bench_trl's own with random weights, which almost
-never samples the eos (every row runs to the limit: this measures decoding alone), and the same shape pre-trained
-`--pretrain-steps` steps on the corpus, whose completions end at an eos after a sentence, at varied lengths (where
-rows that finished early cost the old sampler as much as the rows still going).
+never samples the eos (every row runs to the limit: this measures decoding alone), and one pre-trained
+`--pretrain-steps` steps on paragraphs of the same text (2-8 lines each, an eos after each paragraph), whose
+completions end at varied lengths, many before the limit (where rows that finished cost the old sampler as much as
+the rows still going).
 
 Methods, each measured in its own fresh process, interleaved repeat by repeat:
 
-    generate      transformers' model.generate(do_sample=True, temperature, top_k=0, top_p=1.0, max_new_tokens,
-                  eos_token_id, pad_token_id) over the same left-padded rows, with its default KV cache
-    sampler       grpo_kd.train.sampling.sample_batch on the same rows (per-row seeds), finished rows dropped
-    sampler-all   the same with no row ever dropped (COMPACT_FRACTION = inf): the sampler as it was before
-    rollout       the `grpo-kd rollout` phase (rollout_shard): sampling plus the recompute of the behaviour
-                  log-probs (one full forward), its manifest's generation_seconds (model loading excluded)
+    generate            transformers' model.generate(do_sample=True, temperature, top_k=0, top_p=1.0,
+                        max_new_tokens, eos_token_id, pad_token_id) over the same left-padded rows, default KV cache
+    generate+logprobs   the same, then the behaviour log-probs of the completions from one forward (log-softmax of
+                        the full logits, 16 rows at a time): what a generate() user runs to get them
+    sampler             grpo_kd.train.sampling.sample_batch on the same rows (per-row seeds), finished rows dropped
+    sampler-all         the same with no row ever dropped (COMPACT_FRACTION = inf): the sampler before this change
+    rollout             the `grpo-kd rollout` phase: sampling plus the recompute of the behaviour log-probs (one
+                        forward through the fused kernels), i.e. its generation time (model loading excluded)
+    rollout-loop        the same with rollout.recompute_logprobs=false: the sampling loop's own log-probs
 
 Tokens are completion tokens (up to and including the eos). A process warms up on one short batch, then times
-`--iterations` batches (other seeds each) and reports their median; `rollout` times one phase per process. The
+`--iterations` batches (other seeds each) and reports their median; a rollout method times one phase per process.
+Each batch is timed in wall seconds and in the process's CPU seconds: with one thread (`--threads 1`) the CPU time
+is the compute the method needed, which the load of a shared machine changes far less than the wall time. The
 figure of a method is the median over `--repeats` processes. Writes benchmarks/results/<device>/rollout.{json,md}.
 """
 
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -39,10 +46,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 RESULT_MARK = "BENCH_ROLLOUT_RESULT "
-METHODS = ("generate", "sampler", "sampler-all", "rollout")
-LABELS = {"generate": "transformers generate()", "sampler": "grpo-kd sampler (finished rows dropped)",
-          "sampler-all": "grpo-kd sampler, no row dropped (before)",
-          "rollout": "`grpo-kd rollout` phase (sampling + log-prob recompute)"}
+METHODS = ("generate", "generate+logprobs", "sampler", "sampler-all", "rollout", "rollout-loop")
+LABELS = {"generate": "transformers generate()", "generate+logprobs": "generate() + a log-prob forward",
+          "sampler": "grpo-kd sampler (finished rows dropped)", "sampler-all": "grpo-kd sampler, no row dropped (before)",
+          "rollout": "`grpo-kd rollout` (sampling + log-prob recompute)",
+          "rollout-loop": "`grpo-kd rollout`, recompute_logprobs=false"}
 
 
 def _rows(spec: dict, tokenizer) -> list[list[int]]:
@@ -61,7 +69,7 @@ def _count(completion: list[int], eos: set[int]) -> int:
     return len(completion)
 
 
-def _generate(model, tokenizer, rows, spec, max_new_tokens: int, seed: int) -> int:
+def _generate(model, tokenizer, rows, spec, max_new_tokens: int, seed: int, logprobs: bool = False) -> int:
     import torch
 
     from grpo_kd.train.sampling import left_pad
@@ -72,7 +80,16 @@ def _generate(model, tokenizer, rows, spec, max_new_tokens: int, seed: int) -> i
         out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=spec["temperature"],
                              top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
-    return sum(_count(row, {tokenizer.eos_token_id}) for row in out[:, input_ids.shape[1]:].tolist())
+        counts = [_count(row, {tokenizer.eos_token_id}) for row in out[:, input_ids.shape[1]:].tolist()]
+        if logprobs:  # the behaviour log-probs of every completion token, 16 rows at a time
+            width = input_ids.shape[1]
+            full_mask = torch.cat([mask, torch.ones_like(out[:, width:])], dim=1)  # (R, P + N)
+            for start in range(0, len(out), 16):
+                ids, m = out[start : start + 16], full_mask[start : start + 16]
+                logits = model(input_ids=ids, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0)).logits
+                logp = torch.log_softmax(logits[:, width - 1 : -1].float() / spec["temperature"], -1)  # (16, N, V)
+                logp.gather(-1, ids[:, width:, None])  # (16, N, 1)
+    return sum(counts)
 
 
 def _sample(model, tokenizer, rows, spec, max_new_tokens: int, seed: int) -> int:
@@ -84,9 +101,23 @@ def _sample(model, tokenizer, rows, spec, max_new_tokens: int, seed: int) -> int
     return sum(len(s.completion_ids) for s in samples)
 
 
-def _rollout(spec: dict, run_dir: Path) -> tuple[float, int]:
+def _rollout(spec: dict, run_dir: Path, recompute: bool) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, tokens) of the phase's sampling and recording (its `_sample_groups`)."""
     from grpo_kd.config import load_config
+    from grpo_kd.train import rollout
     from grpo_kd.train.rollout import rollout_shard
+
+    cpu = []
+    sample_groups = rollout._sample_groups
+
+    def timed(*args, **kwargs):
+        start = time.process_time()
+        try:
+            return sample_groups(*args, **kwargs)
+        finally:
+            cpu.append(time.process_time() - start)
+
+    rollout._sample_groups = timed
 
     cfg = load_config(None, [
         f"name={run_dir.name}", f"output_dir={run_dir.parent}", "iterations=1", f"model.path={spec['student']}",
@@ -94,9 +125,10 @@ def _rollout(spec: dict, run_dir: Path) -> tuple[float, int]:
         "data.heldout_fraction=0.0", f"rollout.prompts_per_iteration={spec['prompts']}",
         f"rollout.group_size={spec['group_size']}", f"rollout.max_new_tokens={spec['max_new_tokens']}",
         f"rollout.batch_size={spec['prompts']}", f"rollout.temperature={spec['temperature']}",
+        f"rollout.recompute_logprobs={str(recompute).lower()}",
     ])  # fmt: skip
     summary = rollout_shard(cfg, 1)
-    return summary.seconds, summary.tokens
+    return summary.seconds, cpu[0], summary.tokens
 
 
 def worker(method: str, spec: dict) -> dict:
@@ -112,17 +144,24 @@ def worker(method: str, spec: dict) -> dict:
     rows = _rows(spec, tokenizer)
     if method == "sampler-all":
         sampling.COMPACT_FRACTION = float("inf")
-    run = _generate if method == "generate" else _sample
-    run(model, tokenizer, rows, spec, 8, seed=10_000)  # warm-up: first-call costs of torch and the library
-    if method == "rollout":
-        seconds, tokens = _rollout(spec, Path(spec["workdir"]) / f"rollout-{os.getpid()}")
-        return {"seconds": seconds, "tokens": tokens}
-    times, counts = [], []
+    def run(max_new_tokens: int, seed: int) -> int:
+        if method.startswith("generate"):
+            return _generate(model, tokenizer, rows, spec, max_new_tokens, seed, logprobs=method.endswith("logprobs"))
+        return _sample(model, tokenizer, rows, spec, max_new_tokens, seed)
+
+    run(8, seed=10_000)  # warm-up: first-call costs of torch and the library
+    if method.startswith("rollout"):
+        run_dir = Path(spec["workdir"]) / f"rollout-{os.getpid()}"
+        seconds, cpu, tokens = _rollout(spec, run_dir, recompute=method == "rollout")
+        return {"seconds": seconds, "cpu_seconds": cpu, "tokens": tokens}
+    times, cpus, counts = [], [], []
     for i in range(spec["iterations"]):
-        start = time.perf_counter()
-        counts.append(run(model, tokenizer, rows, spec, spec["max_new_tokens"], seed=i))
+        start, start_cpu = time.perf_counter(), time.process_time()
+        counts.append(run(spec["max_new_tokens"], seed=i))
         times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "tokens": statistics.median(counts)}
+        cpus.append(time.process_time() - start_cpu)
+    return {"seconds": statistics.median(times), "cpu_seconds": statistics.median(cpus),
+            "tokens": statistics.median(counts)}
 
 
 def measure(method: str, spec: dict, log: Path) -> dict:
@@ -136,21 +175,32 @@ def measure(method: str, spec: dict, log: Path) -> dict:
         raise SystemExit(f"bench_rollout: {method} failed (exit {done.returncode}); see {log}")
     line = next(line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK))
     result = json.loads(line[len(RESULT_MARK):])
-    return {**result, "tokens_per_s": result["tokens"] / result["seconds"], "load1": load}
+    return {**result, "tokens_per_s": result["tokens"] / result["seconds"],
+            "tokens_per_cpu_s": result["tokens"] / result["cpu_seconds"], "load1": load}
 
 
 def build_students(work: Path, pretrain_steps: int, seed: int) -> dict[str, Path]:
     """{"random": bench_trl's medium student, "pretrained": the same shape pre-trained on the same corpus}."""
     from bench_trl import FAROESE, build_models
 
-    from grpo_kd.tiny import BUILTIN_CORPUS, build_tiny_models
+    from grpo_kd.tiny import BUILTIN_CORPUS, build_tiny_models, corpus_texts
     from grpo_kd.tiny_families import TinyArch
 
     medium = build_models(work, "medium", seed)
     build = json.loads((medium.student.parent / "build.json").read_text())
     arch = {role: build["params"][f"{role}_arch"] for role in ("teacher", "student")}
+    lines = corpus_texts(sorted(FAROESE.glob("*.conllu")) + [BUILTIN_CORPUS])
+    sizes = random.Random(seed).choices(range(2, 9), k=len(lines))
+    paragraphs, start = [], 0
+    for size in sizes:
+        if start >= len(lines):
+            break
+        paragraphs.append(" ".join(lines[start : start + size]))
+        start += size
+    corpus = work / "paragraphs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in paragraphs), encoding="utf-8")
     trained = build_tiny_models(
-        work / "models-medium-pretrained", sorted(FAROESE.glob("*.conllu")) + [BUILTIN_CORPUS], vocab_size=16384,
+        work / "models-medium-pretrained", [corpus], vocab_size=16384,
         pretrain_steps=0, student_pretrain_steps=pretrain_steps, seed=seed,
         teacher_arch=TinyArch(**arch["teacher"]), student_arch=TinyArch(**arch["student"]),
     )  # fmt: skip
@@ -168,12 +218,14 @@ def markdown(report: dict) -> str:
              f"the median of {s['iterations']} timed batches after a warm-up (rollout: one phase per process).", ""]
     for student, results in report["results"].items():
         lines += [f"## {student} student: {report['students'][student]}", "",
-                  "| method | tokens / s | vs generate() | s / batch | completion tokens / batch |", "|---|---|---|---|---|"]
-        base = results["generate"]["tokens_per_s"]
+                  "| method | tokens / CPU s | vs generate() | tokens / s (wall) | vs generate() | CPU s / batch "
+                  "| wall s / batch (range) | completion tokens / batch |", "|---|---|---|---|---|---|---|---|"]
+        base, base_wall = results["generate"]["tokens_per_cpu_s"], results["generate"]["tokens_per_s"]
         for method in METHODS:
             m = results[method]
-            lines.append(f"| {LABELS[method]} | {m['tokens_per_s']:.0f} | {m['tokens_per_s'] / base:.2f}x | "
-                         f"{m['seconds']:.2f} | {m['tokens']:.0f} |")
+            lines.append(f"| {LABELS[method]} | {m['tokens_per_cpu_s']:.0f} | {m['tokens_per_cpu_s'] / base:.2f}x | "
+                         f"{m['tokens_per_s']:.0f} | {m['tokens_per_s'] / base_wall:.2f}x | {m['cpu_seconds']:.2f} | "
+                         f"{m['seconds']:.2f} ({m['seconds_min']:.2f}-{m['seconds_max']:.2f}) | {m['tokens']:.0f} |")
         lines.append("")
     load = report["load1"]
     lines.append(f"1-minute load average at the starts: min {min(load):.1f}, median {statistics.median(load):.1f}, "
@@ -189,7 +241,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=Path("runs/bench-rollout"))
@@ -216,9 +268,12 @@ def main(argv: list[str]) -> int:
                         "workdir": str(work)}
                 result = measure(method, spec, work / "bench_rollout.log")
                 runs[name][method].append(result)
-                print(f"repeat {repeat + 1}/{args.repeats} {name:10s} {method:12s} {result['tokens_per_s']:8.0f} "
-                      f"tokens/s ({result['tokens']:.0f} tokens in {result['seconds']:.2f} s)", flush=True)
-    results = {name: {m: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "seconds", "tokens")}
+                print(f"repeat {repeat + 1}/{args.repeats} {name:10s} {method:17s} {result['tokens_per_cpu_s']:6.0f} "
+                      f"tokens/CPU s {result['tokens_per_s']:6.0f} tokens/s ({result['tokens']:.0f} tokens in "
+                      f"{result['seconds']:.2f} s, {result['cpu_seconds']:.2f} CPU s)", flush=True)
+    keys = ("tokens_per_s", "tokens_per_cpu_s", "seconds", "cpu_seconds", "tokens")
+    results = {name: {m: {**{k: statistics.median(r[k] for r in rs) for k in keys},
+                          "seconds_min": min(r["seconds"] for r in rs), "seconds_max": max(r["seconds"] for r in rs)}
                       for m, rs in methods.items()} for name, methods in runs.items()}
     report = {
         "command": "python benchmarks/bench_rollout.py " + " ".join(argv), "device": device_slug("cpu"),

@@ -81,6 +81,9 @@ class RolloutConfig:
     batch_size: int = 16  # prompts per generation batch
     teacher_mix_alpha: float = 0.0  # MiniLLM: draw from alpha * p_teacher + (1 - alpha) * q_student
     num_shards: int = 1
+    # old_logprobs from one full forward after sampling (the update's own computation); false: the sampling loop's
+    # own values (equal up to float rounding in float32, saves that forward; not with teacher mixing)
+    recompute_logprobs: bool = True
 
 
 @dataclass

@@ -22,7 +22,8 @@ ratio off 1 by the kept mass). With teacher-mixed sampling, `old_logprobs = log(
 q_S(y))` of the two recomputed terms and `student_logprobs = log q_S(y)`, both at the *rollout* temperature
 (the teacher cache scores at `teacher.temperature`, which may differ; importance weights q_S / mixture need
 these). The manifest records the largest difference between the stored values and those of the KV-cache
-sampling loop (`logprob_drift_max`): float rounding in float32, bf16 noise on a GPU.
+sampling loop (`logprob_drift_max`): float rounding in float32, bf16 noise on a GPU. With
+`rollout.recompute_logprobs=false` the loop's own values are stored instead (no second forward; the drift is 0).
 
 Randomness is per completion (see `grpo_kd.train.sampling`): a completion depends on the seed, the iteration,
 its group id and sample index, not on the batch size or the shard layout, so 1 shard and n shards write the
@@ -62,10 +63,8 @@ from grpo_kd.cache.rollouts import ROLLOUT_KIND, ROLLOUT_SUFFIX, RolloutRecord, 
 from grpo_kd.config import Config
 from grpo_kd.data import (
     Prompt,
-    encode_prompt,
     prompt_token_ids,
     prompts_from_config,
-    render_prompt,
     split_heldout,
     teacher_chat_template,
     teacher_has_own_prompt,
@@ -156,8 +155,7 @@ def sample_seed(seed: int, iteration: int, group_id: int, sample_index: int) -> 
 
 def prompt_ids(tokenizer, prompt: Prompt, cfg: Config) -> list[int]:
     """The prompt's token ids as the student sees them, keeping the last `data.max_prompt_tokens`."""
-    text = render_prompt(tokenizer, prompt, chat_template=cfg.data.chat_template)
-    ids = encode_prompt(tokenizer, text, chat_template=cfg.data.chat_template, max_tokens=cfg.data.max_prompt_tokens)
+    ids = prompt_token_ids(tokenizer, prompt, chat_template=cfg.data.chat_template, max_tokens=cfg.data.max_prompt_tokens)
     if not ids:
         raise GrpoKdError(f"prompt {prompt.id!r} is empty after tokenization")
     return list(ids)
@@ -178,6 +176,9 @@ def sampling_params(cfg: Config) -> SamplingParams:
     for name in ("prompts_per_iteration", "group_size", "batch_size"):
         if getattr(r, name) < 1:
             raise GrpoKdError(f"rollout.{name} must be at least 1, got {getattr(r, name)}")
+    if r.teacher_mix_alpha > 0 and not r.recompute_logprobs:
+        raise GrpoKdError("rollout.recompute_logprobs=false is not available with rollout.teacher_mix_alpha > 0: the "
+                          "mixture's and the student's log-probs are both recorded by the recompute")
     if r.teacher_mix_alpha > 0 and cfg.teacher.kind == "self_privileged":
         raise GrpoKdError("rollout.teacher_mix_alpha > 0 is not supported with teacher.kind=self_privileged "
                           "(the teacher would need another prompt); use kind model or self_base")
@@ -207,7 +208,9 @@ def plan_meta(cfg: Config, iteration: int, shard: int, num_shards: int) -> dict[
             **sampling_params(cfg).as_dict(),
             "group_size": r.group_size,
             "rng": RNG_SCHEME,
-            "logprobs": "completion_logprobs at the sampling temperature, untruncated (top-k/top-p not applied)",
+            "logprobs": ("completion_logprobs at the sampling temperature, untruncated (top-k/top-p not applied)"
+                         if r.recompute_logprobs else
+                         "the sampling loop's, at the sampling temperature, untruncated (top-k/top-p not applied)"),
         },
     }
 
@@ -270,6 +273,14 @@ def recorded_logprobs(
         teacher_lp, _ = completion_logprobs(teacher, batch_t.to(teacher_device), temperature=params.temperature)
         teacher_lp = teacher_lp.float().cpu()  # (R, T)
     return mixture_logprobs(teacher_lp, student_lp, alpha) * batch.completion_mask, student_lp, batch.completion_mask
+
+
+def collate_logprobs(rows: Sequence[Sequence[float]]) -> torch.Tensor:
+    """Per-row log-prob lists as one float32 (R, max length) tensor, zero-padded."""
+    out = torch.zeros((len(rows), max(map(len, rows), default=0)), dtype=torch.float32)  # (R, T)
+    for r, values in enumerate(rows):
+        out[r, : len(values)] = torch.tensor(values, dtype=torch.float32)
+    return out
 
 
 def mixture_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -398,7 +409,10 @@ def _sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, 
         seeds = [sample_seed(cfg.seed, iteration, g, s) for g, _, _, s in rows]
         samples = sample_batch(student, prompt_ids, seeds, params, eos_ids=eos_ids, pad_id=pad_id, teacher=teacher,
                                teacher_prompts=teacher_ids)
-        old, student_lp, _ = recorded_logprobs(student, teacher, prompt_ids, samples, params, pad_id, teacher_ids)
+        if cfg.rollout.recompute_logprobs:
+            old, student_lp, _ = recorded_logprobs(student, teacher, prompt_ids, samples, params, pad_id, teacher_ids)
+        else:  # the sampling loop's values, (R, N) zero-padded
+            old, student_lp = collate_logprobs([s.sampling_logprobs for s in samples]), None
         for r, ((g, prompt, ids, s), sample) in enumerate(zip(rows, samples)):
             n = len(sample.completion_ids)
             drift = max(drift, float((old[r, :n] - torch.tensor(sample.sampling_logprobs)).abs().max()))

@@ -155,6 +155,21 @@ def test_old_logprobs_equal_a_fresh_recompute(tiny, prompts_file, tmp_path):
         assert record.prompt_text.startswith("Spurningur")
 
 
+def test_sampling_loop_logprobs_without_the_recompute(tiny, prompts_file, tmp_path):
+    """rollout.recompute_logprobs=false: the same tokens, and the loop's log-probs, within float rounding of the
+    recomputed ones; refused with teacher mixing, whose two log-probs come from the recompute."""
+    recomputed = list(RolloutStore.open(run_rollout(_config(tiny, prompts_file, tmp_path / "a"), 1).parent))
+    cfg = _config(tiny, prompts_file, tmp_path / "b", **{"rollout.recompute_logprobs": False})
+    from_loop = list(RolloutStore.open(run_rollout(cfg, 1).parent))
+    assert [list(r.completion_ids) for r in from_loop] == [list(r.completion_ids) for r in recomputed]
+    for a, b in zip(from_loop, recomputed):
+        torch.testing.assert_close(torch.tensor(a.old_logprobs), torch.tensor(b.old_logprobs), rtol=0, atol=2e-5)
+    mixed = _config(tiny, prompts_file, tmp_path / "c", **{"rollout.recompute_logprobs": False,
+                                                           "rollout.teacher_mix_alpha": 0.5})
+    with pytest.raises(GrpoKdError, match="recompute_logprobs=false is not available"):
+        run_rollout(mixed, 1)
+
+
 def test_rerunning_a_finished_shard_does_nothing(tiny, prompts_file, tmp_path, caplog):
     cfg = _config(tiny, prompts_file, tmp_path)
     path = run_rollout(cfg, 1)
