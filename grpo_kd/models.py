@@ -110,7 +110,8 @@ def tokenizer_length(path: str, *, trust_remote_code: bool = False) -> int:
 
 
 def _check_4bit(device: torch.device) -> None:
-    """bitsandbytes is installed and quantises on `device` (its CPU backend does since 0.46); else one line."""
+    """bitsandbytes is installed and quantises on `device` (a GPU, or the CPU through its CPU backend, measured with
+    0.50.2); else one line naming why."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise GrpoKdError("4-bit loading needs bitsandbytes: pip install 'grpo-kd[quant]'")
     if device.type == "cuda":

@@ -201,8 +201,8 @@ def plan_meta(cfg: Config, iteration: int, shard: int, num_shards: int) -> dict[
             "prompts_per_iteration": r.prompts_per_iteration,
             "chat_template": cfg.data.chat_template,
             "max_prompt_tokens": cfg.data.max_prompt_tokens,
-            **({"teacher_own_prompt": teacher_has_own_prompt(cfg), "teacher_chat_template": teacher_chat_template(cfg)}
-               if r.teacher_mix_alpha > 0 else {}),  # what the mixing teacher is conditioned on
+            **({"teacher_chat_template": teacher_chat_template(cfg)}  # the mixing teacher reads its own format
+               if r.teacher_mix_alpha > 0 and teacher_has_own_prompt(cfg) else {}),
         },
         "sampling": {
             **sampling_params(cfg).as_dict(),

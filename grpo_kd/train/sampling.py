@@ -143,10 +143,11 @@ def mixture_probs(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, temperature: float, alpha: float
 ) -> torch.Tensor:
     """pi = alpha * softmax(teacher / T) + (1 - alpha) * softmax(student / T), float32 `(R, V)`."""
-    probs = torch.softmax(student_logits / temperature, dim=-1)  # (R, V)
+    scale = (lambda z: z) if temperature == 1.0 else (lambda z: z / temperature)  # x / 1.0 == x: one pass saved
+    probs = torch.softmax(scale(student_logits), dim=-1)  # (R, V)
     if teacher_logits is None or alpha == 0:
         return probs
-    teacher_probs = torch.softmax(teacher_logits.to(probs.device) / temperature, dim=-1)  # (R, V)
+    teacher_probs = torch.softmax(scale(teacher_logits.to(probs.device)), dim=-1)  # (R, V)
     return alpha * teacher_probs + (1 - alpha) * probs
 
 
@@ -172,7 +173,7 @@ def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
     The CDF is accumulated in float64; a token of weight 0 is never chosen.
     """
-    cdf = weights.double().cumsum(-1)  # (R, V)
+    cdf = torch.cumsum(weights, -1, dtype=torch.float64)  # (R, V), each weight widened before the sum
     target = uniforms.to(cdf) * cdf[:, -1]  # (R,)
     tokens = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1)  # (R,)
     return tokens.clamp_(max=weights.shape[-1] - 1)
