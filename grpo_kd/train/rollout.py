@@ -247,6 +247,9 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 # ---------------------------------------------------------------------------------------------- recording
 
 
+RECOMPUTE_TOKENS = 8192  # padded tokens per forward of the log-prob recompute (its rows batched by length)
+
+
 def recorded_logprobs(
     student, teacher, prompt_ids: Sequence[Sequence[int]], samples: Sequence[Sample], params: SamplingParams,
     pad_id: int, teacher_prompt_ids: Sequence[Sequence[int]] | None = None,
@@ -255,24 +258,44 @@ def recorded_logprobs(
 
     Without a teacher old = student and the second is None; with one, old = log(alpha p_T + (1 - alpha) q_S),
     the teacher conditioned on `teacher_prompt_ids` (its own format) when given, else on the student's prompt.
+    The rows are scored in length-sorted chunks of at most `RECOMPUTE_TOKENS` padded tokens, so the padding of
+    short completions beside long ones costs no forward (a row's values do not depend on its chunk).
     """
-    batch = collate(prompt_ids, [s.completion_ids for s in samples], pad_id=pad_id)
-    device = next(student.parameters()).device
+    completions = [s.completion_ids for s in samples]
+    width = max(1, max((len(c) for c in completions), default=0))
+    mask = torch.zeros((len(completions), width), dtype=torch.float32)  # (R, T) 1 on real completion tokens
+    for r, completion in enumerate(completions):
+        mask[r, : len(completion)] = 1.0
     with torch.no_grad():
-        student_lp, _ = completion_logprobs(student, batch.to(device), temperature=params.temperature)  # (R, T)
-        student_lp = student_lp.float().cpu()
+        student_lp = _chunked_logprobs(student, prompt_ids, completions, width, params.temperature, pad_id)
         alpha = params.teacher_mix_alpha
         if alpha == 0:
-            return student_lp, None, batch.completion_mask
-        teacher_device = next(teacher.parameters()).device
-        if teacher_prompt_ids is not None:
-            batch_t = collate(teacher_prompt_ids, [s.completion_ids for s in samples], pad_id=pad_id)
-            batch = batch._replace(completion_mask=batch_t.completion_mask)  # the same completions: the same mask
-        else:
-            batch_t = batch
-        teacher_lp, _ = completion_logprobs(teacher, batch_t.to(teacher_device), temperature=params.temperature)
-        teacher_lp = teacher_lp.float().cpu()  # (R, T)
-    return mixture_logprobs(teacher_lp, student_lp, alpha) * batch.completion_mask, student_lp, batch.completion_mask
+            return student_lp, None, mask
+        teacher_lp = _chunked_logprobs(teacher, teacher_prompt_ids or prompt_ids, completions, width,
+                                       params.temperature, pad_id)
+    return mixture_logprobs(teacher_lp, student_lp, alpha) * mask, student_lp, mask
+
+
+def _chunked_logprobs(model, prompts, completions, width: int, temperature: float, pad_id: int) -> torch.Tensor:
+    """`completion_logprobs` of every row, (R, width) float32 on the CPU, over length-sorted chunks."""
+    device = next(model.parameters()).device
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    out = torch.zeros((len(completions), width), dtype=torch.float32)  # (R, T)
+    for rows in _length_chunks(lengths, RECOMPUTE_TOKENS):
+        batch = collate([prompts[r] for r in rows], [completions[r] for r in rows], pad_id=pad_id)
+        logprobs, _ = completion_logprobs(model, batch.to(device), temperature=temperature)  # (b, t)
+        out[rows, : logprobs.shape[1]] = logprobs.float().cpu()
+    return out
+
+
+def _length_chunks(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Row indices, longest first, cut into chunks of at most `budget` padded tokens (one row at least)."""
+    chunks: list[list[int]] = []
+    for r in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if not chunks or (len(chunks[-1]) + 1) * lengths[chunks[-1][0]] > budget:
+            chunks.append([])
+        chunks[-1].append(r)
+    return chunks
 
 
 def collate_logprobs(rows: Sequence[Sequence[float]]) -> torch.Tensor:

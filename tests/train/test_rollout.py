@@ -155,6 +155,19 @@ def test_old_logprobs_equal_a_fresh_recompute(tiny, prompts_file, tmp_path):
         assert record.prompt_text.startswith("Spurningur")
 
 
+def test_recompute_in_length_chunks_equals_one_batch(tiny, prompts_file, tmp_path, monkeypatch):
+    """The recompute scores rows in length-sorted chunks: the same values as one padded batch (float rounding)."""
+    from grpo_kd.train import rollout
+
+    one = list(RolloutStore.open(run_rollout(_config(tiny, prompts_file, tmp_path / "a"), 1).parent))
+    monkeypatch.setattr(rollout, "RECOMPUTE_TOKENS", 16)  # a chunk per row or two
+    assert rollout._length_chunks([9, 3, 12, 5], 16) == [[2], [0], [3, 1]]  # longest first, <= 16 padded tokens
+    chunked = list(RolloutStore.open(run_rollout(_config(tiny, prompts_file, tmp_path / "b"), 1).parent))
+    for a, b in zip(chunked, one):
+        assert list(a.completion_ids) == list(b.completion_ids)
+        torch.testing.assert_close(torch.tensor(a.old_logprobs), torch.tensor(b.old_logprobs), rtol=0, atol=2e-6)
+
+
 def test_sampling_loop_logprobs_without_the_recompute(tiny, prompts_file, tmp_path):
     """rollout.recompute_logprobs=false: the same tokens, and the loop's log-probs, within float rounding of the
     recomputed ones; refused with teacher mixing, whose two log-probs come from the recompute."""
