@@ -31,7 +31,8 @@ import numpy as np
 
 from grpo_kd.cache.reader import CacheReader
 from grpo_kd.cache.rollouts import RolloutRecord, RolloutStore, write_rollout_shard
-from grpo_kd.cache.teacher import CacheSpec, ScoredRows, TeacherShardSink
+from grpo_kd.cache.spec import CacheSpec, ScoredRows
+from grpo_kd.cache.teacher import TeacherShardSink
 from grpo_kd.kernels.bench_report import device_slug
 from grpo_kd.paths import RunPaths
 

@@ -118,9 +118,9 @@ def grpokd_overrides(s: Settings, run_dir: Path) -> list[str]:
         f"data.prompts={s.prompts_file}", "data.heldout_fraction=0.0",
         f"rollout.prompts_per_iteration={s.prompts}", f"rollout.group_size={s.group_size}",
         f"rollout.max_new_tokens={s.max_new_tokens}", f"rollout.batch_size={s.prompts}",
-        f"rollout.temperature={s.temperature}", "loss.algorithm=grpo", "loss.reward=teacher_loglik",
-        f"loss.beta={s.beta}", f"loss.loss_type={s.loss_type}", f"loss.epsilon_low={s.epsilon}",
-        f"loss.epsilon_high={s.epsilon}", f"optim.lr={s.lr}", "optim.lr_schedule=constant",
+        f"rollout.temperature={s.temperature}", "loss.algorithm=grpo", "loss.reward.kind=teacher_loglik",
+        f"loss.policy.beta={s.beta}", f"loss.policy.loss_type={s.loss_type}", f"loss.policy.epsilon_low={s.epsilon}",
+        f"loss.policy.epsilon_high={s.epsilon}", f"optim.lr={s.lr}", "optim.lr_schedule=constant",
         f"optim.micro_batch_size={s.micro_batch}", "optim.grad_accum=1", "optim.epochs_per_iteration=1",
         "optim.max_grad_norm=1.0", "optim.weight_decay=0.0",
     ]  # fmt: skip
@@ -148,24 +148,16 @@ def worker_grpokd(s: Settings) -> dict:
     import grpo_kd.models  # noqa: F401
     import grpo_kd.train.algorithms  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
-    from grpo_kd.paths import RunPaths
-    from grpo_kd.train.rollout import run_rollout
-    from grpo_kd.train.teacher_pass import run_teacher_pass
-    from grpo_kd.train.update import run_update
+    from grpo_kd.paths import PHASES, RunPaths
+    from grpo_kd.train.phases import run_phase
 
     after_imports = rss_now()
     run_dir = Path(tempfile.mkdtemp(dir=s.workdir, prefix="grpokd-")) / "run"
     cfg = grpokd_config(s, run_dir, s.warmup + s.iterations)
     stamps, phases, tokens = [time.perf_counter()], [], []
     for it in range(1, s.warmup + s.iterations + 1):
-        t0 = time.perf_counter()
-        run_rollout(cfg, it)
-        t1 = time.perf_counter()
-        run_teacher_pass(cfg, iteration=it, progress=False)
-        t2 = time.perf_counter()
-        run_update(cfg, it)
+        phases.append({phase: run_phase(cfg, phase, it, show_progress=False).seconds for phase in PHASES})
         stamps.append(time.perf_counter())
-        phases.append({"rollout": t1 - t0, "cache-teacher": t2 - t1, "update": stamps[-1] - t2})
         tokens.append(json.loads((RunPaths.of(run_dir).rollouts(it) / "manifest.json").read_text())["tokens"])
     shutil.rmtree(run_dir.parent, ignore_errors=True)
     return {"iteration_s": split_iterations(stamps, s.warmup), "phases_s": phases[s.warmup:],
@@ -281,7 +273,8 @@ def measure_worker(method: str, s: Settings, log_path: Path) -> dict:
 
 def measure_cli(s: Settings, log_path: Path) -> dict:
     """`warmup + iterations` iterations as `grpo-kd run` executes them: one process per phase."""
-    from grpo_kd.slurm.plan import PHASES, Step, phase_args, prepare_run
+    from grpo_kd.paths import PHASES
+    from grpo_kd.slurm.plan import Step, phase_args, prepare_run
 
     run_dir = Path(tempfile.mkdtemp(dir=s.workdir, prefix="cli-")) / "run"
     _, paths = prepare_run(grpokd_config(s, run_dir, s.cli_iterations))

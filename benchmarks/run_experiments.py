@@ -74,16 +74,16 @@ EXPERIMENTS = [
                ("teacher", "distill", "teacher_logprob_mean"), True),
     Experiment("grpo_length_term", "GRPO, teacher log-lik. + length reward (ablation)", "teacher log-lik. of samples",
                ("teacher", "distill", "teacher_logprob_mean"), True, config="grpo",
-               overrides=("loss.reward_weights={teacher_loglik: 1.0, length: 2.0}",)),
+               overrides=("loss.reward.weights={teacher_loglik: 1.0, length: 2.0}",)),
     Experiment("grpo_beta1_unscaled", "GRPO, teacher log-lik., beta 1, unscaled advantages (ablation)",
                "teacher log-lik. of samples", ("teacher", "distill", "teacher_logprob_mean"), True, config="grpo",
-               overrides=("loss.beta=1.0", "loss.scale_rewards=false")),
+               overrides=("loss.policy.beta=1.0", "loss.grpo.scale_rewards=false")),
     Experiment("grpo_minillm_reward", "GRPO, MiniLLM-style reward + L_PT", "reverse KL to teacher",
                ("teacher", "distill", "reverse_kl"), False),
     Experiment("ppo", "PPO (value head, GAE), teacher log-lik. reward", "teacher log-lik. of samples",
                ("teacher", "distill", "teacher_logprob_mean"), True),
     Experiment("ppo_beta1", "PPO, teacher log-lik. reward, beta 1 (ablation)", "teacher log-lik. of samples",
-               ("teacher", "distill", "teacher_logprob_mean"), True, config="ppo", overrides=("loss.beta=1.0",)),
+               ("teacher", "distill", "teacher_logprob_mean"), True, config="ppo", overrides=("loss.policy.beta=1.0",)),
     Experiment("minillm", "MiniLLM reverse-KL PG, teacher-mixed sampling + L_PT", "reverse KL to teacher",
                ("teacher", "distill", "reverse_kl"), False),
     Experiment("minillm_topk32", "MiniLLM, cache top-k 32 instead of 128 (ablation)", "reverse KL to teacher",
@@ -147,22 +147,15 @@ def train(cfg, executor: str, resume: bool) -> dict:
 
         run_local(cfg, paths)
     else:
-        from grpo_kd.train.rollout import run_rollout
-        from grpo_kd.train.teacher_pass import run_teacher_pass
-        from grpo_kd.train.update import run_update
+        from grpo_kd.paths import PHASES
+        from grpo_kd.train.phases import run_phase
 
         for i in range(1, cfg.iterations + 1):
-            t0 = time.monotonic()
-            run_rollout(cfg, i)
-            t1 = time.monotonic()
-            run_teacher_pass(cfg, iteration=i)
-            t2 = time.monotonic()
-            run_update(cfg, i)
-            t3 = time.monotonic()
-            phases.append({"iteration": i, "rollout": round(t1 - t0, 1), "teacher": round(t2 - t1, 1),
-                           "update": round(t3 - t2, 1)})
-            log.info("%s iteration %d: rollout %.1fs, cache-teacher %.1fs, update %.1fs", cfg.name, i, t1 - t0,
-                     t2 - t1, t3 - t2)
+            seconds = {phase: run_phase(cfg, phase, i, resume=resume).seconds for phase in PHASES}
+            phases.append({"iteration": i, "rollout": round(seconds["rollout"], 1),
+                           "teacher": round(seconds["cache-teacher"], 1), "update": round(seconds["update"], 1)})
+            log.info("%s iteration %d: rollout %.1fs, cache-teacher %.1fs, update %.1fs", cfg.name, i,
+                     seconds["rollout"], seconds["cache-teacher"], seconds["update"])
     return {"seconds": round(time.monotonic() - started, 1), "phases": phases}
 
 

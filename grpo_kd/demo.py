@@ -28,7 +28,7 @@ from rich.table import Table
 
 from grpo_kd.config import Config, load_config
 from grpo_kd.errors import GrpoKdError
-from grpo_kd.fsutil import atomic_write_json, atomic_write_text
+from grpo_kd.fsutil import atomic_savefig, atomic_write_json, atomic_write_text
 from grpo_kd.paths import RunPaths
 
 HELDOUT_EVERY = 10  # every 10th line of the text is held out (perplexity and evaluation prompts)
@@ -39,8 +39,9 @@ PROMPT_WORDS = 4  # a prompt is the first words of a line; the student continues
 # log-lik. by 1.0 but barely moved the KL (the student sharpened); loss.algorithm=minillm and lr 2e-3 raised the KL.
 DEMO_OVERRIDES = [
     "rollout.prompts_per_iteration=32", "rollout.group_size=4", "rollout.max_new_tokens=24", "rollout.batch_size=32",
-    "teacher.top_k=16", "loss.algorithm=grpo", "loss.beta=0.02", "optim.lr=1.0e-3", "optim.micro_batch_size=16",
-    "optim.epochs_per_iteration=2", "eval.max_examples=200", "eval.max_new_tokens=24", "eval.batch_size=16",
+    "teacher.top_k=16", "loss.algorithm=grpo", "loss.policy.beta=0.02", "optim.lr=1.0e-3",
+    "optim.micro_batch_size=16", "optim.epochs_per_iteration=2", "eval.max_examples=200", "eval.max_new_tokens=24",
+    "eval.batch_size=16",
 ]  # fmt: skip
 
 # (label, suite, key, which direction is better)
@@ -192,8 +193,6 @@ def plot_demo(paths: RunPaths, before: dict, after: dict) -> Path:
         ax.set_xticks([0, 1], ["before", "after"])
         ax.set_title(f"{label}\n({better} is better)", fontsize=9)
     fig.tight_layout()
-    path = paths.reports / "demo.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    path = atomic_savefig(fig, paths.reports / "demo.png", dpi=110)
     plt.close(fig)
     return path

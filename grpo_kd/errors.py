@@ -8,10 +8,3 @@ exit code. Anything else that escapes is a bug and keeps its traceback.
 class GrpoKdError(Exception):
     """Bad input, a missing file, a mismatched cache: a problem the user can fix, said in one line."""
 
-
-class NotAvailableYet(GrpoKdError):
-    """A capability that is designed but not built yet. Raised instead of faking a result."""
-
-    def __init__(self, what: str, issue: int | None = None):
-        where = f" (tracked in issue {issue})" if issue else ""
-        super().__init__(f"{what} is not available yet{where}")

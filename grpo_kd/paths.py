@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+PHASES = ("rollout", "cache-teacher", "update")  # the phases of an iteration, in order
+
+
 def iteration_name(iteration: int) -> str:
     return f"iter_{iteration:04d}"
 

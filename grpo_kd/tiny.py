@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,18 +29,21 @@ from typing import NamedTuple
 import torch
 
 from grpo_kd.errors import GrpoKdError
-from grpo_kd.fsutil import atomic_write_json
-from grpo_kd.tiny_families import TinyArch, family, make_family_model, train_family_tokenizer
+from grpo_kd.fsutil import atomic_path, atomic_write_json
+from grpo_kd.tiny_families import (  # noqa: F401 (CHAT_TEMPLATE, SPECIAL_TOKENS, *_ARCH: the Llama family's)
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    STUDENT_ARCH,
+    TEACHER_ARCH,
+    TinyArch,
+    family,
+    make_family_model,
+    train_family_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
 BUILTIN_CORPUS = Path(__file__).resolve().parent / "assets" / "builtin_corpus.txt"
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
-# One turn: "<|role|>\n content </s>\n"; the generation prompt opens the assistant's turn.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 
 
 class TinyModels(NamedTuple):
@@ -50,8 +52,6 @@ class TinyModels(NamedTuple):
     tokenizer: Path
 
 
-TEACHER_ARCH = TinyArch(hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=256, tie_embeddings=False)
-STUDENT_ARCH = TinyArch(hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, tie_embeddings=True)
 MAX_POSITIONS = 512
 
 
@@ -195,13 +195,10 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 32) -> float:
 
 
 def _save_dir(path: Path, *objects) -> None:
-    """save_pretrained each object into a temporary directory, then rename it into place."""
-    tmp = path.with_name(f"{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for obj in objects:
-        obj.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    """save_pretrained each object into a temporary directory, then rename it over `path`."""
+    with atomic_path(path) as tmp:
+        for obj in objects:
+            obj.save_pretrained(tmp)
 
 
 # ---------------------------------------------------------------------------------------------- builds

@@ -47,6 +47,17 @@ class TinyArch:
     tie_embeddings: bool
 
 
+# The Llama family: grpo_kd.tiny's byte-level BPE tokenizer and its shapes, as they were before the families.
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+# One turn: "<|role|>\n content </s>\n"; the generation prompt opens the assistant's turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+TEACHER_ARCH = TinyArch(hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=256, tie_embeddings=False)
+STUDENT_ARCH = TinyArch(hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, tie_embeddings=True)
+
+
 @dataclass(frozen=True)
 class Family:
     """What makes a family itself, as the structural tests check it."""
@@ -89,8 +100,6 @@ GEMMA_IMAGE_TOKEN = "<image_soft_token>"  # after the trained vocabulary, as in 
 
 
 def _llama_family() -> Family:
-    from grpo_kd.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, STUDENT_ARCH, TEACHER_ARCH
-
     return Family("llama", "LLaMA-2-7B, LLaMA-2-70B-chat", "LlamaForCausalLM", "TokenizersBackend",
                   tuple(SPECIAL_TOKENS), "<s>", "</s>", "<pad>", CHAT_TEMPLATE, TEACHER_ARCH, STUDENT_ARCH)
 

@@ -32,8 +32,10 @@ def test_every_command_has_help(command, capsys):
 
 
 def test_config_validate_passes_on_shipped_configs(capsys):
-    files = [str(p) for p in sorted((ROOT / "configs").glob("*.yaml"))]
+    files = [str(p) for p in sorted((ROOT / "configs").glob("**/*.yaml"))]  # experiments/ included
+    assert any("experiments" in f for f in files)
     assert main(["config", "validate", *files]) == 0
+    assert capsys.readouterr().out.count("ok ") == len(files)
 
 
 def test_config_validate_names_a_misspelt_key(tmp_path, capsys):
@@ -41,11 +43,11 @@ def test_config_validate_names_a_misspelt_key(tmp_path, capsys):
     bad.write_text("loss:\n  betaa: 0.1\n", encoding="utf-8")
     assert main(["config", "validate", str(ROOT / "configs" / "tiny.yaml"), str(bad)]) == 1
     out = capsys.readouterr()
-    assert "unknown config key loss.betaa; did you mean loss.beta?" in out.out
+    assert "unknown config key loss.betaa; did you mean loss.policy.beta?" in out.out
 
 
 def test_config_show_prints_the_resolved_config(capsys):
-    assert main(["config", "show", "--config", str(ROOT / "configs" / "tiny.yaml"), "loss.beta=0.25"]) == 0
+    assert main(["config", "show", "--config", str(ROOT / "configs" / "tiny.yaml"), "loss.policy.beta=0.25"]) == 0
     out = capsys.readouterr().out
     assert "beta: 0.25" in out and "name: tiny" in out
 
@@ -56,11 +58,11 @@ def test_bad_override_is_one_line_on_stderr():
     )
     assert out.returncode == 1
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert lines == ["error: unknown config key loss.betaa; did you mean loss.beta?"]
+    assert lines == ["error: unknown config key loss.betaa; did you mean loss.policy.beta?"]
 
 
 def test_error_lines_keep_square_brackets(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("loss:\n  loss_type: '[dapo]'\n", encoding="utf-8")
+    bad.write_text("loss:\n  policy:\n    loss_type: '[dapo]'\n", encoding="utf-8")
     assert main(["config", "show", "--config", str(bad)]) == 1
     assert "'[dapo]' is not one of" in capsys.readouterr().err

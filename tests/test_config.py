@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_kd.config import Config, ConfigError, load_config, to_yaml
+from grpo_kd.config import ConfigError, load_config, to_yaml
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("**/*.yaml"))
 
@@ -14,14 +14,16 @@ def test_configs_folder_is_not_empty():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_loads(path):
+def test_every_shipped_config_loads(path, tmp_path):
     cfg = load_config(path)
-    assert isinstance(cfg, Config)
     assert load_config(path) == cfg  # deterministic
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(to_yaml(cfg), encoding="utf-8")
+    assert load_config(saved) == cfg  # what a run directory saves loads back as the same config
 
 
 def test_defaults_round_trip_through_yaml(tmp_path):
-    cfg = load_config(None, ["loss.beta=0.5", "slurm.update.nodes=2"])
+    cfg = load_config(None, ["loss.policy.beta=0.5", "slurm.update.nodes=2"])
     path = tmp_path / "resolved.yaml"
     path.write_text(to_yaml(cfg), encoding="utf-8")
     assert load_config(path) == cfg
@@ -29,16 +31,16 @@ def test_defaults_round_trip_through_yaml(tmp_path):
 
 def test_dotted_overrides_apply_after_the_file(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("loss:\n  beta: 0.1\nrollout:\n  group_size: 2\n", encoding="utf-8")
-    cfg = load_config(path, ["loss.beta=0.04", "teacher.softcap=30", "model.lora_target_modules=[q_proj]"])
-    assert cfg.loss.beta == 0.04
+    path.write_text("loss:\n  policy:\n    beta: 0.1\nrollout:\n  group_size: 2\n", encoding="utf-8")
+    cfg = load_config(path, ["loss.policy.beta=0.04", "teacher.softcap=30", "model.lora_target_modules=[q_proj]"])
+    assert cfg.loss.policy.beta == 0.04
     assert cfg.rollout.group_size == 2
     assert cfg.teacher.softcap == 30.0
     assert cfg.model.lora_target_modules == ["q_proj"]
 
 
 def test_ints_are_accepted_for_floats_but_not_the_reverse():
-    assert load_config(None, ["loss.beta=1"]).loss.beta == 1.0
+    assert load_config(None, ["loss.policy.beta=1"]).loss.policy.beta == 1.0
     with pytest.raises(ConfigError, match="rollout.group_size: expected int"):
         load_config(None, ["rollout.group_size=2.5"])
 
@@ -46,10 +48,10 @@ def test_ints_are_accepted_for_floats_but_not_the_reverse():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("loss.betta=1", "unknown config key loss.betta; did you mean loss.beta?"),
+        ("loss.betta=1", "unknown config key loss.betta; did you mean loss.policy.beta?"),
         ("modle.path=x", "unknown config key modle; did you mean model?"),
-        ("loss.beta=high", "loss.beta: expected float, got str 'high'"),
-        ("loss.loss_type=dappo", "did you mean 'dapo'?"),
+        ("loss.policy.beta=high", "loss.policy.beta: expected float, got str 'high'"),
+        ("loss.policy.loss_type=dappo", "did you mean 'dapo'?"),
         ("model.lora=3", "model.lora: expected bool"),
         ("loss=3", "loss: expected a mapping"),
         ("nokey", "not of the form section.key=value"),

@@ -15,7 +15,6 @@ import time
 
 import pytest
 
-from grpo_kd.config import Config
 from grpo_kd.demo import HELDOUT_EVERY, ROWS, demo_config, write_demo_data
 from grpo_kd.tiny import TinyModels
 
@@ -32,7 +31,7 @@ def test_demo_config_is_a_valid_run_config(tmp_path):
     models = TinyModels(tmp_path / "t", tmp_path / "s", tmp_path / "k")
     data = write_demo_data(tmp_path, None)
     cfg = demo_config(tmp_path / "run dir", models, data, iterations=2)
-    assert isinstance(cfg, Config) and cfg.run_dir == tmp_path / "run dir" and cfg.iterations == 2
+    assert cfg.run_dir == tmp_path / "run dir" and cfg.iterations == 2
     assert cfg.teacher.path == str(models.teacher) and cfg.eval.heldout_text == str(data.heldout)
 
 

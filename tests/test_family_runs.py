@@ -109,7 +109,7 @@ def test_self_distillation(tmp_path, tiny_family, arch):
     """The frozen base (adapters off) scores the student's completions: inverse-loss reward, KL to reference."""
     student = tiny_family(arch).student
     paths = _run(tmp_path, f"self-{arch}", student, model={"lora": True, "lora_r": 4, **LORA[arch]},
-                 teacher={"kind": "self_base"}, loss={"algorithm": "self_distill", "beta": 0.1})
+                 teacher={"kind": "self_base"}, loss={"algorithm": "self_distill", "policy": {"beta": 0.1}})
     _check_run(paths, student, token_level=True)
 
 
@@ -119,7 +119,7 @@ def test_privileged_self_teacher(tmp_path, tiny_family, arch):
     student = tiny_family(arch).student
     paths = _run(tmp_path, f"privileged-{arch}", student,
                  teacher={"kind": "self_privileged", "reference": False},
-                 loss={"algorithm": "privileged", "beta": 0.0})
+                 loss={"algorithm": "privileged"})
     _check_run(paths, student, token_level=True)
 
 
@@ -132,7 +132,7 @@ def test_qlora_student(tmp_path, tiny_family):
 
     student = tiny_family("mistral").student
     paths = _run(tmp_path, "qlora", student, model={"lora": True, "lora_r": 4, "load_in_4bit": True},
-                 teacher={"kind": "self_base"}, loss={"algorithm": "self_distill", "beta": 0.1})
+                 teacher={"kind": "self_base"}, loss={"algorithm": "self_distill", "policy": {"beta": 0.1}})
     _check_run(paths, student, token_level=True)
     model = load_student(ModelConfig(path=str(student), lora=True, load_in_4bit=True), trainable=False)
     assert {type(m).__name__ for n, m in model.named_modules() if n.endswith("q_proj.base_layer")} == {"Linear4bit"}

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from grpo_kd.config import ModelConfig
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.models import load_causal_lm, load_student, load_tokenizer, tokenizer_fingerprint
-from grpo_kd.tiny import BUILTIN_CORPUS, TinyModels, build_tiny_models, corpus_texts
+from grpo_kd.tiny import BUILTIN_CORPUS, build_tiny_models, corpus_texts
 
 FAROESE = "Ð Ø Á Í Ó Ú Ý Æ ð ø á í ó ú ý æ: Fiskimaðurin sær ein bát við sjóvarmálan í Tórshavn."
 
@@ -25,7 +25,6 @@ def test_builtin_corpus_matches_its_generator():
 
 
 def test_tiny_pair_from_builtin_corpus(tiny_models):
-    assert isinstance(tiny_models, TinyModels)
     report = json.loads((tiny_models.teacher.parent / "build.json").read_text())
     teacher, student = report["teacher"], report["student"]
     assert teacher["parameters"] > student["parameters"]

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from grpo_kd.cache.manifest import CacheError
-from grpo_kd.cache.teacher import CacheSpec, ScoredRows
+from grpo_kd.cache.spec import CacheSpec, ScoredRows
 
 
 def arrow_schema(spec: CacheSpec) -> pa.Schema:

@@ -19,14 +19,12 @@ compared with `same_vocab` and described, in error messages, with `describe_voca
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 from grpo_kd.errors import GrpoKdError
-from grpo_kd.fsutil import atomic_write_json, sha256_file, sha256_tree
+from grpo_kd.fsutil import atomic_write_json, fsync_dir, remove_path, sha256_file, sha256_tree
 from grpo_kd.paths import part_name
 
 MANIFEST_VERSION = 1
@@ -122,21 +120,20 @@ def shard_is_complete(directory: Path, shard: int, suffix: str, *, verify_checks
     return not verify_checksum or manifest.get("sha256") == checksum(data)
 
 
-def remove_shard(directory: Path, shard: int) -> None:
-    """Delete every file of shard `shard` (finished or not) in `directory`: its manifest first, then its data."""
+def remove_shard(directory: Path, shard: int, *, keep: Path | None = None) -> None:
+    """Delete every file of shard `shard` (finished or not) in `directory`: its manifest first, so that it stops
+    looking finished, then its data. A writer about to replace the data file passes it as `keep`: the old data
+    then stays intact until the new file is renamed over it (a crash in between leaves the old bytes, unlisted)."""
     directory = Path(directory)
     if not directory.is_dir():
         return
     prefix = part_name(shard, "")  # "part-0000J."
     manifest = shard_manifest_path(directory, shard)
-    if manifest.exists():
-        manifest.unlink()
+    manifest.unlink(missing_ok=True)
+    fsync_dir(directory)
     for path in directory.iterdir():
-        if path.name.startswith(prefix):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+        if path.name.startswith(prefix) and path != keep:
+            remove_path(path)
 
 
 def tmp_leftovers(directory: Path) -> list[Path]:
@@ -169,17 +166,3 @@ def check_same_vocab(cache_vocab: dict | None, student_vocab: dict | None, what:
             f"{what} was made with vocabulary {describe_vocab(cache_vocab)} but the student has "
             f"{describe_vocab(student_vocab)}; token-level teacher fields need one shared vocabulary"
         )
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make renames inside `directory` durable (best effort; not every file system supports it)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from grpo_kd.cache.teacher import CacheSpec, ScoredRows
+from grpo_kd.cache.spec import CacheSpec, ScoredRows
 from grpo_kd.fsutil import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ import torch
 
 from grpo_kd.cache.manifest import CacheError, check_same_vocab, describe_vocab
 from grpo_kd.cache.rollouts import RolloutStore
+from grpo_kd.cache.spec import stored_logprobs_as_float32
 from grpo_kd.cache.teacher import TeacherShard, open_teacher_shards
 
 
@@ -81,10 +82,6 @@ def completion_hidden(hidden: torch.Tensor, prompt_lengths: torch.Tensor, num_co
     t = torch.arange(num_completion, device=hidden.device)  # (T,)
     pos = (prompt_lengths.to(hidden.device)[:, None] - 1 + t[None, :]).clamp(0, L - 1)  # (B, T)
     return hidden.gather(1, pos[:, :, None].expand(B, num_completion, H))  # (B, T, H)
-
-
-def _bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 class CacheReader:
@@ -229,8 +226,8 @@ class CacheReader:
             views = reader.read(local, names)
             for name in names:
                 for b, view in zip(batch_pos, views[name]):
-                    if name == "topk_logprobs" and view.dtype == np.uint16:
-                        view = _bf16_bits_to_float32(view)
+                    if name == "topk_logprobs":
+                        view = stored_logprobs_as_float32(view)
                     padded[name][b, :len(view)] = view
             seq[batch_pos] = self._row_values(shard, "seq_logprob")[local]
             if self.spec.cross_tokenizer:

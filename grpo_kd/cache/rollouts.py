@@ -133,8 +133,8 @@ def write_rollout_shard(
     for record in records:
         record.check()
     table = _records_table(records)
-    remove_shard(directory, shard)
     path = shard_data_path(directory, shard, ROLLOUT_SUFFIX)
+    remove_shard(directory, shard, keep=path)
     with atomic_path(path) as tmp:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, ROLLOUT_SCHEMA) as writer:
             writer.write_table(table)

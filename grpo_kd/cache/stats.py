@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from grpo_kd.cache.manifest import CacheError
-from grpo_kd.cache.reader import _bf16_bits_to_float32
 from grpo_kd.cache.rollouts import RolloutStore
+from grpo_kd.cache.spec import stored_logprobs_as_float32
 from grpo_kd.cache.teacher import open_teacher_shards
 from grpo_kd.cache.verify import iterations_of
-from grpo_kd.fsutil import atomic_path, atomic_write_json
+from grpo_kd.fsutil import atomic_savefig, atomic_write_json
 from grpo_kd.paths import RunPaths, iteration_name
 
 QUANTILES = [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99]
@@ -55,7 +55,7 @@ def iteration_stats(paths: RunPaths, iteration: int) -> dict:
             if not spec.token_level:
                 continue
             top = chunk["topk_logprobs"]
-            top = (_bf16_bits_to_float32(top) if top.dtype == np.uint16 else top).astype(np.float64)
+            top = stored_logprobs_as_float32(top).astype(np.float64)
             p = np.exp(top)  # (N, k)
             m = p.sum(axis=1)
             rest = np.clip(1.0 - m, 0.0, 1.0)
@@ -116,8 +116,7 @@ def plot_stats(stats: dict, path: Path) -> None:
     fig.suptitle(f"{iteration_name(stats['iteration'])}: teacher cache, k={stats['top_k']}, "
                  f"{stats['bytes_per_token']:.0f} B/token", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 

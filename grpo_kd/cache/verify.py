@@ -28,9 +28,9 @@ from grpo_kd.cache.manifest import (
     write_index,
 )
 from grpo_kd.cache.progress import kept_batch_files, kept_reference_files
-from grpo_kd.cache.reader import _bf16_bits_to_float32
 from grpo_kd.cache.rollouts import RolloutStore
-from grpo_kd.cache.teacher import TEACHER_KIND, CacheSpec, open_shard_reader
+from grpo_kd.cache.spec import TEACHER_KIND, CacheSpec, stored_logprobs_as_float32
+from grpo_kd.cache.teacher import open_shard_reader
 from grpo_kd.paths import RunPaths
 
 LOGPROB_TOL = 1e-3  # a stored log-prob may exceed 0 by this much (half-precision rounding near 0)
@@ -186,7 +186,7 @@ def _check_values(reader, spec: CacheSpec) -> str | None:
                 return f"NaN or inf in {name}"
         if spec.token_level:
             top = chunk["topk_logprobs"]
-            top = _bf16_bits_to_float32(top) if top.dtype == np.uint16 else top.astype(np.float32)
+            top = stored_logprobs_as_float32(top)
             if not np.isfinite(top).all():
                 return "NaN or inf in topk_logprobs"
             if (top > LOGPROB_TOL).any() or (chunk["target_logprobs"] > LOGPROB_TOL).any():

@@ -23,7 +23,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from grpo_kd.cache.manifest import CacheError
-from grpo_kd.cache.teacher import CacheSpec, ScoredRows
+from grpo_kd.cache.spec import CacheSpec, ScoredRows
 
 CHUNK_TOKENS = 1024  # tokens per chunk: at k=64, 256 KiB of ids and 128 KiB of float16 log-probs
 

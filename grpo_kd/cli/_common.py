@@ -12,12 +12,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from grpo_kd.config import Config, load_config
-from grpo_kd.errors import NotAvailableYet
 
 console = Console(stderr=True)
 
 CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML config file; defaults apply where it is silent.")
-OVERRIDES_ARGUMENT = typer.Argument(None, help="Dotted overrides, e.g. loss.beta=0.04 rollout.group_size=8.")
+OVERRIDES_ARGUMENT = typer.Argument(None,
+                                    help="Dotted overrides, e.g. loss.policy.beta=0.04 rollout.group_size=8.")
 ITERATION_OPTION = typer.Option(1, "--iteration", "-i", min=1, help="Iteration number (1-based).")
 RUN_ARGUMENT = typer.Argument(..., help="The run directory (runs/NAME).")
 
@@ -30,10 +30,6 @@ def fail(message: str, code: int = 1) -> None:
     """Print one line on stderr and exit non-zero."""
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
-
-
-def not_available(what: str, issue: int) -> None:
-    raise NotAvailableYet(what, issue)
 
 
 def setup_logging(verbose: bool = False) -> None:

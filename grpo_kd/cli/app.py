@@ -15,7 +15,7 @@ from grpo_kd.cli import bench, cache, chain, config_cmd, evaluate, phases, tiny
 from rich.markup import escape
 
 from grpo_kd.cli._common import console
-from grpo_kd.errors import GrpoKdError, NotAvailableYet
+from grpo_kd.errors import GrpoKdError
 
 app = typer.Typer(
     name="grpo-kd",
@@ -33,9 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code instead of raising for `GrpoKdError`."""
     try:
         app(args=argv, standalone_mode=True)
-    except NotAvailableYet as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        return 2
     except GrpoKdError as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 1

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from grpo_kd.cli._common import CONFIG_OPTION, OVERRIDES_ARGUMENT, RUN_ARGUMENT, console, resolve_config
+from grpo_kd.cli._common import CONFIG_OPTION, OVERRIDES_ARGUMENT, RUN_ARGUMENT, console, resolve_config, setup_logging
 
 chain_app = typer.Typer(help="Submit the loop to SLURM as dependent jobs, and follow it.", no_args_is_help=True)
 ITERATIONS_OPTION = typer.Option(None, "--iterations", "-n", min=1, help="Iterations (default: the config's).")
@@ -31,6 +31,8 @@ def run(
     from grpo_kd.slurm.local import run_local
     from grpo_kd.slurm.plan import prepare_run
 
+    if in_process:
+        setup_logging()  # the phases log here, as their own commands do; the default executor logs to RUN/logs
     cfg, paths = prepare_run(resolve_config(config, overrides), iterations)
     how = "in this process" if in_process else "each phase in its own process"
     console.print(f"run {cfg.name}: {cfg.iterations} iterations in {paths.root} ({how}; config: {paths.config})",

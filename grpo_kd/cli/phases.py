@@ -1,4 +1,9 @@
-"""`grpo-kd rollout` and `grpo-kd update`: the student's two phases of an iteration."""
+"""`grpo-kd rollout`, `grpo-kd cache-teacher` and `grpo-kd update`: the three phases of an iteration.
+
+Each command resolves its shard and calls `grpo_kd.train.phases.run_phase`, the same function `grpo-kd run`
+uses. The phase modules are imported inside the commands: importing them pulls in torch and transformers
+(seconds), which `grpo-kd --help` and the inspection commands need not pay for.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +14,21 @@ import typer
 
 from grpo_kd.cli._common import CONFIG_OPTION, ITERATION_OPTION, OVERRIDES_ARGUMENT, resolve_config, setup_logging
 
+SHARD_OPTION = typer.Option(None, help="Shard index J (default: SLURM_ARRAY_TASK_ID or 0).")
+
 
 def rollout(
     config: Optional[Path] = CONFIG_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
     iteration: int = ITERATION_OPTION,
-    shard: Optional[int] = typer.Option(None, help="Shard index J (default: SLURM_ARRAY_TASK_ID or 0)."),
+    shard: Optional[int] = SHARD_OPTION,
     num_shards: Optional[int] = typer.Option(
         None, help="Number of shards N (default: SLURM_ARRAY_TASK_COUNT, else rollout.num_shards)."
     ),
 ) -> None:
     """Sample G completions per prompt with the current student and store them with their log-probs."""
-    from grpo_kd.slurm.shards import resolve_shard
-    from grpo_kd.train.rollout import rollout_shard
-
     cfg = resolve_config(config, overrides)
-    setup_logging()
-    j, n = resolve_shard(shard, num_shards, cfg.rollout.num_shards)
-    summary = rollout_shard(cfg, iteration, j, n, show_progress=True)
-    typer.echo(summary.line())
+    run_phase_command(cfg, "rollout", iteration, shard, num_shards)
 
 
 def update(
@@ -39,19 +40,41 @@ def update(
     """Train the student on the rollouts and the teacher cache, then write the iteration's checkpoint.
 
     Under `torchrun` every rank runs this; SIGTERM / SIGUSR2 checkpoint and exit with the requeue code."""
-    from grpo_kd.train.signals import REQUEUE_EXIT_CODE
-    from grpo_kd.train.update import UpdateInterrupted, run_update
-
     cfg = resolve_config(config, overrides)
+    run_phase_command(cfg, "update", iteration, None, None, resume=resume)
+
+
+def cache_teacher(
+    config: Optional[Path] = CONFIG_OPTION,
+    overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
+    iteration: int = ITERATION_OPTION,
+    shard: Optional[int] = SHARD_OPTION,
+    num_shards: Optional[int] = typer.Option(None, help="Number of shards N (default: SLURM_ARRAY_TASK_COUNT)."),
+) -> None:
+    """Score the iteration's rollouts with the teacher and write its top-k log-probs to the cache."""
+    cfg = resolve_config(config, overrides)
+    run_phase_command(cfg, "cache-teacher", iteration, shard, num_shards)
+
+
+def run_phase_command(cfg, phase: str, iteration: int, shard: int | None, num_shards: int | None, *,
+                      resume: bool = False) -> None:
+    """What every phase command does: resolve this process's shard (flags, else the SLURM array), run the phase,
+    print its summary; an update stopped by a signal exits with the requeue code."""
+    from grpo_kd.shards import resolve_shard
+    from grpo_kd.train.phases import UpdateInterrupted, default_num_shards, run_phase
+    from grpo_kd.train.signals import REQUEUE_EXIT_CODE
+
     setup_logging()
+    j, n = (0, 1) if phase == "update" else resolve_shard(shard, num_shards, default_num_shards(cfg, phase))
     try:
-        final = run_update(cfg, iteration, resume=resume)
+        result = run_phase(cfg, phase, iteration, shard=j, num_shards=n, resume=resume)
     except UpdateInterrupted as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(REQUEUE_EXIT_CODE) from None
-    typer.echo(str(final))
+    typer.echo(result.line)
 
 
 def register(app: typer.Typer) -> None:
     app.command("rollout")(rollout)
+    app.command("cache-teacher")(cache_teacher)
     app.command("update")(update)

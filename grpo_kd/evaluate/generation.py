@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from grpo_kd.evaluate.progress import progress
+from grpo_kd.progress import progress
 
 
 @dataclass

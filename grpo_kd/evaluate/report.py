@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from grpo_kd.errors import GrpoKdError  # noqa: E402
-from grpo_kd.fsutil import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
+from grpo_kd.fsutil import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
 
 # The numbers a table shows per suite, in order (any other numeric key is in the JSON).
 HEADLINE = {
@@ -89,8 +89,7 @@ def evaluation_markdown(result: dict, image: str | None = None) -> str:
 
 
 def _savefig(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    atomic_savefig(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from grpo_kd.cache.reader import completion_hidden
-from grpo_kd.evaluate.progress import progress
+from grpo_kd.progress import progress
 from grpo_kd.models import final_hidden_states, lm_head
 
 

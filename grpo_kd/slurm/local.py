@@ -13,9 +13,9 @@ Key design choices:
 - Ctrl-C (or SIGTERM) is passed on to the phase as SIGTERM, which an update phase answers by checkpointing
   and exiting with the requeue code; the phase runs in its own session, so the terminal's SIGINT reaches only
   the executor, which then waits for the phase to finish its checkpoint.
-- `in_process=True` calls the same phase commands (`grpo_kd.cli.app.main`) in this process instead: no Python
-  start-up, imports and library initialisation per phase (5-20 s each on a CPU, more than a tiny model's
-  work), for small models on one machine. The price: memory is freed but not handed back to the OS between
+- `in_process=True` calls the same phase function (`grpo_kd.train.phases.run_phase`, which the phase commands
+  call too) in this process instead: no Python start-up, imports and library initialisation per phase (5-20 s
+  each on a CPU, more than a tiny model's work), for small models on one machine. The price: memory is freed but not handed back to the OS between
   phases, output goes to the terminal instead of RUN/logs/, and Ctrl-C stops the phase where it is (every file is
   written atomically, so the next run resumes from the last finished phase or update checkpoint); SIGTERM still
   reaches an update as a checkpoint request.
@@ -111,31 +111,34 @@ def _run_in_process(cfg: Config, paths: RunPaths, tasks: list[LocalTask], consol
                 console.print(f"  [dim]· {where}: done before[/]", highlight=False)
                 continue
             console.print(f"  [bold]▶[/] {where}", highlight=False)
-            seconds = run_task_in_process(task, paths)
+            seconds = run_task_in_process(task, cfg, console)
             console.print(f"  [green]✓[/] {where} [dim]({seconds:.1f} s)[/]", highlight=False)
     console.print(f"run {cfg.name}: all {cfg.iterations} iterations done in {paths.root}", highlight=False)
 
 
-def run_task_in_process(task: LocalTask, paths: RunPaths) -> float:
-    """Run one phase command in this process; returns its wall time in seconds."""
-    from grpo_kd.cli.app import main
+def run_task_in_process(task: LocalTask, cfg: Config, console: Console) -> float:
+    """Run one phase in this process through `run_phase` (what the phase command runs); returns its wall time.
 
-    args = phase_args(task.step, paths.config, task=task.task, tasks=task.tasks if task.task is not None else None)
-    started = time.monotonic()
+    The training stack is imported here, not at the top: the default executor (a process per phase) never needs
+    it, and importing it costs about 5 s of torch and transformers (`python -X importtime`)."""
+    from grpo_kd.device import release_memory
+    from grpo_kd.train.phases import UpdateInterrupted, run_phase
+
+    step = task.step
     try:
-        code = main(args)
+        result = run_phase(cfg, step.phase, step.iteration, shard=task.task or 0, num_shards=task.tasks,
+                           resume=step.phase == "update")
     except _Stop:
         raise Interrupted(f"stopped during {task.label}; run the same command again to resume from the last "
                           "finished phase or update checkpoint") from None
+    except UpdateInterrupted:
+        raise Interrupted(f"{task.label} stopped on a signal after checkpointing; run again to resume") from None
+    except GrpoKdError as exc:
+        raise PhaseFailed(f"{task.label} failed: {exc}") from None
     finally:
-        from grpo_kd.device import release_memory
-
         release_memory()  # the phase's models are unreachable now: free them before the next phase loads its own
-    if code == REQUEUE_EXIT_CODE:
-        raise Interrupted(f"{task.label} stopped on a signal after checkpointing; run again to resume")
-    if code != 0:
-        raise PhaseFailed(f"{task.label} failed (exit {code}); its error is printed above")
-    return time.monotonic() - started
+    console.print(f"    {result.line}", highlight=False, soft_wrap=True)
+    return result.seconds
 
 
 def run_task(task: LocalTask, paths: RunPaths, *, python: str = sys.executable) -> float:

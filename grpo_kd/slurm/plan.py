@@ -23,9 +23,7 @@ from pathlib import Path
 from grpo_kd.cache.manifest import INDEX_NAME, shard_is_complete
 from grpo_kd.config import Config, load_config, save_config
 from grpo_kd.errors import GrpoKdError
-from grpo_kd.paths import RunPaths, iteration_name
-
-PHASES = ("rollout", "cache-teacher", "update")
+from grpo_kd.paths import PHASES, RunPaths, iteration_name
 ROLLOUT_SUFFIX = "arrow"
 
 

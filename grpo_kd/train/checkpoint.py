@@ -9,7 +9,7 @@ A checkpoint is a directory:
     rng.safetensors             torch CPU (and CUDA) generator states
     trainer_state.json          iteration, step, epoch, data position, python RNG state, last metrics
 
-It is written into `<dir>.tmp-<pid>` and renamed into place, so a directory that exists is complete, and an
+It is written through `fsutil.atomic_path` (into `<dir>.tmp-<pid>`, then renamed into place), so a directory that exists is complete, and an
 existing directory is never rewritten. The end of an update phase writes `checkpoints/iter_NNNN/` (its presence
 marks the phase as done); a save in the middle of the phase (a SLURM pre-timeout signal, or
 `checkpoint.save_every_steps`) writes `checkpoints/iter_NNNN.step-SSSSSSS/`, which `--resume` continues from;
@@ -19,7 +19,6 @@ older step checkpoints are pruned after a newer one is complete, and all of them
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from grpo_kd.errors import GrpoKdError
-from grpo_kd.fsutil import atomic_write_json
+from grpo_kd.fsutil import atomic_path, atomic_write_json
 from grpo_kd.paths import RunPaths
 
 MODEL_DIR = "model"
@@ -49,20 +48,17 @@ def save_checkpoint(
     directory = Path(directory)
     if directory.exists():
         return directory
-    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _unwrap(model).save_pretrained(tmp / MODEL_DIR, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp / MODEL_DIR)
-    if optimizer is not None:
-        _save_optimizer(optimizer, tmp)
-    if scheduler is not None:
-        _write_json(tmp / "scheduler.json", scheduler.state_dict())
-    save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
-    full_state = {**state, "python_rng": _python_rng_state()}
-    _write_json(tmp / TRAINER_STATE, full_state)
-    os.replace(tmp, directory)
+    with atomic_path(directory) as tmp:  # a failed attempt (a full disk) removes its temporary directory
+        tmp.mkdir()
+        _unwrap(model).save_pretrained(tmp / MODEL_DIR, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / MODEL_DIR)
+        if optimizer is not None:
+            _save_optimizer(optimizer, tmp)
+        if scheduler is not None:
+            _write_json(tmp / "scheduler.json", scheduler.state_dict())
+        save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
+        _write_json(tmp / TRAINER_STATE, {**state, "python_rng": _python_rng_state()})
     return directory
 
 

@@ -4,8 +4,8 @@ adds to keep the student a good language model while it chases the teacher.
     L_PT = -1/N_PT sum_{b, s} log q_theta(x_{b,s+1} | x_{b,<=s})       over the step's pre-training tokens
 
 The text (`data.pretrain_text`, read by `grpo_kd.data.load_texts`) is tokenized once into one stream (eos between
-texts) and cut into blocks of `loss.pt_seq_len` tokens. Optimizer step s of iteration i draws
-`loss.pt_batch_size` blocks with a generator seeded by (seed, i, s) — so a resumed run draws the same blocks —
+texts) and cut into blocks of `loss.pt.seq_len` tokens. Optimizer step s of iteration i draws
+`loss.pt.batch_size` blocks with a generator seeded by (seed, i, s) — so a resumed run draws the same blocks —
 and rank r of W takes blocks r, r + W, ...; the loss is normalised by the token count of the whole draw.
 """
 
@@ -27,20 +27,20 @@ class PretrainBatches:
         from grpo_kd.data import load_texts
 
         if not cfg.data.pretrain_text:
-            raise GrpoKdError("loss.pt_weight > 0 needs data.pretrain_text (a source of pre-training text)")
+            raise GrpoKdError("loss.pt.weight > 0 needs data.pretrain_text (a source of pre-training text)")
         texts = load_texts(cfg.data.pretrain_text, field=cfg.data.text_field)
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
         stream: list[int] = []
         for text in texts:
             stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])
-        S = cfg.loss.pt_seq_len
+        S = cfg.loss.pt.seq_len
         if S < 2 or len(stream) < S:
             raise GrpoKdError(f"data.pretrain_text gives {len(stream)} tokens, fewer than one block of "
-                              f"loss.pt_seq_len={S} (which must be at least 2)")
+                              f"loss.pt.seq_len={S} (which must be at least 2)")
         count = len(stream) // S
         self.blocks = torch.tensor(stream[: count * S], dtype=torch.long).view(count, S)  # (num_blocks, S)
         self.seed = cfg.seed
-        self.batch_size = cfg.loss.pt_batch_size
+        self.batch_size = cfg.loss.pt.batch_size
 
     @property
     def tokens_per_step(self) -> int:

@@ -2,7 +2,7 @@
 
 Every component is a pure function of cached quantities (teacher log-probs, reference or base log-probs, the
 student's behaviour log-probs, lengths), so that an ablation of components reruns on the very same cached
-rollouts: change `loss.reward_weights`, not the cache. Components are logged separately under `reward/<name>`.
+rollouts: change `loss.reward.weights`, not the cache. Components are logged separately under `reward/<name>`.
 
 Sequence-level components return `[B]`, token-level ones `[B, T]` (zero on padding):
 

@@ -79,7 +79,7 @@ from grpo_kd.models import (
     tokenizer_fingerprint,
 )
 from grpo_kd.paths import RunPaths, part_name
-from grpo_kd.slurm.shards import shard_range
+from grpo_kd.shards import shard_range
 from grpo_kd.train.checkpoint import student_checkpoint
 from grpo_kd.train.policy import collate, completion_logprobs
 from grpo_kd.train.sampling import Sample, SamplingParams, sample_batch
@@ -417,7 +417,7 @@ def _sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, 
     """Sample G completions for each (group_id, prompt, prompt_ids, teacher prompt ids | None), `rollout.batch_size`
     prompts at a time, the prompts batched by length (less padding; the seeds make a row's tokens independent of
     its batch) and the records returned in group order."""
-    from grpo_kd.evaluate.progress import progress
+    from grpo_kd.progress import progress
 
     eos_ids = eos_token_ids(student, tokenizer)
     pad_id = tokenizer.pad_token_id

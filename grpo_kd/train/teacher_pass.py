@@ -45,12 +45,26 @@ from grpo_kd.cache.manifest import CacheError, describe_vocab, read_json, shard_
 from grpo_kd.cache.progress import ShardProgress, load_reference_batches, progress_dir, save_reference_batch
 from grpo_kd.cache.reader import completion_hidden
 from grpo_kd.cache.rollouts import RolloutShard, RolloutStore
-from grpo_kd.cache.teacher import CacheSpec, ScoredRows, TeacherShardSink, bf16_bits
+from grpo_kd.cache.spec import CacheSpec, ScoredRows, bf16_bits
+from grpo_kd.cache.teacher import TeacherShardSink
 from grpo_kd.config import Config
-from grpo_kd.data import teacher_chat_template, teacher_has_own_prompt
+from grpo_kd.data import Prompt, prompt_token_ids, teacher_chat_template, teacher_has_own_prompt
 from grpo_kd.device import release_memory
 from grpo_kd.errors import GrpoKdError
+from grpo_kd.kernels import linear_logprobs, linear_topk
+from grpo_kd.models import (
+    adapters_disabled,
+    final_hidden_states,
+    lm_head,
+    load_student,
+    load_teacher,
+    load_tokenizer,
+    model_fingerprint,
+    same_vocabulary,
+    tokenizer_fingerprint,
+)
 from grpo_kd.paths import RunPaths
+from grpo_kd.progress import counter
 from grpo_kd.train.checkpoint import student_checkpoint
 from grpo_kd.train.teacher_samples import sample_teacher
 
@@ -59,10 +73,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PassResult:
+    task: int
+    num_tasks: int
     shards_done: list[int]  # scored by this call
     shards_skipped: list[int]  # already finished
     tokens: int  # completion tokens scored by this call (not those of batches kept from a killed run)
     reference_tokens: int = 0  # completion tokens the reference pass scored in this call (not kept ones)
+
+    def line(self) -> str:
+        done = ", ".join(map(str, self.shards_done)) or "none"
+        skipped = ", ".join(map(str, self.shards_skipped)) or "none"
+        return (f"cache-teacher task {self.task}/{self.num_tasks}: scored shard(s) {done} ({self.tokens} tokens); "
+                f"already complete: {skipped}")
 
 
 # ----------------------------------------------------------------------------------------------- the pass
@@ -71,15 +93,13 @@ class PassResult:
 def run_teacher_pass(cfg: Config, *, iteration: int, task: int = 0, num_tasks: int = 1,
                      progress: bool = True) -> PassResult:
     """Score the rollout shards of task `task` of `num_tasks`; see the module doc."""
-    from grpo_kd.models import load_tokenizer, tokenizer_fingerprint
-
     paths = RunPaths.of(cfg.run_dir)
     rollouts_dir, teacher_dir = paths.rollouts(iteration), paths.teacher(iteration)
     store = _open_rollouts(rollouts_dir)
     mine = [s for s in store.shards if s.shard % num_tasks == task]
     if not mine:
         log.info("task %d of %d has no rollout shard to score (shards %s)", task, num_tasks, store.shard_ids)
-        return PassResult([], [], 0)
+        return PassResult(task, num_tasks, [], [], 0)
     student_tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     teacher_tok = student_tok if cfg.teacher.kind != "model" else load_tokenizer(
         cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
@@ -92,7 +112,7 @@ def run_teacher_pass(cfg: Config, *, iteration: int, task: int = 0, num_tasks: i
         log.info("teacher shard %d is already complete; nothing to do", j)
         shutil.rmtree(progress_dir(teacher_dir, j), ignore_errors=True)  # killed between finishing and clearing
     if not pending:
-        return PassResult([], skipped, 0)
+        return PassResult(task, num_tasks, [], skipped, 0)
     ref = _reference_pass(cfg, pending, progress, teacher_dir, params) if spec.reference else {}
     teacher = _load_teacher(cfg, paths, iteration)
     scorer = Scorer(cfg, teacher, teacher_tok, spec)
@@ -120,7 +140,7 @@ def run_teacher_pass(cfg: Config, *, iteration: int, task: int = 0, num_tasks: i
                 sink.add(scored)
         kept.clear()
         log.info("teacher shard %d written: %d rows, %d tokens", shard.shard, shard.num_rows, sink.tokens_written)
-    return PassResult([s.shard for s in pending], skipped, tokens, ref.get("_tokens", 0))
+    return PassResult(task, num_tasks, [s.shard for s in pending], skipped, tokens, ref.get("_tokens", 0))
 
 
 def _open_rollouts(directory) -> RolloutStore:
@@ -131,8 +151,6 @@ def _open_rollouts(directory) -> RolloutStore:
 
 
 def _cache_spec(cfg: Config, student_fp: dict, teacher_fp: dict) -> CacheSpec:
-    from grpo_kd.models import same_vocabulary
-
     t = cfg.teacher
     cross = not same_vocabulary(student_fp, teacher_fp)
     if cross and not t.cross_tokenizer:
@@ -171,16 +189,12 @@ def _teacher_desc(cfg: Config) -> dict[str, Any]:
 
 
 def _model_fp(model) -> dict[str, Any]:
-    from grpo_kd.models import model_fingerprint
-
     return model_fingerprint(model)
 
 
 def _load_teacher(cfg: Config, paths: RunPaths, iteration: int):
     """The teacher; a self-teacher with `teacher.adapter` is the student that sampled this iteration's rollouts
     (the checkpoint of iteration - 1; the initial model at iteration 1), not its base."""
-    from grpo_kd.models import load_teacher
-
     current = cfg.teacher.kind != "model" and cfg.teacher.adapter
     checkpoint = student_checkpoint(paths, iteration) if current else None
     if checkpoint is not None:
@@ -194,8 +208,6 @@ def _load_teacher(cfg: Config, paths: RunPaths, iteration: int):
 def _reference_pass(cfg: Config, shards: list[RolloutShard], progress: bool, teacher_dir, params: dict) -> dict:
     """{shard: [R] list of (C,) float32 arrays} of the reference model's log-probs of each rollout's tokens,
     plus "_desc" (the model) and "_tokens" (tokens scored now). Kept log-probs of an interrupted run are reused."""
-    from grpo_kd.models import adapters_disabled, load_student
-
     model = load_student(cfg.model, checkpoint=None, trainable=False)
     scorer = Scorer(cfg, model, None, CacheSpec(format=cfg.teacher.cache_format, token_level=False),
                     reference=True)
@@ -224,8 +236,6 @@ class Scorer:
     """One loaded model scoring rollout shards batch by batch (see the module doc)."""
 
     def __init__(self, cfg: Config, model, tokenizer, spec: CacheSpec, reference: bool = False):
-        from grpo_kd.models import lm_head
-
         self.cfg, self.model, self.tokenizer, self.spec = cfg, model, tokenizer, spec
         self.head = lm_head(model)
         self.reference = reference
@@ -244,8 +254,6 @@ class Scorer:
         offsets, values = shard.list_column("prompt_ids")
         if not self.own_prompt:
             return [values[offsets[i]:offsets[i + 1]] for i in range(shard.num_rows)]
-        from grpo_kd.data import Prompt, prompt_token_ids
-
         texts = shard.table.column("prompt_text").to_pylist()
         privileged = shard.table.column("privileged").to_pylist()
         ids = shard.table.column("prompt_id").to_pylist()
@@ -276,8 +284,6 @@ class Scorer:
     @torch.no_grad()
     def _hidden(self, prompts, completions, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """Flat completion hidden states (N, H), their target ids (N,), and C per row, in `rows` order."""
-        from grpo_kd.models import final_hidden_states
-
         P = np.array([len(prompts[i]) for i in rows], np.int64)
         C = np.array([len(completions[i]) for i in rows], np.int64)
         L, T = int((P + C).max()), int(C.max(initial=0))
@@ -296,12 +302,6 @@ class Scorer:
         weight = self.head.weight
         return h[keep].to(weight.device), targets[keep].to(weight.device), C  # (N, H), (N,)
 
-    def _progress(self, total: int, label: str, enabled: bool):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-                        TimeRemainingColumn(), disable=not enabled, transient=False)
-
     def _loop(self, shard: RolloutShard, label: str, progress: bool,
               kept: dict[int, np.ndarray] | None = None) -> Iterator[
             tuple[int, np.ndarray, torch.Tensor | None, torch.Tensor | None, np.ndarray]]:
@@ -310,8 +310,7 @@ class Scorer:
         prompts, completions = self._prompts(shard), self._completions(shard)
         batches = self._batches(prompts, completions)
         total = int(sum(len(c) for c in completions))
-        with self._progress(total, label, progress) as bar:
-            task = bar.add_task(label, total=total)
+        with counter(label, total, "tokens", enabled=progress) as advance:
             for n, rows in enumerate(batches):
                 if kept and n in kept and np.array_equal(kept[n], rows):
                     C = np.array([len(completions[i]) for i in rows], np.int64)
@@ -321,7 +320,7 @@ class Scorer:
                         log.warning("shard %d: kept batch %d holds other rows; scoring it again", shard.shard, n)
                     h, targets, C = self._hidden(prompts, completions, rows)
                     yield n, rows, h, targets, C
-                bar.advance(task, int(C.sum()))
+                advance(int(C.sum()))
 
     def reference_logprobs(self, shard: RolloutShard, progress: bool,
                            kept: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
@@ -329,8 +328,6 @@ class Scorer:
         """([R] (C,) float32 log-probs per row, tokens scored now). A batch in `kept` ({index: (rows, (N,)
         log-probs)} from an interrupted run) with exactly that batch's rows is reused; `keep(index, rows,
         logprobs)` is called after each batch scored now."""
-        from grpo_kd.kernels import linear_logprobs
-
         kept = kept or {}
         out: list[np.ndarray] = [np.zeros(0, np.float32)] * shard.num_rows
         scored = 0
@@ -353,10 +350,6 @@ class Scorer:
         """(batch index, ScoredRows, scored now?) per batch, in the batch order (longest rows first). A batch in
         `done` (kept from an interrupted run) is passed through without a forward pass when it holds exactly that
         batch's rows, and scored again otherwise."""
-        from grpo_kd.kernels import linear_logprobs
-
-        linear_topk = _linear_topk()
-
         group_ids = shard.table.column("group_id").to_numpy()
         student_C = shard.lengths()
         done = done or {}
@@ -394,14 +387,6 @@ class Scorer:
             yield n, ScoredRows(row=rows.astype(np.int64), group_id=group_ids[rows].astype(np.int64),
                                 num_tokens=student_C[rows].astype(np.int32), seq_logprob=seq, token=token,
                                 extra=extra), True
-
-
-def _linear_topk():
-    try:
-        from grpo_kd.kernels import linear_topk
-    except ImportError:  # the package namespace may not export it yet
-        from grpo_kd.kernels.topk import linear_topk
-    return linear_topk
 
 
 def _row_sums(values: np.ndarray, counts: np.ndarray) -> np.ndarray:

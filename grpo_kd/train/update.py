@@ -34,12 +34,17 @@ import torch
 from grpo_kd.cache.reader import CacheBatch, CacheReader
 from grpo_kd.config import Config
 from grpo_kd.errors import GrpoKdError
+from grpo_kd.models import load_tokenizer, tokenizer_fingerprint
 from grpo_kd.paths import RunPaths
+from grpo_kd.progress import progress
 from grpo_kd.train import algorithms
+from grpo_kd.train.algorithms import Algorithm
 from grpo_kd.train.algorithms.common import (
     Context,
+    Prepared,
     StepNorm,
     concat_prepared,
+    split_groups,
     take_prepared,
     take_rows,
     to_device,
@@ -49,10 +54,13 @@ from grpo_kd.train.checkpoint import prune_step_checkpoints
 from grpo_kd.train.distributed import Dist, TrainModule, all_reduce_sum, barrier, init_distributed, shutdown, wrap
 from grpo_kd.train.fsdp import ShardedOptimizer, grad_norm_value, is_sharded
 from grpo_kd.train.metrics import MetricsLog
+from grpo_kd.train.optim import build_optimizer, build_scheduler
+from grpo_kd.train.pretrain import PretrainBatches, pretrain_loss
 from grpo_kd.train.signals import stop_on_signals
 from grpo_kd.train.update_state import (
     Plan,
     StepStats,
+    UpdateRun,
     load_prepared,
     load_student_parts,
     make_reference,
@@ -86,9 +94,7 @@ def run_update(cfg: Config, iteration: int, *, resume: bool = False) -> Path:
         shutdown(dist)
 
 
-def open_reader(cfg: Config, paths: RunPaths, iteration: int, tokenizer, algorithm) -> CacheReader:
-    from grpo_kd.models import tokenizer_fingerprint
-
+def open_reader(cfg: Config, paths: RunPaths, iteration: int, tokenizer, algorithm: Algorithm) -> CacheReader:
     teacher_dir = paths.teacher(iteration)
     return CacheReader.open(
         paths.rollouts(iteration), teacher_dir if teacher_dir.is_dir() else None,
@@ -125,28 +131,64 @@ def step_groups(plan: Plan, seed: int, iteration: int, index: int, rank: int) ->
     return order[start : start + plan.groups_per_rank].tolist()
 
 
-def prepare_all(algorithm, reader: CacheReader, cfg: Config, ctx: Context, plan: Plan) -> dict[int, object]:
+def prepare_all(run: UpdateRun) -> dict[int, Prepared]:
     """`prepare` on every group, in chunks of one step's worth of groups; {group index: Prepared}."""
-    from grpo_kd.train.algorithms.common import split_groups
-
     prepared = {}
-    for start in range(0, reader.num_groups, plan.groups_per_rank):
-        groups = list(range(start, min(start + plan.groups_per_rank, reader.num_groups)))
+    reader = run.reader
+    for start in range(0, reader.num_groups, run.plan.groups_per_rank):
+        groups = list(range(start, min(start + run.plan.groups_per_rank, reader.num_groups)))
         batch = reader.batch(groups)
         with torch.no_grad():
-            result = algorithm.prepare(batch, cfg, ctx)
+            result = run.algorithm.prepare(batch, run.cfg, run.ctx)
         prepared.update(zip(groups, split_groups(result, batch.group_ids)))
     return prepared
 
 
 def _train(cfg: Config, iteration: int, resume: bool, paths: RunPaths, dist: Dist) -> Path:
     """The main loop (long by nature: it wires every part once; each part lives in its own function)."""
-    from grpo_kd.evaluate.progress import progress
-    from grpo_kd.models import load_tokenizer
-    from grpo_kd.train.optim import build_optimizer, build_scheduler
-    from grpo_kd.train.pretrain import PretrainBatches
+    run = _setup(cfg, iteration, resume, paths, dist)
+    done = run.done
+    prepared_path = paths.iteration(iteration) / "prepared.safetensors"
+    prepared = load_prepared(prepared_path) if done else None
+    if prepared is None:
+        prepared = prepare_all(run)
+        if dist.is_main:
+            save_prepared(prepared_path, prepared)
+    pretrain = PretrainBatches(cfg, run.tokenizer) if cfg.loss.pt.weight > 0 else None
+    if pretrain is not None and cfg.loss.pt.batch_size < dist.world_size:
+        raise GrpoKdError(f"loss.pt.batch_size={cfg.loss.pt.batch_size} is smaller than the {dist.world_size} ranks")
+    metrics_log = MetricsLog(paths.metrics)
+    if dist.is_main:
+        metrics_log.truncate_after(iteration, done)
+    barrier(dist)
+    plan = run.plan
+    log.info("update %d: %s, %d groups, %d steps x %d epochs, starting after step %d", iteration,
+             cfg.loss.algorithm, plan.num_groups, plan.steps_per_epoch, plan.epochs, done)
+    with stop_on_signals() as stop:
+        for index in progress(range(done, plan.total_steps), f"update {iteration}", total=plan.total_steps - done):
+            groups = step_groups(plan, cfg.seed, iteration, index, dist.rank)
+            pt_blocks = pretrain.draw(iteration, index, dist.rank, dist.world_size) if pretrain else None
+            stats = train_step(run, run.reader.batch(groups), concat_prepared([prepared[g] for g in groups]),
+                               pt_blocks=pt_blocks, pt_tokens=pretrain.tokens_per_step if pretrain else 0)
+            record = {"iteration": iteration, "step": index + 1, "epoch": index // plan.steps_per_epoch,
+                      **stats.record}
+            if dist.is_main:
+                metrics_log.log(record)
+            stopping = bool(all_reduce_sum(torch.tensor([float(stop.requested)]), dist)[0] > 0)
+            periodic = cfg.checkpoint.save_every_steps and (index + 1) % cfg.checkpoint.save_every_steps == 0
+            if (stopping or periodic) and index + 1 < plan.total_steps:
+                saved = save_state(run, index + 1, record, step=True)
+                if stopping:
+                    raise UpdateInterrupted(saved, stop.signal_name)
+    save_state(run, plan.total_steps, None, step=False)
+    if dist.is_main:
+        prune_step_checkpoints(run.final, 0)
+        prepared_path.unlink(missing_ok=True)
+    return run.final
 
-    final = paths.checkpoint(iteration)
+
+def _setup(cfg: Config, iteration: int, resume: bool, paths: RunPaths, dist: Dist) -> UpdateRun:
+    """Load the data, the student, its optimizer and reference; restore the start point (`run.done` steps)."""
     algorithm = algorithms.get(cfg.loss.algorithm)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     reader = open_reader(cfg, paths, iteration, tokenizer, algorithm)
@@ -162,57 +204,21 @@ def _train(cfg: Config, iteration: int, resume: bool, paths: RunPaths, dist: Dis
     reference = make_reference(cfg, train_module.policy, dist, module if sharded else None)
     ctx = Context(module=module, policy=train_module.policy, reference=reference, impl=cfg.optim.impl,
                   temperature=cfg.rollout.temperature)
-    prepared_path = paths.iteration(iteration) / "prepared.safetensors"
-    prepared = load_prepared(prepared_path) if done else None
-    if prepared is None:
-        prepared = prepare_all(algorithm, reader, cfg, ctx, plan)
-        if dist.is_main:
-            save_prepared(prepared_path, prepared)
-    pretrain = PretrainBatches(cfg, tokenizer) if cfg.loss.pt_weight > 0 else None
-    if pretrain is not None and cfg.loss.pt_batch_size < dist.world_size:
-        raise GrpoKdError(f"loss.pt_batch_size={cfg.loss.pt_batch_size} is smaller than the {dist.world_size} ranks")
-    metrics_log = MetricsLog(paths.metrics)
-    if dist.is_main:
-        metrics_log.truncate_after(iteration, done)
-    barrier(dist)
-    log.info("update %d: %s, %d groups, %d steps x %d epochs, starting after step %d", iteration,
-             cfg.loss.algorithm, plan.num_groups, plan.steps_per_epoch, plan.epochs, done)
-    with stop_on_signals() as stop:
-        for index in progress(range(done, plan.total_steps), f"update {iteration}", total=plan.total_steps - done):
-            groups = step_groups(plan, cfg.seed, iteration, index, dist.rank)
-            batch = reader.batch(groups)
-            step_prepared = concat_prepared([prepared[g] for g in groups])
-            pt_blocks = pretrain.draw(iteration, index, dist.rank, dist.world_size) if pretrain else None
-            stats = train_step(algorithm, batch, step_prepared, cfg, ctx, optimizer, scheduler, dist,
-                               pt_blocks=pt_blocks, pt_tokens=pretrain.tokens_per_step if pretrain else 0)
-            record = {"iteration": iteration, "step": index + 1, "epoch": index // plan.steps_per_epoch,
-                      **stats.record}
-            if dist.is_main:
-                metrics_log.log(record)
-            stopping = bool(all_reduce_sum(torch.tensor([float(stop.requested)]), dist)[0] > 0)
-            periodic = cfg.checkpoint.save_every_steps and (index + 1) % cfg.checkpoint.save_every_steps == 0
-            if (stopping or periodic) and index + 1 < plan.total_steps:
-                saved = save_state(paths, iteration, index + 1, train_module, optimizer, scheduler, plan, cfg,
-                                   dist, record, tokenizer, step=True)
-                if stopping:
-                    raise UpdateInterrupted(saved, stop.signal_name)
-    save_state(paths, iteration, plan.total_steps, train_module, optimizer, scheduler, plan, cfg, dist,
-               None, tokenizer, step=False)
-    if dist.is_main:
-        prune_step_checkpoints(final, 0)
-        prepared_path.unlink(missing_ok=True)
-    return final
+    return UpdateRun(cfg=cfg, iteration=iteration, paths=paths, dist=dist, algorithm=algorithm, tokenizer=tokenizer,
+                     plan=plan, train_module=train_module, optimizer=optimizer, scheduler=scheduler, ctx=ctx,
+                     reader=reader, done=done)
 
 
-def train_step(algorithm, batch: CacheBatch, prepared, cfg: Config, ctx: Context, optimizer, scheduler,
-               dist: Dist, *, pt_blocks: torch.Tensor | None, pt_tokens: int) -> StepStats:
+def train_step(run: UpdateRun, batch: CacheBatch, prepared: Prepared, *, pt_blocks: torch.Tensor | None,
+               pt_tokens: int) -> StepStats:
     """One optimizer step over this rank's rows: L_PT units first, then the micro-batches, one backward each."""
     started = time.perf_counter()
+    cfg, ctx, dist, optimizer = run.cfg, run.ctx, run.dist, run.optimizer
     B = batch.completion_ids.shape[0]
     counts = all_reduce_sum(torch.tensor([B, float(batch.completion_mask.sum())], dtype=torch.float64), dist)
     ctx.norm = StepNorm(sequences=int(counts[0]), tokens=int(counts[1]), world_size=dist.world_size)
     stats = StepStats(dist)
-    units = pt_units(pt_blocks, cfg, ctx, pt_tokens) + rl_units(algorithm, batch, prepared, cfg, ctx)
+    units = pt_units(pt_blocks, cfg, ctx, pt_tokens) + rl_units(run.algorithm, batch, prepared, cfg, ctx)
     optimizer.zero_grad(set_to_none=True)
     for position, (weight, compute) in enumerate(units):
         last = position == len(units) - 1
@@ -225,15 +231,15 @@ def train_step(algorithm, batch: CacheBatch, prepared, cfg: Config, ctx: Context
         stats.add_metrics(metrics, weight)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-    stats.set("lr", scheduler.get_last_lr()[0])  # the rate this step used
+    stats.set("lr", run.scheduler.get_last_lr()[0])  # the rate this step used
     optimizer.step()
-    scheduler.step()
+    run.scheduler.step()
     stats.add_rewards(prepared, batch.completion_mask.float())
     stats.set("ref_source", "cache" if batch.ref_logprobs is not None else ("live" if ctx.reference else "none"))
     return stats.finish(grad_norm_value(grad_norm), counts[1] + pt_tokens, time.perf_counter() - started)
 
 
-def rl_units(algorithm, batch: CacheBatch, prepared, cfg: Config, ctx: Context) -> list:
+def rl_units(algorithm: Algorithm, batch: CacheBatch, prepared, cfg: Config, ctx: Context) -> list:
     """(token weight, closure -> (loss, metrics)) per micro-batch of `micro_batch_size` rows."""
     units = []
     B = batch.completion_ids.shape[0]
@@ -250,11 +256,9 @@ def rl_units(algorithm, batch: CacheBatch, prepared, cfg: Config, ctx: Context) 
 
 def pt_units(blocks: torch.Tensor | None, cfg: Config, ctx: Context, pt_tokens: int) -> list:
     """L_PT micro-batches of this rank's pre-training blocks, each scaled to its share of the step's L_PT."""
-    from grpo_kd.train.pretrain import pretrain_loss
-
     if blocks is None or len(blocks) == 0:
         return []
-    scale = cfg.loss.pt_weight * ctx.norm.world_size / max(pt_tokens, 1)
+    scale = cfg.loss.pt.weight * ctx.norm.world_size / max(pt_tokens, 1)
     units = []
     for start in range(0, len(blocks), cfg.optim.micro_batch_size):
         chunk = blocks[start : start + cfg.optim.micro_batch_size]

@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from grpo_kd.cache.reader import CacheReader
 from grpo_kd.config import Config
 from grpo_kd.errors import GrpoKdError
+from grpo_kd.fsutil import atomic_path
+from grpo_kd.kernels import linear_logprobs
+from grpo_kd.models import adapters_disabled, as_peft_model, lm_head, load_student
 from grpo_kd.paths import RunPaths
-from grpo_kd.train.algorithms.common import Prepared
+from grpo_kd.train.algorithms import Algorithm
+from grpo_kd.train.algorithms.common import Context, Prepared
 from grpo_kd.train.checkpoint import (
     load_trainer_state,
     model_dir,
@@ -33,7 +38,8 @@ from grpo_kd.train.checkpoint import (
     step_checkpoint,
     step_checkpoints,
 )
-from grpo_kd.train.distributed import Dist, all_reduce_sum, barrier, new_value_head, student_config
+from grpo_kd.train.distributed import Dist, TrainModule, all_reduce_sum, barrier, new_value_head, student_config
+from grpo_kd.train.fsdp import ShardedOptimizer, full_state, is_sharded
 
 log = logging.getLogger(__name__)
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -115,8 +121,6 @@ def start_point(paths: RunPaths, iteration: int, resume: bool, dist: Dist) -> St
 
 def load_student_parts(cfg: Config, start: StartPoint, dist: Dist, value_head: bool):
     """(student, value head | None) from the start point's `model/` directory, or the initial model."""
-    from grpo_kd.models import load_student
-
     source = model_dir(start.checkpoint) if start.checkpoint is not None else None
     policy = load_student(student_config(cfg, dist), checkpoint=str(source) if source else None, trainable=True)
     head = None
@@ -132,8 +136,6 @@ class Reference:
     """Live reference log-probs (B, T): the student with adapters off (LoRA), or the initial model, loaded lazily."""
 
     def __init__(self, cfg: Config, policy, dist: Dist, module=None):
-        from grpo_kd.models import as_peft_model
-
         self.cfg, self.policy, self.dist = cfg, policy, dist
         self.module = module  # the FSDP-sharded train module: the policy's shards are only whole through it
         self.uses_adapters = as_peft_model(policy) is not None
@@ -141,9 +143,6 @@ class Reference:
 
     @torch.no_grad()
     def __call__(self, batch) -> torch.Tensor:
-        from grpo_kd.models import adapters_disabled, load_student
-        from grpo_kd.train.distributed import TrainModule
-
         if self.uses_adapters:
             with adapters_disabled(self.policy):
                 return self._logprobs(self.module or TrainModule(self.policy), self.policy, batch)
@@ -154,9 +153,6 @@ class Reference:
         return self._logprobs(TrainModule(self.model), self.model, batch)
 
     def _logprobs(self, module, model, batch) -> torch.Tensor:
-        from grpo_kd.kernels import linear_logprobs
-        from grpo_kd.models import lm_head
-
         def completion_logprobs(hidden, _values):  # hidden (B, T, H), inside the forward
             head = lm_head(model)
             return linear_logprobs(hidden, head.weight, batch.completion_ids.to(hidden.device), bias=head.bias,
@@ -170,8 +166,35 @@ class Reference:
 
 
 def make_reference(cfg: Config, policy, dist: Dist, module=None) -> Reference | None:
-    needed = cfg.loss.beta != 0.0 or cfg.loss.algorithm == "self_distill"
+    needed = cfg.loss.reference_beta != 0.0 or cfg.loss.algorithm == "self_distill"
     return Reference(cfg, policy, dist, module) if needed else None
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class UpdateRun:
+    """What the update loop of one iteration holds: its settings, the data plan, the student and its optimizer.
+    Built once by `update._train`; the step and the checkpoint functions take it instead of a dozen arguments."""
+
+    cfg: Config
+    iteration: int
+    paths: RunPaths
+    dist: Dist
+    algorithm: Algorithm
+    tokenizer: Any
+    reader: CacheReader  # the iteration's rollouts and teacher cache, whole groups
+    plan: Plan
+    train_module: TrainModule  # the bare student (+ value head): what is saved
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ctx: Context  # ctx.module is the DDP/FSDP-wrapped train module: what is trained
+    done: int  # optimizer steps already done when the phase started (a resumed run)
+
+    @property
+    def final(self) -> Path:
+        return self.paths.checkpoint(self.iteration)
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -207,20 +230,17 @@ class _Gathered:
         return self._state_dict
 
 
-def save_state(paths: RunPaths, iteration: int, steps_done: int, train_module, optimizer, scheduler, plan: Plan,
-               cfg: Config, dist: Dist, record: dict | None, tokenizer, *, step: bool) -> Path:
+def save_state(run: UpdateRun, steps_done: int, record: dict | None, *, step: bool) -> Path:
     """Write a step checkpoint (step=True) or the iteration's final one; rank 0 writes, everyone waits."""
-    from grpo_kd.train.fsdp import ShardedOptimizer, full_state, is_sharded
-
-    final = paths.checkpoint(iteration)
-    target = step_checkpoint(final, steps_done) if step else final
+    cfg, dist, plan, train_module, optimizer = run.cfg, run.dist, run.plan, run.train_module, run.optimizer
+    target = step_checkpoint(run.final, steps_done) if step else run.final
     full = optimizer_state = None
     if is_sharded(train_module):  # every rank gathers its shards (collective); rank 0 keeps the whole tensors
         full = full_state(train_module, dist)
         if cfg.checkpoint.save_optimizer:
             optimizer_state = _Gathered(ShardedOptimizer(optimizer, dist).state_dict())
     if dist.is_main:
-        state = {"iteration": iteration, "step": steps_done, "epoch": steps_done // max(plan.steps_per_epoch, 1),
+        state = {"iteration": run.iteration, "step": steps_done, "epoch": steps_done // max(plan.steps_per_epoch, 1),
                  "plan": dataclasses.asdict(plan), "finished": not step, "algorithm": cfg.loss.algorithm,
                  "data_position": {"next_step": steps_done, "order": "permutation(seed, iteration, epoch)"},
                  "metrics": record or {},
@@ -228,10 +248,9 @@ def save_state(paths: RunPaths, iteration: int, steps_done: int, train_module, o
                               "world_size": dist.world_size}}
         save_checkpoint(target, model=_SaveView(train_module.policy, train_module.value_head, full),
                         optimizer=(optimizer_state or optimizer) if cfg.checkpoint.save_optimizer else None,
-                        scheduler=scheduler,
-                        state=state, tokenizer=tokenizer)
+                        scheduler=run.scheduler, state=state, tokenizer=run.tokenizer)
         if step:
-            prune_step_checkpoints(final, max(cfg.checkpoint.keep_last, 1))
+            prune_step_checkpoints(run.final, max(cfg.checkpoint.keep_last, 1))
     barrier(dist)
     return target
 
@@ -244,9 +263,8 @@ def save_prepared(path: Path, prepared: dict[int, Prepared]) -> None:
                 tensors.update({f"{group}.rewards.{k}": v.contiguous().clone() for k, v in value.items()})
             elif value is not None:
                 tensors[f"{group}.{name}"] = value.contiguous().clone()
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
 
 
 def load_prepared(path: Path) -> dict[int, Prepared] | None:

@@ -9,7 +9,8 @@ import torch
 from grpo_kd.cache.manifest import CacheError, list_shard_manifests, shard_is_complete
 from grpo_kd.cache.reader import CacheReader, completion_hidden, prefetched
 from grpo_kd.cache.rollouts import RolloutRecord, RolloutStore, write_rollout_shard
-from grpo_kd.cache.teacher import CacheSpec, ScoredRows, TeacherShardSink, bf16_bits
+from grpo_kd.cache.spec import CacheSpec, ScoredRows, bf16_bits
+from grpo_kd.cache.teacher import TeacherShardSink
 from grpo_kd.cache.verify import verify_run
 from grpo_kd.paths import RunPaths
 

@@ -95,6 +95,7 @@ def test_sigkill_at_random_moments_then_rerun(tmp_path, cache_models):
     print(f"{KILLS} kills, {mid_write} of them left a half-written shard; full run {full_seconds:.1f} s")
 
 
+@pytest.mark.slow  # a cache-teacher subprocess killed mid-shard
 def test_killed_shard_resumes_from_its_kept_batches(tmp_path, cache_models, capsys):
     """A kill mid-shard keeps the reference log-probs and the teacher batches already scored: the next run scores
     only the rest (a batch file cut short by the crash is dropped and scored again), and the shard is
@@ -134,6 +135,7 @@ def test_killed_shard_resumes_from_its_kept_batches(tmp_path, cache_models, caps
     assert main(["cache", "verify", str(killed_run)]) == 0
 
 
+@pytest.mark.slow  # a cache-teacher subprocess killed mid-pass
 def test_kill_during_the_reference_pass_keeps_its_scored_batches(tmp_path, cache_models):
     """The reference pass keeps each batch too: a run killed during it scores only the reference batches not kept
     (a file cut short is scored again), and the shard is byte-identical to a clean run's."""

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from grpo_kd.cache.rollouts import RolloutRecord, write_rollout_shard
-from grpo_kd.config import Config, load_config
+from grpo_kd.config import ALGORITHM_SECTIONS, Config, load_config
 from grpo_kd.paths import RunPaths, iteration_name
 
 GROUPS = 6
@@ -28,8 +28,11 @@ def make_config(run_dir: Path, models, *extra: str) -> Config:
     overrides = [
         f"name={run_dir.name}", f"output_dir={run_dir.parent}", f"model.path={models.student}",
         f"teacher.path={models.teacher}", "teacher.top_k=8", "rollout.group_size=4", "rollout.max_new_tokens=8",
-        "optim.micro_batch_size=4", "optim.grad_accum=2", "optim.lr=0.003", "loss.beta=0.04", "seed=3",
+        "optim.micro_batch_size=4", "optim.grad_accum=2", "optim.lr=0.003", "seed=3",
     ]
+    algorithm = next((e.split("=", 1)[1] for e in extra if e.startswith("loss.algorithm=")), "grpo")
+    if "policy" in ALGORITHM_SECTIONS[algorithm]:  # a section the algorithm does not read is refused
+        overrides.append("loss.policy.beta=0.04")
     return load_config(None, overrides + list(extra))
 
 
@@ -96,3 +99,20 @@ def assert_same_weights(a: dict, b: dict, atol: float = 2e-5) -> None:
     for key in a:
         err = (a[key].float() - b[key].float()).abs().max().item()
         assert err <= atol, f"{key}: max abs difference {err:.3g} > {atol}"
+
+
+def first_step(cfg: Config, iteration: int = 1):
+    """(the CacheBatch of optimizer step 1 on rank 0, float64 logits (B, T, V) of the initial student on it):
+    the rows and the weights that step 1's logged metrics are computed from."""
+    from grpo_kd.cache.reader import CacheReader, completion_hidden
+    from grpo_kd.models import load_student
+    from grpo_kd.train.update import make_plan, step_groups
+
+    paths = RunPaths.of(cfg.run_dir)
+    reader = CacheReader.open(paths.rollouts(iteration), paths.teacher(iteration))
+    plan = make_plan(reader, cfg, world_size=1)
+    batch = reader.batch(step_groups(plan, cfg.seed, iteration, 0, 0))
+    model = load_student(cfg.model, trainable=False).double()
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits  # (B, L, V)
+    return batch, completion_hidden(logits, batch.prompt_lengths, batch.completion_ids.shape[1])  # (B, T, V)

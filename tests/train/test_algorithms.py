@@ -3,7 +3,6 @@ micro-batch x accumulation equivalence for every loss type, and cached teacher =
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -103,7 +102,7 @@ def reference_loss(name, cfg, batch, module):
         source = batch.teacher_logprobs if name == "grpo" else batch.ref_logprobs
         # the reward in float32, as cached: group normalisation amplifies its rounding when a group's std is tiny
         reward = ((source * batch.completion_mask).sum(1) / batch.completion_mask.sum(1)).double()
-        per_token = surrogate(logp, batch, group_norm(reward)[:, None], 0.2, cfg.loss.beta)
+        per_token = surrogate(logp, batch, group_norm(reward)[:, None], 0.2, cfg.loss.policy.beta)
         return (per_token * m).sum() / N
     if name == "minillm":
         mixed = batch.student_logprobs is not None  # teacher-mixed sampling: behaviour = mixture, not the student
@@ -115,7 +114,7 @@ def reference_loss(name, cfg, batch, module):
             L = int(lengths[b])
             for t in range(L - 1):
                 adv[b, t] = r[b, t + 1 : L].sum() / (L - t - 1)
-        long_term = (surrogate(logp, batch, adv, cfg.loss.importance_clip, cfg.loss.beta) * m).sum() / N
+        long_term = (surrogate(logp, batch, adv, cfg.loss.minillm.importance_clip, cfg.loss.policy.beta) * m).sum() / N
         return long_term + (w * reverse_kl_bucket(logq, batch) * m).sum() / N
     if name == "privileged":
         return (reverse_kl_bucket(logq, batch) * m).sum() / N
@@ -126,15 +125,15 @@ def reference_loss(name, cfg, batch, module):
             running, L = 0.0, int(lengths[b])
             for t in reversed(range(L)):
                 delta = (reward[b] if t == L - 1 else 0.0)
-                running = delta + cfg.loss.gamma * cfg.loss.gae_lambda * running
+                running = delta + cfg.loss.ppo.gamma * cfg.loss.ppo.gae_lambda * running
                 adv[b, t] = running
         returns = adv.clone()
         mean = (adv * m).sum() / N
         white = (adv - mean) * torch.rsqrt(((adv - mean) ** 2 * m).sum() / N + 1e-8) * m
-        policy = (surrogate(logp, batch, white, 0.2, cfg.loss.beta) * m).sum() / N
+        policy = (surrogate(logp, batch, white, 0.2, cfg.loss.policy.beta) * m).sum() / N
         v = values.double()
         v_loss = (0.5 * torch.maximum((v - returns) ** 2, (v.clamp(-0.2, 0.2) - returns) ** 2) * m).sum() / N
-        return policy + cfg.loss.value_coef * v_loss
+        return policy + cfg.loss.ppo.value_coef * v_loss
     raise AssertionError(name)
 
 
@@ -176,13 +175,13 @@ def test_minillm_teacher_mixed_importance_weights(setup):
 ])  # fmt: skip
 def test_micro_batches_sum_to_the_whole_batch(setup, name, loss_type, level):
     cfg, batch = setup
-    cfg.loss.algorithm, cfg.loss.loss_type, cfg.loss.importance_sampling_level = name, loss_type, level
+    cfg.loss.algorithm, cfg.loss.policy.loss_type, cfg.loss.policy.importance_sampling_level = name, loss_type, level
     try:
         module = student(cfg, value_head=(name == "ppo"))
         whole, grads = kernel_loss_and_grads(name, cfg, batch, module)
         split, split_grads = kernel_loss_and_grads(name, cfg, batch, module, micro_rows=5)  # uneven: 5+5+5+5+4
     finally:
-        cfg.loss.loss_type, cfg.loss.importance_sampling_level = "dapo", "token"
+        cfg.loss.policy.loss_type, cfg.loss.policy.importance_sampling_level = "dapo", "token"
     assert split == pytest.approx(whole, rel=1e-5, abs=1e-7)
     for n, g in grads.items():
         assert torch.allclose(split_grads[n], g, rtol=1e-4, atol=1e-7), n
@@ -238,7 +237,6 @@ def test_live_reference_with_adapters_off_equals_the_cached_reference(setup):
     finally:
         cfg.model.lora = False
     assert torch.allclose(live, batch.ref_logprobs, atol=1e-4), (live - batch.ref_logprobs).abs().max()
-    assert not math.isnan(float(live.sum()))
 
 
 def test_pretraining_loss_is_the_dense_nll_and_its_draw_splits_over_ranks(setup, tmp_path):
@@ -250,7 +248,8 @@ def test_pretraining_loss_is_the_dense_nll_and_its_draw_splits_over_ranks(setup,
 
     cfg, _ = setup
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pretrain_text=str(BUILTIN_CORPUS)),
-                              loss=dataclasses.replace(cfg.loss, pt_seq_len=12, pt_batch_size=4))
+                              loss=dataclasses.replace(cfg.loss, pt=dataclasses.replace(cfg.loss.pt, seq_len=12,
+                                                                                     batch_size=4)))
     batches = PretrainBatches(cfg, load_tokenizer(cfg.model.path))
     blocks = batches.draw(iteration=1, step=0)  # (4, 12)
     assert blocks.shape == (4, 12) and torch.equal(blocks, batches.draw(iteration=1, step=0))

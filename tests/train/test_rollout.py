@@ -16,7 +16,7 @@ from grpo_kd.errors import GrpoKdError
 from grpo_kd.fsutil import sha256_file
 from grpo_kd.models import load_causal_lm
 from grpo_kd.paths import RunPaths
-from grpo_kd.slurm.shards import resolve_shard, shard_range
+from grpo_kd.shards import resolve_shard, shard_range
 from grpo_kd.train.policy import collate, completion_logprobs
 from grpo_kd.train.rollout import iteration_prompts, run_rollout, training_prompts
 

@@ -1,4 +1,4 @@
-"""`loss.teacher_estimate=sampled`: the teacher KL from the cache's m teacher samples (the unbiased forward-KL
+"""`loss.teacher_kl.estimate=sampled`: the teacher KL from the cache's m teacher samples (the unbiased forward-KL
 estimate), on the real tiny pair: its loss and gradient equal a dense float64 reference on the same samples, its
 gradient averaged over sampling seeds of the teacher pass's sampler is the full-vocabulary forward-KL gradient
 (where top-k's is measurably biased), it trains, and it refuses a cache or config it cannot serve in one line."""
@@ -10,7 +10,8 @@ import dataclasses
 import pytest
 import torch
 
-from ._update_helpers import build_run, copy_run, make_config
+from ..kernels._reference import ref_sampled_forward_kl
+from ._update_helpers import build_run, copy_run, first_step, make_config
 from grpo_kd.cache.reader import CacheReader
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.models import lm_head, load_student, load_teacher
@@ -22,7 +23,7 @@ from grpo_kd.train.teacher_samples import sample_teacher
 from grpo_kd.train.update import run_update
 
 M = 8  # teacher samples per token
-SAMPLED = ("loss.teacher_estimate=sampled", "loss.divergence=forward")
+SAMPLED = ("loss.teacher_kl.estimate=sampled", "loss.teacher_kl.divergence=forward")
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,8 @@ def test_sampled_gradient_averages_to_the_full_forward_kl_gradient(sampled_run, 
     grads = torch.stack(grads)  # (S, B, T, H)
     noise = grads.var(0).sum() / len(grads)  # E |mean - truth|^2 for an unbiased estimator
     error = (grads.mean(0) - exact_grad).square().sum()
-    topk = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, teacher_estimate="topk"))
+    topk = dataclasses.replace(cfg, loss=dataclasses.replace(
+        cfg.loss, teacher_kl=dataclasses.replace(cfg.loss.teacher_kl, estimate="topk")))
     _, topk_grad = loss_and_grad(hidden, lambda h: teacher_kl(h, batch, topk, ctx)[0])
     topk_error = (topk_grad - exact_grad).square().sum()
     print(f"sampled mean: error {error:.3g}, noise {noise:.3g} (ratio {error / noise:.2f}), relative "
@@ -133,14 +135,18 @@ def test_training_with_the_sampled_estimate(sampled_run, tiny_models, tmp_path):
     run_update(cfg, 1)
     records = MetricsLog(RunPaths.of(run).metrics).read()
     assert len(records) == 3
-    assert all(torch.isfinite(torch.tensor([r["loss"], r["teacher_kl"], r["grad_norm"]])).all() for r in records)
+    batch, logits = first_step(cfg)  # step 1's logged KL: the sampled estimate of the initial student, by hand
+    mask = batch.completion_mask
+    per_token = ref_sampled_forward_kl(logits[mask], batch.teacher_sample_ids[mask],
+                                       batch.teacher_sample_logprobs[mask], batch.teacher_sample_weights[mask])
+    assert records[0]["teacher_kl"] == pytest.approx(float(per_token.mean()), rel=1e-4)
 
 
 def test_sampled_estimate_refuses_another_divergence_or_a_cache_without_samples(sampled_run, tiny_models, tmp_path):
     template, cfg, batch = sampled_run
     run = copy_run(template, tmp_path / "run")
-    reverse = make_config(run, tiny_models, "loss.algorithm=privileged", "loss.teacher_estimate=sampled")
-    with pytest.raises(GrpoKdError, match="estimates the forward KL only.*set loss.divergence=forward"):
+    reverse = make_config(run, tiny_models, "loss.algorithm=privileged", "loss.teacher_kl.estimate=sampled")
+    with pytest.raises(GrpoKdError, match="estimates the forward KL only.*set loss.teacher_kl.divergence=forward"):
         run_update(reverse, 1)
     assert not RunPaths.of(run).checkpoint(1).exists()
     no_samples = batch._replace(teacher_sample_ids=None, teacher_sample_weights=None, teacher_sample_logprobs=None)

@@ -1,12 +1,8 @@
 """What the algorithm files share: step normalisers, batch slicing, reward assembly and the three loss terms.
 
-An algorithm is a module (grpo.py, ppo.py, minillm.py, self_distill.py, privileged.py), not a class:
-
-    NEEDS_TOKEN_LEVEL: bool                               the teacher's top-k is needed (one shared vocabulary)
-    NEEDS_VALUE_HEAD: bool                                PPO's critic
-    prepare(batch, cfg, ctx) -> Prepared                  once per iteration per batch of whole groups, no grad:
-                                                          named rewards and advantages
-    micro_loss(micro, prepared, cfg, ctx) -> (loss, metrics)   one micro-batch, differentiable
+An algorithm is a module (grpo.py, ppo.py, minillm.py, self_distill.py, privileged.py), not a class, that
+satisfies the `Algorithm` protocol of `grpo_kd.train.algorithms`: NEEDS_TOKEN_LEVEL, NEEDS_VALUE_HEAD,
+`prepare(batch, cfg, ctx) -> Prepared` (once per iteration, no grad) and `micro_loss(micro, prepared, cfg, ctx)`.
 
 Loss normalisation. One optimizer step sees a global batch of S sequences with N completion tokens spread over
 `world_size` ranks x `grad_accum` micro-batches. DDP averages gradients over ranks, so every micro-batch loss is
@@ -18,7 +14,9 @@ multiplied by `world_size` and divided by a normaliser of the *whole step*, neve
     token means (KL to a teacher, value loss)      sum over the micro's tokens / N
     L_PT                                            sum of NLL over the micro's tokens / (PT tokens of the step)
 
-so that the accumulated gradient is exactly that of one big batch (tests/train/test_update_invariants.py).
+so that the accumulated gradient is exactly that of one big batch (tests/train/test_algorithms.py
+`test_micro_batches_sum_to_the_whole_batch`, tests/train/test_update.py `test_micro_batches_times_accumulation_...`
+and `test_two_processes_equal_one_process`).
 "bnpo" and "dapo" therefore coincide here: both divide by the token count of the whole step.
 """
 
@@ -171,12 +169,12 @@ def group_size_of(batch: CacheBatch) -> int:
 
 
 def reward_weights(cfg: Config) -> dict[str, float]:
-    """`loss.reward_weights`, or the algorithm's default when it is empty (the one place that default lives)."""
-    if cfg.loss.reward_weights:
-        return dict(cfg.loss.reward_weights)
+    """`loss.reward.weights`, or the algorithm's default when it is empty (the one place that default lives)."""
+    if cfg.loss.reward.weights:
+        return dict(cfg.loss.reward.weights)
     if cfg.loss.algorithm == "self_distill":
         return {"inverse_loss": 1.0}
-    return {"log_ratio": 1.0} if cfg.loss.reward == "minillm" else {"teacher_loglik": 1.0}
+    return {"log_ratio": 1.0} if cfg.loss.reward.kind == "minillm" else {"teacher_loglik": 1.0}
 
 
 def behaviour_student_logprobs(batch: CacheBatch) -> torch.Tensor:
@@ -233,17 +231,18 @@ def reference_logprobs(micro: CacheBatch, cfg: Config, ctx: Context) -> torch.Te
     """(B, T) reference log-probs: the cache's when it has them, else live (only when the KL term needs them)."""
     if micro.ref_logprobs is not None:
         return micro.ref_logprobs
-    if cfg.loss.beta == 0.0:
+    if cfg.loss.reference_beta == 0.0:
         return None
     if ctx.reference is None:
-        raise GrpoKdError("loss.beta > 0 needs reference log-probs: the cache has none and no live reference is set")
+        raise GrpoKdError("loss.policy.beta > 0 needs reference log-probs: the cache has none and no live reference "
+                          "is set")
     return ctx.reference(micro).to(micro.old_logprobs.device)
 
 
 def with_live_reference(micro: CacheBatch, cfg: Config, ctx: Context) -> CacheBatch:
     """`micro` with live reference log-probs filled in when the KL term needs them and the cache has none.
     The update loop calls it before the wrapped forward: a forward inside the forward would confuse FSDP."""
-    if micro.ref_logprobs is not None or cfg.loss.beta == 0.0 or ctx.reference is None:
+    if micro.ref_logprobs is not None or cfg.loss.reference_beta == 0.0 or ctx.reference is None:
         return micro
     return micro._replace(ref_logprobs=ctx.reference(micro).to(micro.old_logprobs.device))
 
@@ -257,17 +256,18 @@ def policy_loss(
     hidden (B, T, H); advantages (B,) or (B, T); old log-probs are the recorded behaviour log-probs.
     """
     head = lm_head(ctx.policy)
+    policy = cfg.loss.policy
     mask = micro.completion_mask.float()  # (B, T)
     loss, metrics = linear_grpo_loss(
         hidden, head.weight, micro.completion_ids, mask, advantages,
-        old_logprobs=micro.old_logprobs, ref_logprobs=reference_logprobs(micro, cfg, ctx), beta=cfg.loss.beta,
-        epsilon_low=cfg.loss.epsilon_low if epsilon is None else epsilon,
-        epsilon_high=cfg.loss.epsilon_high if epsilon is None else epsilon,
-        loss_type=cfg.loss.loss_type, importance_sampling_level=cfg.loss.importance_sampling_level,
+        old_logprobs=micro.old_logprobs, ref_logprobs=reference_logprobs(micro, cfg, ctx), beta=policy.beta,
+        epsilon_low=policy.epsilon_low if epsilon is None else epsilon,
+        epsilon_high=policy.epsilon_high if epsilon is None else epsilon,
+        loss_type=policy.loss_type, importance_sampling_level=policy.importance_sampling_level,
         temperature=ctx.temperature, max_completion_length=cfg.rollout.max_new_tokens,
         bias=head.bias, softcap=head.softcap, impl=ctx.impl,
     )  # fmt: skip
-    return loss * policy_scale(cfg.loss.loss_type, micro, ctx.norm), metrics
+    return loss * policy_scale(cfg.loss.policy.loss_type, micro, ctx.norm), metrics
 
 
 def policy_scale(loss_type: str, micro: CacheBatch, norm: StepNorm) -> float:
@@ -284,17 +284,18 @@ def token_sum_scale(norm: StepNorm) -> float:
 
 
 def check_teacher_estimate(batch: CacheBatch, cfg: Config) -> None:
-    """One clear line when `loss.teacher_estimate` cannot be served by this cache and config (before training)."""
-    if cfg.loss.teacher_estimate == "topk":
+    """One clear line when `loss.teacher_kl.estimate` cannot be served by this cache and config (before training)."""
+    if cfg.loss.teacher_kl.estimate == "topk":
         if batch.teacher_topk_ids is None:
             raise GrpoKdError(f"loss.algorithm={cfg.loss.algorithm} needs the teacher's top-k in the cache")
         return
-    if cfg.loss.divergence != "forward":
-        raise GrpoKdError(f"loss.teacher_estimate=sampled estimates the forward KL only (teacher samples give no "
-                          f"unbiased {cfg.loss.divergence} KL); set loss.divergence=forward or teacher_estimate=topk")
+    if cfg.loss.teacher_kl.divergence != "forward":
+        raise GrpoKdError(f"loss.teacher_kl.estimate=sampled estimates the forward KL only (teacher samples give "
+                          f"no unbiased {cfg.loss.teacher_kl.divergence} KL); set loss.teacher_kl.divergence=forward "
+                          "or loss.teacher_kl.estimate=topk")
     if batch.teacher_sample_ids is None or batch.teacher_sample_logprobs is None:
-        raise GrpoKdError("loss.teacher_estimate=sampled needs teacher samples in the cache, which has none: re-run "
-                          "cache-teacher with teacher.num_samples > 0")
+        raise GrpoKdError("loss.teacher_kl.estimate=sampled needs teacher samples in the cache, which has none: "
+                          "re-run cache-teacher with teacher.num_samples > 0")
 
 
 def teacher_kl(
@@ -302,8 +303,8 @@ def teacher_kl(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """sum_t w_t D(q_theta(.|y<t) || p_T(.|y<t)) / N from the cache (`linear_sparse_kl`), step-scaled.
 
-    loss.teacher_estimate "topk": D is `loss.divergence` ("reverse" = KL(q || p)) over the cached top-k with the
-    tail handling `loss.tail`. "sampled": D is the forward KL estimated from the cached m teacher samples,
+    loss.teacher_kl.estimate "topk": D is `loss.teacher_kl.divergence` ("reverse" = KL(q || p)) over the cached top-k with the
+    tail handling `loss.teacher_kl.tail`. "sampled": D is the forward KL estimated from the cached m teacher samples,
     sum_j w_j (log p_j - log q_j), whose gradient q - sum_j w_j e_j is q - p in expectation — the exact
     full-vocabulary forward-KL gradient, without top-k's bias. The student is taken at temperature 1 (its own
     distribution). token_weights (B, T), detached, default 1.
@@ -311,7 +312,8 @@ def teacher_kl(
     from grpo_kd.kernels import linear_sparse_kl
 
     check_teacher_estimate(micro, cfg)
-    if cfg.loss.teacher_estimate == "sampled":
+    kl = cfg.loss.teacher_kl
+    if kl.estimate == "sampled":
         ids, logprobs, weights = micro.teacher_sample_ids, micro.teacher_sample_logprobs, micro.teacher_sample_weights
     else:
         ids, logprobs, weights = micro.teacher_topk_ids, micro.teacher_topk_logprobs, None  # (B, T, k) each
@@ -319,7 +321,7 @@ def teacher_kl(
     mask = micro.completion_mask.float()  # (B, T)
     per_token = linear_sparse_kl(
         hidden, head.weight, ids, logprobs, mask=mask, teacher_weights=weights,
-        divergence=cfg.loss.divergence, beta=cfg.loss.jsd_beta, tail=cfg.loss.tail, bias=head.bias,
+        divergence=kl.divergence, beta=kl.jsd_beta, tail=kl.tail, bias=head.bias,
         softcap=head.softcap, reduction="none", impl=ctx.impl,
     )  # (B, T)  # fmt: skip
     weights = mask if token_weights is None else mask * token_weights

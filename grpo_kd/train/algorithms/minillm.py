@@ -5,17 +5,17 @@ KL(q_theta || p_T) splits into
 
     single step   sum_t w_t grad KL( q_theta(. | y_<t) || p_T(. | y_<t) )        exact at each position, over the
                                                                                  cached top-k + a rest bucket
-                                                                                 (`linear_sparse_kl`, loss.tail)
+                                                                                 (`linear_sparse_kl`, loss.teacher_kl.tail)
     long term     -sum_t w_t R^Norm_{t+1} grad log q_theta(y_t | y_<t),
-                  R^Norm_{t+1} = 1/(L-t-1) sum_{t'>t} gamma^{t'-t-1} r_t'        (loss.length_normalize)
+                  R^Norm_{t+1} = 1/(L-t-1) sum_{t'>t} gamma^{t'-t-1} r_t'        (loss.minillm.length_normalize)
 
 Teacher-mixed sampling draws y from p~ = alpha p_T + (1 - alpha) q_theta, and w_t = q_theta(y_t) / p~(y_t) corrects
 for it. The long-term term is the clipped surrogate with advantages A_t = R^Norm_{t+1} and the recorded
-behaviour (mixture) log-probs as old log-probs, its ratio clipped at loss.importance_clip; the single-step term
+behaviour (mixture) log-probs as old log-probs, its ratio clipped at loss.minillm.importance_clip; the single-step term
 is weighted by w_t = clip(q_old(y_t) / p~(y_t), 1 -+ importance_clip) from the recorded log-probs (1 without
 mixing). Plus beta * k3 KL to the reference if beta > 0, and pt_weight * L_PT (added by the update loop).
-`loss.teacher_estimate=sampled` swaps the single-step term for the unbiased forward-KL estimate from the cached
-teacher samples (`loss.divergence=forward` then; MiniLLM's own choice is the reverse KL over the top-k).
+`loss.teacher_kl.estimate=sampled` swaps the single-step term for the unbiased forward-KL estimate from the cached
+teacher samples (`loss.teacher_kl.divergence=forward` then; MiniLLM's own choice is the reverse KL over the top-k).
 """
 
 from __future__ import annotations
@@ -53,16 +53,17 @@ def prepare(batch: CacheBatch, cfg: Config, ctx: Context) -> Prepared:
     mask = batch.completion_mask.float()  # (B, T)
     components = reward_components(batch, cfg)  # log_ratio (B, T) among them
     advantages = normalized_future_rewards(
-        components["log_ratio"], mask, gamma=cfg.loss.gamma, length_normalize=cfg.loss.length_normalize
+        components["log_ratio"], mask, gamma=cfg.loss.minillm.gamma,
+        length_normalize=cfg.loss.minillm.length_normalize,
     )  # (B, T): R^Norm_{t+1}
-    weights = importance_weights(batch, cfg.loss.importance_clip)
+    weights = importance_weights(batch, cfg.loss.minillm.importance_clip)
     return Prepared(advantages=advantages, rewards=components, token_weights=weights)
 
 
 def micro_loss(micro: CacheBatch, prepared: Prepared, cfg: Config, ctx: Context):
     def loss(hidden, _values):  # hidden (B, T, H), inside the wrapped forward
         long_term, metrics = policy_loss(hidden, micro, prepared.advantages, cfg, ctx,
-                                         epsilon=cfg.loss.importance_clip)
+                                         epsilon=cfg.loss.minillm.importance_clip)
         single_step, kl_metrics = teacher_kl(hidden, micro, cfg, ctx, token_weights=prepared.token_weights)
         return long_term + single_step, {**metrics, **kl_metrics}
 

@@ -54,7 +54,7 @@ def prepare(batch: CacheBatch, cfg: Config, ctx: Context) -> Prepared:
     components = reward_components(batch, cfg)
     rewards = token_reward(components, reward_weights(cfg), mask)  # (B, T)
     values = old_values(batch, cfg, ctx)  # (B, T)
-    advantages, returns = gae(rewards, values, mask, gamma=cfg.loss.gamma, lam=cfg.loss.gae_lambda)  # (B, T)
+    advantages, returns = gae(rewards, values, mask, gamma=cfg.loss.ppo.gamma, lam=cfg.loss.ppo.gae_lambda)  # (B, T)
     advantages = whiten(advantages, mask)
     return Prepared(advantages=advantages, rewards={**components, "total": rewards}, returns=returns,
                     old_values=values)
@@ -73,8 +73,8 @@ def micro_loss(micro: CacheBatch, prepared: Prepared, cfg: Config, ctx: Context)
     def loss_fn(hidden, values):  # (B, T, H), (B, T), inside the wrapped forward
         loss, metrics = policy_loss(hidden, micro, prepared.advantages, cfg, ctx)
         mask = micro.completion_mask.float().to(values.device)
-        v_loss = value_loss(values.float(), prepared, mask, cfg.loss.epsilon_low) * token_sum_scale(ctx.norm)
+        v_loss = value_loss(values.float(), prepared, mask, cfg.loss.policy.epsilon_low) * token_sum_scale(ctx.norm)
         metrics["value_loss"] = v_loss.detach() / token_sum_scale(ctx.norm) / mask.sum().clamp(min=1)
-        return loss + cfg.loss.value_coef * v_loss, metrics
+        return loss + cfg.loss.ppo.value_coef * v_loss, metrics
 
     return completion_forward(micro, ctx, loss_fn)

@@ -5,9 +5,9 @@
 on the student's own rollouts y (on-policy, so the KL's sampling distribution is the student's); p_priv is the
 student with the privileged information (answer, demonstration, feedback) in its prompt, scored by the
 cache-teacher pass (`teacher.kind: self_privileged`) into the top-k cache, and the KL is taken over the k
-cached ids plus a "rest" bucket (`loss.tail`) by `linear_sparse_kl` — no full-vocabulary logits. The reverse
+cached ids plus a "rest" bucket (`loss.teacher_kl.tail`) by `linear_sparse_kl` — no full-vocabulary logits. The reverse
 direction is mode-seeking: the student concentrates on what the informed self would say.
-With `loss.teacher_estimate=sampled` (and `loss.divergence=forward`) the KL is instead the unbiased forward-KL
+With `loss.teacher_kl.estimate=sampled` (and `loss.teacher_kl.divergence=forward`) the KL is instead the unbiased forward-KL
 estimate from the cache's m samples of the informed self (`common.teacher_kl`).
 """
 

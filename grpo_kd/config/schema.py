@@ -1,25 +1,16 @@
-"""The run configuration: small nested dataclasses, loaded from YAML with dotted overrides.
+"""The run configuration's schema: small nested dataclasses, one per concern, each default written once here.
 
-Each default lives here and nowhere else: the command line, the SLURM scripts and the phases read a resolved
-`Config`, never their own fallbacks. Validation is driven by the type annotations, so a field is declared once.
-An unknown key or a value of the wrong type raises `ConfigError` with one line that names the dotted key and, for
-a typo, the nearest valid key.
-
-    cfg = load_config("configs/grpo.yaml", ["loss.beta=0.04", "rollout.group_size=8"])
+The command line, the SLURM scripts and the phases read a resolved `Config`, never their own fallbacks; the
+loader (`loader.py`) validates a YAML file and dotted overrides against these annotations, and `rules.py`
+holds every rule that relates fields to each other. The loss has one section per concern, and an algorithm
+reads only its own (`ALGORITHM_SECTIONS`): a config shows, and may set, only what its algorithm reads.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import yaml
+from typing import ClassVar, Literal
 
 from grpo_kd.errors import GrpoKdError
 
@@ -115,34 +106,118 @@ class TeacherConfig:
 
 
 @dataclass
-class LossConfig:
-    """The algorithm and its objective. Reward components are named and weighted separately."""
+class PolicyLossConfig:
+    """The clipped policy-gradient surrogate and the KL to the reference (grpo, ppo, minillm, self_distill)."""
 
-    algorithm: Literal["grpo", "ppo", "minillm", "self_distill", "privileged"] = "grpo"
-    reward: Literal["teacher_loglik", "minillm"] = "teacher_loglik"
-    # {} = the default of the algorithm: {teacher_loglik: 1} (reward teacher_loglik), {log_ratio: 1} (reward minillm),
-    # {inverse_loss: 1} (self_distill); see grpo_kd.train.algorithms.common.reward_weights
-    reward_weights: dict[str, float] = field(default_factory=dict)
-    beta: float = 0.04  # KL-to-reference coefficient (k3 estimator)
+    beta: float = 0.04  # KL-to-reference coefficient (k3 estimator); 0 = no reference needed
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     importance_sampling_level: Literal["token", "sequence"] = "token"
+
+
+@dataclass
+class RewardConfig:
+    """The named, weighted reward components of grpo, ppo and self_distill."""
+
+    kind: Literal["teacher_loglik", "minillm"] = "teacher_loglik"
+    # {} = the default of the algorithm: {teacher_loglik: 1} (kind teacher_loglik), {log_ratio: 1} (kind minillm),
+    # {inverse_loss: 1} (self_distill); see grpo_kd.train.algorithms.common.reward_weights
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class GrpoConfig:
+    """Group-relative advantages (grpo, self_distill)."""
+
     scale_rewards: bool = True  # divide group-relative advantages by the group's std
+
+
+@dataclass
+class PpoConfig:
+    """The critic and GAE of ppo."""
+
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    value_coef: float = 0.5
+
+
+@dataclass
+class MiniLLMConfig:
+    """MiniLLM's long-term term and its teacher-mixed importance weights."""
+
+    gamma: float = 1.0
+    importance_clip: float = 0.2  # clip of the teacher-mixed importance weights (and of the surrogate's ratio)
+    length_normalize: bool = True  # R^Norm
+
+
+@dataclass
+class TeacherKLConfig:
+    """The token-level divergence to the cached teacher (minillm's single-step term, privileged)."""
+
     divergence: Literal["forward", "reverse", "jsd"] = "reverse"
     jsd_beta: float = 0.5
     tail: Literal["bucket", "renorm", "uniform"] = "bucket"
-    # teacher KL of minillm / privileged: over the cached top-k ("topk"), or the unbiased forward-KL estimate from
-    # the cached samples ("sampled": needs teacher.num_samples > 0 and divergence "forward"; tail is ignored)
-    teacher_estimate: Literal["topk", "sampled"] = "topk"
-    pt_weight: float = 0.0  # weight of the language-modelling loss L_PT
-    gamma: float = 1.0  # PPO / MiniLLM discount
-    gae_lambda: float = 0.95
-    value_coef: float = 0.5
-    importance_clip: float = 0.2  # MiniLLM: clip of the teacher-mixed importance weights
-    length_normalize: bool = True  # MiniLLM: R^Norm
-    pt_batch_size: int = 8  # L_PT: pre-training sequences per optimizer step (over all ranks)
-    pt_seq_len: int = 256  # L_PT: tokens per pre-training sequence
+    # over the cached top-k ("topk"), or the unbiased forward-KL estimate from the cached samples ("sampled":
+    # needs teacher.num_samples > 0 and divergence "forward"; tail is ignored)
+    estimate: Literal["topk", "sampled"] = "topk"
+
+
+@dataclass
+class PretrainConfig:
+    """L_PT: the language-modelling loss on pre-training text, added to any algorithm when weight > 0."""
+
+    weight: float = 0.0
+    batch_size: int = 8  # pre-training sequences per optimizer step (over all ranks)
+    seq_len: int = 256  # tokens per pre-training sequence
+
+
+ALGORITHMS = ("grpo", "ppo", "minillm", "self_distill", "privileged")
+ALGORITHM_SECTIONS: dict[str, tuple[str, ...]] = {  # the loss sections each algorithm reads
+    "grpo": ("policy", "reward", "grpo", "pt"),
+    "ppo": ("policy", "reward", "ppo", "pt"),
+    "minillm": ("policy", "minillm", "teacher_kl", "pt"),
+    "self_distill": ("policy", "reward", "grpo", "pt"),
+    "privileged": ("teacher_kl", "pt"),
+}
+
+
+@dataclass
+class LossConfig:
+    """The algorithm and its objective, one section per concern; only the algorithm's sections are read."""
+
+    algorithm: Literal["grpo", "ppo", "minillm", "self_distill", "privileged"] = "grpo"
+    policy: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    ppo: PpoConfig = field(default_factory=PpoConfig)
+    minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
+    teacher_kl: TeacherKLConfig = field(default_factory=TeacherKLConfig)
+    pt: PretrainConfig = field(default_factory=PretrainConfig)
+
+    # The flat keys of earlier versions, refused with the key that replaced them.
+    RENAMED: ClassVar[dict[str, str]] = {
+        "reward_weights": "loss.reward.weights", "beta": "loss.policy.beta",
+        "epsilon_low": "loss.policy.epsilon_low", "epsilon_high": "loss.policy.epsilon_high",
+        "loss_type": "loss.policy.loss_type", "importance_sampling_level": "loss.policy.importance_sampling_level",
+        "scale_rewards": "loss.grpo.scale_rewards", "divergence": "loss.teacher_kl.divergence",
+        "jsd_beta": "loss.teacher_kl.jsd_beta", "tail": "loss.teacher_kl.tail",
+        "teacher_estimate": "loss.teacher_kl.estimate", "pt_weight": "loss.pt.weight",
+        "gamma": "loss.ppo.gamma or loss.minillm.gamma", "gae_lambda": "loss.ppo.gae_lambda",
+        "value_coef": "loss.ppo.value_coef", "importance_clip": "loss.minillm.importance_clip",
+        "length_normalize": "loss.minillm.length_normalize", "pt_batch_size": "loss.pt.batch_size",
+        "pt_seq_len": "loss.pt.seq_len",
+    }
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        """The sections this algorithm reads."""
+        return ALGORITHM_SECTIONS[self.algorithm]
+
+    @property
+    def reference_beta(self) -> float:
+        """The weight of the KL to the reference: `policy.beta` where the algorithm reads it, else 0."""
+        return self.policy.beta if "policy" in self.sections else 0.0
 
 
 @dataclass
@@ -239,152 +314,3 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
-
-
-# ---------------------------------------------------------------------------------------------- loading
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then `key.sub=value` overrides, validated as one mapping."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = read_yaml(path)
-    for item in overrides:
-        key, value = parse_override(item)
-        set_dotted(raw, key, value)
-    return from_dict(Config, raw)
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, not {type(data).__name__}")
-    return data
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """`loss.beta=0.04` -> ("loss.beta", 0.04); the value is read as YAML, so lists and null work."""
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {item!r} is not of the form section.key=value")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
-    return key.strip(), value
-
-
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {part} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, checking every key and value against the annotations."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_describe(raw)}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [key for key in raw if key not in names]
-    if unknown:
-        key = str(unknown[0])
-        near = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-        hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(names)}"
-        raise ConfigError(f"unknown config key {prefix}{key}{hint}")
-    values = {name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in names if name in raw}
-    return cls(**values)
-
-
-def _coerce(hint: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, key + ".")
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(arg, value, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {_describe(value)} matches none of {hint}")
-    if origin is Literal:
-        if value in args:
-            return value
-        near = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
-        hint_text = f"; did you mean {near[0]!r}?" if near else ""
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}{hint_text}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
-        return [_coerce(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
-        return {_coerce(args[0], k, f"{key}") : _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
-    return _coerce_scalar(hint, value, key)
-
-
-def _coerce_scalar(hint: Any, value: Any, key: str) -> Any:
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads `3e-3` (no dot) as a string
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (dict, list)):  # `key={prompt}` on the command line is a YAML mapping
-            raise ConfigError(f"{key}: expected str, got {_describe(value)}; text with braces or brackets must be "
-                              f"quoted, e.g. {key}='\"{{prompt}}\"' on the command line")
-    else:
-        raise TypeError(f"config field {key} has an unsupported annotation {hint!r}")
-    raise ConfigError(f"{key}: expected {hint.__name__}, got {_describe(value)}")
-
-
-_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _describe(value: Any) -> str:
-    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
-
-
-# ---------------------------------------------------------------------------------------------- output
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    from grpo_kd.fsutil import atomic_write_text
-
-    atomic_write_text(path, to_yaml(cfg))
