@@ -212,7 +212,7 @@ def markdown(report: dict) -> str:
     lines = [f"# Rollout sampling: grpo-kd vs transformers generate() ({report['device']})", "",
              f"Command: `{report['command']}`", "",
              f"transformers {report['versions']['transformers']}, torch {report['versions']['torch']} "
-             f"({s['threads']} threads), {report['cpus']} CPUs, float32. {s['prompts']} prompts x G={s['group_size']} "
+             f"({s['threads']} thread{'s' if s['threads'] != 1 else ''} per process), {report['cpus']} CPUs, float32. {s['prompts']} prompts x G={s['group_size']} "
              f"= {s['prompts'] * s['group_size']} rows in one batch, {s['max_new_tokens']} new tokens, temperature "
              f"{s['temperature']}, no truncation. Each figure: median over {report['repeats']} fresh processes of "
              f"the median of {s['iterations']} timed batches after a warm-up (rollout: one phase per process).", ""]
