@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 from pathlib import Path
 
@@ -195,6 +196,7 @@ def _setup(cfg: Config, iteration: int, resume: bool, paths: RunPaths, dist: Dis
     plan = make_plan(reader, cfg, dist.world_size)
     start = start_point(paths, iteration, resume, dist)
     torch.manual_seed(cfg.seed * 1_000_003 + iteration)
+    random.seed(cfg.seed * 1_000_003 + iteration)  # nothing draws from it, but checkpoints record its state
     train_module = TrainModule(*load_student_parts(cfg, start, dist, algorithm.NEEDS_VALUE_HEAD))
     module = wrap(train_module, dist, cfg)
     sharded = is_sharded(train_module)  # FSDP: parameters are shards, whole only inside the forward
