@@ -20,14 +20,17 @@ from typing import Any, Literal
 
 import yaml
 
+from grpo_kd.config import rules
 from grpo_kd.config.schema import Config, ConfigError
-from grpo_kd.fsutil import atomic_write_text
+from grpo_kd.fsutil import atomic_write_text, read_text_utf8
 
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then `key.sub=value` overrides, validated as one mapping."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                check_rules: bool = True) -> Config:
+    """Defaults, then the YAML file (if any), then `key.sub=value` overrides, validated as one mapping, then the
+    rules on its values (`rules.check`; `check_rules=False` for a caller that lists every problem itself)."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml(path)
@@ -36,6 +39,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         set_dotted(raw, key, value)
     cfg = from_dict(Config, raw)
     check_loss_sections(raw, cfg)
+    if check_rules:
+        rules.check(cfg)
     return cfg
 
 
@@ -44,7 +49,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text_utf8(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

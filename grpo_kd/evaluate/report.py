@@ -5,7 +5,10 @@
 
 Key design choice: the report reads only files (`logs/metrics.jsonl`, `reports/eval_*.json`), so it can be made
 at any time, while a run is going, on any machine, and plots whatever numeric keys are there instead of a fixed
-list (a new reward component shows up without a code change). Matplotlib runs headless (Agg).
+list (a new reward component shows up without a code change). Matplotlib runs headless (Agg). A step whose loss
+or gradient norm was NaN or inf (`"skipped": 1` in metrics.jsonl, or a non-finite loss) is counted and named
+in the report's headline, and a table's "last" is the last step's value even when it is NaN: a report never shows
+a stale finite "last loss" for a run that ended on NaN.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ HEADLINE = {
     "diversity": ["distinct_1", "distinct_2", "distinct_3", "repetition_rate", "mean_length_words"],
 }
 _X_KEYS = ("step", "iteration", "epoch", "time", "timestamp")
+_NOT_CURVES = ("skipped",)  # numeric keys of metrics.jsonl that are flags, not curves
 
 
 def _number(value) -> float | None:
@@ -177,7 +181,7 @@ def curve_keys(rows: list[dict]) -> list[str]:
     keys: dict[str, None] = {}
     for row in rows:
         for key, value in row.items():
-            if key not in _X_KEYS and _number(value) is not None:
+            if key not in _X_KEYS and key not in _NOT_CURVES and _number(value) is not None:
                 keys.setdefault(key)
     return list(keys)
 
@@ -224,11 +228,50 @@ def plot_evaluations(evaluations: list[dict], path: str | Path) -> list[str]:
     return keys
 
 
+def _any_number(value) -> float | None:
+    """A metric as a float, NaN and inf included (metrics.jsonl writes them as the strings "nan", "inf")."""
+    if isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf", "+inf"):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def nonfinite_steps(rows: list[dict]) -> list[dict]:
+    """The steps that were skipped or whose loss is NaN or inf."""
+    bad = []
+    for row in rows:
+        loss = _any_number(row.get("loss"))
+        if row.get("skipped") or (loss is not None and not math.isfinite(loss)):
+            bad.append(row)
+    return bad
+
+
+def curves_headline(rows: list[dict]) -> str:
+    """`32 steps, last loss nan; 31 non-finite steps (first: iteration 1 step 2: ...)` for the report and the CLI."""
+    losses = [v for v in (_any_number(r.get("loss")) for r in rows) if v is not None]
+    last = f", last loss {_fmt_any(losses[-1])}" if losses else ""
+    bad = nonfinite_steps(rows)
+    if not bad:
+        return f"{len(rows)} steps{last}; no non-finite step"
+    first = bad[0]
+    why = f": {first['nonfinite']}" if isinstance(first.get("nonfinite"), str) else ""
+    return (f"{len(rows)} steps{last}; {len(bad)} non-finite step(s), their updates skipped or the update stopped "
+            f"(first: iteration {first.get('iteration')} step {first.get('step')}{why})")
+
+
+def _fmt_any(value: float | None) -> str:
+    return _fmt(value) if value is None or math.isfinite(value) else str(value)
+
+
 def _curves_summary(rows: list[dict], keys: list[str]) -> list[str]:
+    """first / last (NaN shown as NaN) and min / max (of the finite values) of each curve."""
     lines = ["| metric | first | last | min | max |", "|---|---|---|---|---|"]
     for key in keys:
-        values = [v for v in (_number(r.get(key)) for r in rows) if v is not None]
-        lines.append(f"| {key} | {_fmt(values[0])} | {_fmt(values[-1])} | {_fmt(min(values))} | {_fmt(max(values))} |")
+        values = [v for v in (_any_number(r.get(key)) for r in rows) if v is not None]
+        finite = [v for v in values if math.isfinite(v)]
+        low, high = (min(finite), max(finite)) if finite else (None, None)
+        lines.append(f"| {key} | {_fmt_any(values[0])} | {_fmt_any(values[-1])} | {_fmt(low)} | {_fmt(high)} |")
     return lines
 
 
@@ -259,7 +302,8 @@ def run_report(run_dir: str | Path) -> dict[str, Path]:
         keys = plot_curves(rows, run.reports / "learning_curves.png")
         if keys:
             written["curves"] = run.reports / "learning_curves.png"
-            lines += [f"## Learning curves ({len(rows)} steps)", "", "![learning curves](learning_curves.png)", ""]
+            lines += [f"## Learning curves ({len(rows)} steps)", "", f"**{curves_headline(rows)}**", "",
+                      "![learning curves](learning_curves.png)", ""]
             lines += _curves_summary(rows, keys) + [""]
     if evaluations:
         lines += ["## Evaluations", ""] + _evaluations_table(evaluations) + [""]

@@ -38,12 +38,13 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from grpo_kd.cache.manifest import CacheError, describe_vocab, read_json, shard_is_complete, shard_manifest_path
+from grpo_kd.cache.manifest import CacheError, read_json, shard_is_complete, shard_manifest_path
 from grpo_kd.cache.progress import ShardProgress, load_reference_batches, progress_dir, save_reference_batch
 from grpo_kd.cache.reader import completion_hidden
 from grpo_kd.cache.rollouts import RolloutShard, RolloutStore
 from grpo_kd.cache.spec import CacheSpec, ScoredRows, bf16_bits
 from grpo_kd.cache.teacher import TeacherShardSink
+from grpo_kd.cache.values import row_sums
 from grpo_kd.config import Config
 from grpo_kd.data import Prompt, encode_prompt, render_prompt
 from grpo_kd.device import release_memory
@@ -63,6 +64,7 @@ from grpo_kd.models import (
 from grpo_kd.paths import RunPaths
 from grpo_kd.progress import counter
 from grpo_kd.train.checkpoint import student_checkpoint
+from grpo_kd.train.preflight import check_vocabularies
 from grpo_kd.train.teacher_samples import sample_teacher
 
 log = logging.getLogger(__name__)
@@ -149,11 +151,8 @@ def _open_rollouts(directory) -> RolloutStore:
 
 def _cache_spec(cfg: Config, student_fp: dict, teacher_fp: dict) -> CacheSpec:
     t = cfg.teacher
+    check_vocabularies(cfg, student_fp, teacher_fp, mixed=False)  # another vocabulary needs cross_tokenizer
     cross = not same_vocabulary(student_fp, teacher_fp)
-    if cross and not t.cross_tokenizer:
-        raise GrpoKdError(f"teacher vocabulary {describe_vocab(teacher_fp)} differs from the student's "
-                          f"{describe_vocab(student_fp)}: token-level caching needs a shared vocabulary; set "
-                          "teacher.cross_tokenizer=true to cache sequence-level scores only")
     return CacheSpec(format=t.cache_format, top_k=t.top_k, num_samples=0 if cross else t.num_samples,
                      logprob_dtype=t.logprob_dtype, token_level=not cross, reference=t.reference,
                      cross_tokenizer=cross)
@@ -369,11 +368,11 @@ class Scorer:
                     token["sample_ids"], token["sample_weights"], token["sample_logprobs"] = sample_teacher(
                         h, self.head.weight, self.head.bias, self.spec.num_samples, temperature=self.temperature,
                         softcap=self.softcap, seed=seed)
-                seq = _row_sums(token["target_logprobs"], C)
+                seq = row_sums(token["target_logprobs"], C)
             else:
                 target, _, _ = linear_logprobs(h, self.head.weight, targets, bias=self.head.bias,
                                                temperature=self.temperature, softcap=self.softcap)
-                seq = _row_sums(target.float().cpu().numpy(), C)
+                seq = row_sums(target.float().cpu().numpy(), C)
                 texts = shard.table.column("completion_text")
                 extra = {"xtok_num_tokens": C.astype(np.int32),
                          "xtok_num_bytes": np.array([len(texts[int(i)].as_py().encode("utf-8")) for i in rows],
@@ -384,9 +383,3 @@ class Scorer:
                                 num_tokens=student_C[rows].astype(np.int32), seq_logprob=seq, token=token,
                                 extra=extra), True
 
-
-def _row_sums(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Per-row sums (float64) of a flat per-token array."""
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    sums = np.add.reduceat(values.astype(np.float64), starts) if len(values) else np.zeros(len(counts))
-    return np.where(counts > 0, sums, 0.0)

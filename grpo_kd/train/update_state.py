@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
+class NonFiniteUpdate(GrpoKdError):
+    """A step's loss or gradient norm, the prepared rewards, or the weights are NaN or inf: nothing was saved."""
+
+
 @dataclass(frozen=True)
 class Plan:
     """How the iteration's groups are cut into optimizer steps (see update.py)."""
@@ -234,6 +238,7 @@ def save_state(run: UpdateRun, steps_done: int, record: dict | None, *, step: bo
     """Write a step checkpoint (step=True) or the iteration's final one; rank 0 writes, everyone waits."""
     cfg, dist, plan, train_module, optimizer = run.cfg, run.dist, run.plan, run.train_module, run.optimizer
     target = step_checkpoint(run.final, steps_done) if step else run.final
+    check_finite_weights(run, steps_done)
     full = optimizer_state = None
     if is_sharded(train_module):  # every rank gathers its shards (collective); rank 0 keeps the whole tensors
         full = full_state(train_module, dist)
@@ -253,6 +258,20 @@ def save_state(run: UpdateRun, steps_done: int, record: dict | None, *, step: bo
             prune_step_checkpoints(run.final, max(cfg.checkpoint.keep_last, 1))
     barrier(dist)
     return target
+
+
+def check_finite_weights(run: UpdateRun, steps_done: int) -> None:
+    """Refuse to checkpoint weights holding NaN or inf (every rank checks its own parameters or shards)."""
+    bad = None
+    for name, param in run.train_module.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param  # an FSDP shard
+        if local.is_floating_point() and not bool(torch.isfinite(local.detach()).all()):
+            bad = name
+            break
+    if all_reduce_sum(torch.tensor([float(bad is not None)]), run.dist)[0] > 0:
+        raise NonFiniteUpdate(f"update of iteration {run.iteration}: the student's weights hold NaN or inf after "
+                              f"step {steps_done} ({bad or 'on another rank'}); no checkpoint written (lower "
+                              f"optim.lr={run.cfg.optim.lr:g})")
 
 
 def save_prepared(path: Path, prepared: dict[int, Prepared]) -> None:
@@ -293,9 +312,12 @@ class StepStats:
         self.sums: dict[str, float] = {}
         self.weights: dict[str, float] = {}
         self.record: dict = {}
+        self.nonfinite: str | None = None  # the first non-finite quantity of the step, when it was skipped
 
-    def add_loss(self, loss: torch.Tensor) -> None:
-        self.loss += float(loss.detach())
+    def add_loss(self, loss: torch.Tensor) -> float:
+        value = float(loss.detach())
+        self.loss += value
+        return value
 
     def add_metrics(self, metrics: dict[str, torch.Tensor], weight: float) -> None:
         for name, value in metrics.items():
