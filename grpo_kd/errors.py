@@ -8,6 +8,7 @@ exit code. Anything else that escapes is a bug and keeps its traceback — excep
 from __future__ import annotations
 
 import errno
+import re
 
 
 class GrpoKdError(Exception):
@@ -22,9 +23,14 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT:
 
 
 def describe_os_error(exc: BaseException) -> str | None:
-    """One line for an OSError the user must fix on the machine (see ENVIRONMENT_ERRNOS), else None."""
-    if not isinstance(exc, OSError) or exc.errno not in ENVIRONMENT_ERRNOS:
+    """One line for an error of the machine the user must fix (see ENVIRONMENT_ERRNOS), else None: an OSError, or
+    a library's own exception around one (safetensors reports a full disk as "... (os error 28)")."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:
+        match = re.search(r"os error (\d+)\)", str(exc))
+        code = int(match.group(1)) if match else None
+    if code not in ENVIRONMENT_ERRNOS:
         return None
-    where = f" ({exc.filename})" if exc.filename else ""
-    return f"{ENVIRONMENT_ERRNOS[exc.errno]}{where}"
+    filename = getattr(exc, "filename", None)
+    return ENVIRONMENT_ERRNOS[code] + (f" ({filename})" if filename else "")
 

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     except GrpoKdError as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 1
-    except OSError as exc:
+    except Exception as exc:  # an error of the machine (a full disk) is one line too; anything else is a bug
         why = describe_os_error(exc)
         if why is None:
             raise

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from grpo_kd.cli._common import CONFIG_OPTION, OVERRIDES_ARGUMENT, fail, resolve_config
-from grpo_kd.config import ConfigError, load_config, problems, to_yaml
+from grpo_kd.config import load_config, problems, to_yaml
 from grpo_kd.errors import GrpoKdError
 
 config_app = typer.Typer(help="Show and check configuration files.", no_args_is_help=True)
@@ -49,7 +49,7 @@ def _problems(file: Path, schema_only: bool) -> list[str]:
     `schema_only`)."""
     try:
         cfg = load_config(file, check_rules=False)
-    except ConfigError as exc:
+    except GrpoKdError as exc:  # a ConfigError, or a file that is not UTF-8 text
         return [str(exc)]
     found = problems(cfg)
     if found or schema_only:

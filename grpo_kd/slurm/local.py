@@ -121,7 +121,7 @@ def _run_subprocesses(cfg: Config, paths: RunPaths, tasks: list[LocalTask], cons
     with _stop_on_signals(), Progress(*columns, console=console, transient=True) as progress:
         bar = progress.add_task(f"run {cfg.name}", total=len(tasks))
         for task in tasks:
-            if _is_done(cfg, paths, task, lambda line: progress.console.print(line, highlight=False)):
+            if _is_done(cfg, paths, task, lambda line: progress.console.print(line, highlight=False, soft_wrap=True)):
                 progress.console.print(f"  [dim]· {task.label}: done before[/]", highlight=False)
             else:
                 progress.update(bar, description=task.label)
@@ -137,7 +137,7 @@ def _run_in_process(cfg: Config, paths: RunPaths, tasks: list[LocalTask], consol
     with _stop_on_signals():
         for number, task in enumerate(tasks, start=1):
             where = f"[{number}/{len(tasks)}] {task.label}"
-            if _is_done(cfg, paths, task, lambda line: console.print(line, highlight=False)):
+            if _is_done(cfg, paths, task, lambda line: console.print(line, highlight=False, soft_wrap=True)):
                 console.print(f"  [dim]· {where}: done before[/]", highlight=False)
                 continue
             console.print(f"  [bold]▶[/] {where}", highlight=False)

@@ -79,7 +79,7 @@ def run_phase(cfg: Config, phase: str, iteration: int, *, shard: int = 0, num_sh
                                         progress=show_progress).line()
             else:
                 line = str(run_update(cfg, iteration, resume=resume))
-        except OSError as exc:
+        except Exception as exc:  # an OSError, or a library's error around one (see describe_os_error)
             why = describe_os_error(exc)
             if why is None:
                 raise
