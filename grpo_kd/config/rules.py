@@ -228,5 +228,5 @@ def check(cfg: Config) -> None:
     """Raise `ConfigError` with the first problem of `problems(cfg)` (and how many more there are)."""
     found = problems(cfg)
     if found:
-        more = f" (and {len(found) - 1} more problem(s): `grpo-kd config validate` lists them)" if len(found) > 1 else ""
+        more = f" (and {len(found) - 1} more: `grpo-kd config validate` lists them)" if len(found) > 1 else ""
         raise ConfigError(found[0] + more)

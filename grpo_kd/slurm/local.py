@@ -104,14 +104,14 @@ def run_local(cfg: Config, paths: RunPaths, *, console: Console | None = None, p
             _run_subprocesses(cfg, paths, tasks, console, python)
 
 
-def _is_done(cfg: Config, paths: RunPaths, task: LocalTask, print_line) -> bool:
+def _is_done(cfg: Config, paths: RunPaths, task: LocalTask, console: Console) -> bool:
     """The executor's "done": outputs present and matching their checksums; a damaged output is named."""
     if not task_done(cfg, paths, task.step, task.task or 0, task.tasks):
         return False
     damaged = damaged_outputs(cfg, paths, task.step, task.task or 0, task.tasks)
     for path in damaged:
-        print_line(f"  [yellow]![/] {task.label}: {path} does not match the sha256 in its manifest (damaged or "
-                   "replaced): doing it again")
+        console.print(f"  [yellow]![/] {task.label}: {path} does not match the sha256 in its manifest (damaged or "
+                      "replaced): doing it again", highlight=False, soft_wrap=True)
     return not damaged
 
 
@@ -121,7 +121,7 @@ def _run_subprocesses(cfg: Config, paths: RunPaths, tasks: list[LocalTask], cons
     with _stop_on_signals(), Progress(*columns, console=console, transient=True) as progress:
         bar = progress.add_task(f"run {cfg.name}", total=len(tasks))
         for task in tasks:
-            if _is_done(cfg, paths, task, lambda line: progress.console.print(line, highlight=False, soft_wrap=True)):
+            if _is_done(cfg, paths, task, progress.console):
                 progress.console.print(f"  [dim]· {task.label}: done before[/]", highlight=False)
             else:
                 progress.update(bar, description=task.label)
@@ -137,7 +137,7 @@ def _run_in_process(cfg: Config, paths: RunPaths, tasks: list[LocalTask], consol
     with _stop_on_signals():
         for number, task in enumerate(tasks, start=1):
             where = f"[{number}/{len(tasks)}] {task.label}"
-            if _is_done(cfg, paths, task, lambda line: console.print(line, highlight=False, soft_wrap=True)):
+            if _is_done(cfg, paths, task, console):
                 console.print(f"  [dim]· {where}: done before[/]", highlight=False)
                 continue
             console.print(f"  [bold]▶[/] {where}", highlight=False)
@@ -149,8 +149,9 @@ def _run_in_process(cfg: Config, paths: RunPaths, tasks: list[LocalTask], consol
 def run_task_in_process(task: LocalTask, cfg: Config, console: Console) -> float:
     """Run one phase in this process through `run_phase` (what the phase command runs); returns its wall time.
 
-    The training stack is imported here, not at the top: the default executor (a process per phase) never needs
-    it, and importing it costs about 5 s of torch and transformers (`python -X importtime`)."""
+    The training stack is imported here, not at the top: the default executor (a process per phase) needs it only
+    for the preflight, and only when work is left; importing it costs about 5 s of torch and transformers
+    (`python -X importtime`)."""
     from grpo_kd.device import release_memory
     from grpo_kd.train.phases import UpdateInterrupted, run_phase
 

@@ -23,7 +23,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from grpo_kd.cache.manifest import INDEX_NAME, checksum, read_json, shard_data_path, shard_is_complete, shard_manifest_path
+from grpo_kd.cache.manifest import (
+    INDEX_NAME,
+    checksum,
+    read_json,
+    shard_data_path,
+    shard_is_complete,
+    shard_manifest_path,
+)
 from grpo_kd.config import Config, check, load_config, save_config
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.paths import PHASES, RunPaths, iteration_name

@@ -119,7 +119,8 @@ def make_plan(reader: CacheReader, cfg: Config, world_size: int) -> Plan:
         raise GrpoKdError(f"the rollouts of this iteration hold groups of {sorted(set(sizes.tolist()))} completions "
                           f"but rollout.group_size={cfg.rollout.group_size}; sample them again with this config")
     rows_per_rank = cfg.optim.micro_batch_size * cfg.optim.grad_accum
-    plan = Plan(groups_per_rank=rows_per_rank // cfg.rollout.group_size, world_size=world_size, num_groups=reader.num_groups,
+    plan = Plan(groups_per_rank=rows_per_rank // cfg.rollout.group_size, world_size=world_size,
+                num_groups=reader.num_groups,
                 epochs=cfg.optim.epochs_per_iteration)
     if plan.steps_per_epoch == 0:
         raise GrpoKdError(f"{reader.num_groups} groups are fewer than one optimizer step needs "

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,14 +284,29 @@ def save_prepared(path: Path, prepared: dict[int, Prepared]) -> None:
             elif value is not None:
                 tensors[f"{group}.{name}"] = value.contiguous().clone()
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata={"sha256": _tensor_digest(tensors)})
 
 
 def load_prepared(path: Path) -> dict[int, Prepared] | None:
+    """The advantages `save_prepared` kept for a resumed run; one line when the file was damaged since."""
+    from safetensors import SafetensorError, safe_open
+
     if not path.is_file():
         return None
+    try:
+        with safe_open(str(path), "pt") as handle:
+            stored = (handle.metadata() or {}).get("sha256")
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        stored, tensors, why = None, {}, str(exc)
+    else:
+        why = None if stored == _tensor_digest(tensors) else "it does not match the sha256 stored in it"
+    if why:
+        raise GrpoKdError(f"{path} is damaged ({why}); remove it and this iteration's step checkpoints "
+                          f"({path.parents[1].name}/checkpoints/{path.parent.name}.step-*) to train the iteration "
+                          "again")
     fields: dict[int, dict] = {}
-    for key, value in load_file(str(path)).items():
+    for key, value in tensors.items():
         group, name = key.split(".", 1)
         entry = fields.setdefault(int(group), {"rewards": {}})
         if name.startswith("rewards."):
@@ -298,6 +314,16 @@ def load_prepared(path: Path) -> dict[int, Prepared] | None:
         else:
             entry[name] = value
     return {group: Prepared(**entry) for group, entry in fields.items()}
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of `tensors`, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -258,18 +258,20 @@ def nonutf8(case: Case, kind: str) -> tuple[int, str, str]:
     return loop(case, *args)
 
 
-def build_cases(case_of, base_run: Path) -> dict:
+def build_cases(base_run: Path) -> dict:
     teacher2 = lambda run: run / "iter_0002" / "teacher" / "part-00000.arrow"  # noqa: E731
     set_value = lambda value: lambda run: subprocess.run(  # noqa: E731
         [PY, "-c", SET_TEACHER_VALUE, str(teacher2(run)), value], check=True)
-    ckpt = base_run / "checkpoints" / "iter_0002"
     return {
-        "c01 1: one bit flipped in a teacher shard, then `run`": lambda c: corrupted(c, base_run, lambda r: flip_bit(teacher2(r))),
+        "c01 1: one bit flipped in a teacher shard, then `run`": lambda c: corrupted(
+            c, base_run, lambda r: flip_bit(teacher2(r))),
         "c02 1: one bit flipped in a rollout shard, then `run`": lambda c: corrupted(
             c, base_run, lambda r: flip_bit(r / "iter_0002" / "rollouts" / "part-00000.arrow")),
         "c03 1: two iterations' teacher files swapped, then `run`": lambda c: corrupted(c, base_run, swap),
-        "c04 2: NaN in target_logprobs (manifest checksum updated), then `run`": lambda c: corrupted(c, base_run, set_value("nan")),
-        "c05 2: 1e30 in target_logprobs (manifest checksum updated), then `run`": lambda c: corrupted(c, base_run, set_value("1e30")),
+        "c04 2: NaN in target_logprobs (manifest checksum updated), then `run`": lambda c: corrupted(
+            c, base_run, set_value("nan")),
+        "c05 2: 1e30 in target_logprobs (manifest checksum updated), then `run`": lambda c: corrupted(
+            c, base_run, set_value("1e30")),
         "c06 2: the student's checkpoint all NaN, then the next rollout": case_nan_student,
         "c07 2: `cache verify` on rollouts holding NaN log-probs": case_nan_rollouts,
         "c08 2: optim.lr=1e6": lambda c: loop(c, "optim.lr=1e6"),
@@ -307,7 +309,7 @@ def build_cases(case_of, base_run: Path) -> dict:
         "c39 9: a full disk when the update checkpoints": lambda c: case_full_disk(c, "update"),
         "c40 9: one byte flipped in a checkpoint's model.safetensors, then the next iteration": case_flipped_checkpoint,
         "c41 9: name: ../../escape": lambda c: loop(c, "name=../../escape"),
-    }, ckpt
+    }
 
 
 def case_nan_student(c: Case) -> tuple[int, str, str]:
@@ -397,9 +399,9 @@ def main() -> int:
     BASE_RUN = setup.dir / "runs" / "corr"
     code, line = setup.run("run", "--config", "tiny.yaml", "--iterations", "2", "--in-process", "name=corr")
     assert code == 0, line
-    cases, _ = build_cases(None, BASE_RUN)
+    cases = build_cases(BASE_RUN)
     only = [x for x in args.only.split(",") if x]
-    print(f"| case | exit | line | check |\n|---|---|---|---|", flush=True)
+    print("| case | exit | line | check |\n|---|---|---|---|", flush=True)
     for title, run_case in cases.items():
         key = title.split()[0]
         if only and key not in only:

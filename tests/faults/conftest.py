@@ -5,7 +5,8 @@
 - `finished_run` (session) -> `RunPaths` of a run with two finished iterations, built once, never changed;
   `damaged_copy(tmp_path)` copies it (the tests damage the copy).
 
-Helpers (the config, running the loop, damaging a file) are in helpers.py. The models are the session's `tiny_models_quick` (random weights: the faults do not need a trained pair).
+Helpers (the config, running the loop, damaging a file) are in helpers.py. The models are the session's
+`tiny_models_quick` (random weights: the faults do not need a trained pair).
 The tests call the entry points that existed before the fixes (`run_phase`, `run_local`, the command line's
 `main`, the readers), so that each one fails on the code as it was for the reason its case names.
 """

@@ -37,7 +37,8 @@ CASES = {  # issue case -> (overrides, what the one line must name)
 def test_a_bad_value_is_refused_when_the_config_is_loaded(tmp_path, case):
     overrides, key = CASES[case]
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"name": "run", "output_dir": str(tmp_path / "runs"), "loss": {"algorithm": "grpo"}}))
+    path.write_text(yaml.safe_dump({"name": "run", "output_dir": str(tmp_path / "runs"),
+                                    "loss": {"algorithm": "grpo"}}))
     with pytest.raises(ConfigError) as refused:
         load_config(path, overrides)
     message = str(refused.value)
@@ -56,7 +57,8 @@ def test_config_validate_lists_every_problem_of_a_file(tmp_path, capsys):
     from grpo_kd.cli.app import main
 
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"optim": {"lr": -1.0, "epochs_per_iteration": 0}, "loss": {"policy": {"beta": -1}}}))
+    path.write_text(yaml.safe_dump({"optim": {"lr": -1.0, "epochs_per_iteration": 0},
+                                    "loss": {"policy": {"beta": -1}}}))
     assert main(["config", "validate", "--schema-only", str(path)]) == 1
     out = capsys.readouterr().out
     for key in ("optim.lr", "optim.epochs_per_iteration", "loss.policy.beta"):

@@ -17,8 +17,9 @@ from grpo_kd.errors import GrpoKdError
 from .helpers import flip_bit, run_all, weights
 
 
-def _matches_manifest(directory, shard: int = 0, suffix: str = "arrow") -> bool:
-    return checksum(directory / f"part-{shard:05d}.{suffix}") == read_json(shard_manifest_path(directory, shard))["sha256"]
+def _matches_manifest(directory, shard: int = 0) -> bool:
+    recorded = read_json(shard_manifest_path(directory, shard))["sha256"]
+    return checksum(directory / f"part-{shard:05d}.arrow") == recorded
 
 
 def _assert_retrained_like_the_clean_run(paths, finished_run) -> None:
