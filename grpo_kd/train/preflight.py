@@ -45,11 +45,10 @@ def check_inputs(cfg: Config, phases: Iterable[str] = PHASES) -> None:
 
 
 def _check_prompts(cfg: Config) -> None:
-    """The prompts exist and decode (a local file is read whole; a hub dataset is left to the rollout)."""
-    if not cfg.data.prompts:
-        raise GrpoKdError("data.prompts is not set: give a JSONL, Parquet, text or CoNLL-U file, or a dataset")
-    if detect_format(cfg.data.prompts, cfg.data.format) != "hf":
-        prompts_from_config(cfg.data)
+    """The prompts are set, exist and decode (a local file is read whole; a hub dataset is left to the rollout)."""
+    if cfg.data.prompts and detect_format(cfg.data.prompts, cfg.data.format) == "hf":
+        return
+    prompts_from_config(cfg.data)  # refuses an unset data.prompts, reads and decodes the file
 
 
 def check_vocabularies(cfg: Config, student_fp: dict, teacher_fp: dict, *, mixed: bool) -> None:
