@@ -7,10 +7,10 @@ Builds (or reuses) bench_trl.py's `--scale medium` models (random-weight Llamas,
 new tokens, k=16) in this process (the second loads the first's checkpoint), and then measures, side by side and interleaved repeat by repeat, each reader with
 its checksum check and without it:
 
-    rollouts     RolloutStore.open(verify=True | False)              the teacher pass and the update open them
-    teacher      open_teacher_shards(verify=True | False)            the update opens it
-    checkpoint   fsutil.verify_checksums of the checkpoint, beside load_student from it (the next rollout and
-                 update load it; restore_checkpoint checks the optimizer files it reads)
+    rollouts     the shard's sha256 (what RolloutStore.open adds), beside RolloutStore.open(verify=False)
+    teacher      the shard's sha256 (what open_teacher_shards adds), beside open_teacher_shards(verify=False)
+    checkpoint   verify_checksums of its model/ (what loading the student adds) beside load_student itself, and of
+                 the optimizer files (what restore_checkpoint adds)
 
 and the phases' own wall times, so that the cost reads as a share of an iteration (`grpo-kd run`'s "done"
 test, plan.damaged_outputs, reads the same two files again, only when it resumes an iteration whose update is not
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -64,6 +65,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(args.threads)
     from bench_trl import Settings, build_models, grpokd_config, write_prompts
 
+    from grpo_kd.cache.manifest import checksum
     from grpo_kd.cache.rollouts import RolloutStore
     from grpo_kd.cache.teacher import open_teacher_shards
     from grpo_kd.fsutil import sha256_file, verify_checksums
@@ -79,6 +81,7 @@ def main(argv: list[str]) -> int:
     s = Settings(scale="medium", max_new_tokens=96, models=str(models.student.parent),
                  prompts_file=str(work / "prompts-checksums.jsonl"), workdir=str(work))
     run_dir = work / "checksums" / "run"
+    shutil.rmtree(run_dir.parent, ignore_errors=True)  # the phases are timed: none may be done already
     cfg, paths = prepare_run(grpokd_config(s, run_dir, 2))
     phases = {}
     for iteration in (1, 2):  # iteration 2 loads iteration 1's checkpoint: the checkpoint reads are real
@@ -86,18 +89,20 @@ def main(argv: list[str]) -> int:
             phases[f"{phase} {iteration}"] = run_phase(cfg, phase, iteration, show_progress=False).seconds
     rollouts, teacher, checkpoint = paths.rollouts(2), paths.teacher(2), paths.checkpoint(1)
     cases = {
-        "rollouts: open, no checksum": lambda: RolloutStore.open(rollouts, verify=False),
-        "rollouts: open with checksum": lambda: RolloutStore.open(rollouts),
-        "teacher: open, no checksum": lambda: open_teacher_shards(teacher, verify=False),
-        "teacher: open with checksum": lambda: open_teacher_shards(teacher),
-        "checkpoint: verify_checksums": lambda: verify_checksums(checkpoint),
-        "checkpoint: load_student (weights check included)": lambda: load_student(cfg.model,
-                                                                                   checkpoint=str(checkpoint)),
+        "rollouts: open without its checksum": lambda: RolloutStore.open(rollouts, verify=False),
+        "rollouts: the checksum (sha256 of the shard)": lambda: checksum(rollouts / "part-00000.arrow"),
+        "teacher: open without its checksum": lambda: open_teacher_shards(teacher, verify=False),
+        "teacher: the checksum (sha256 of the shard)": lambda: checksum(teacher / "part-00000.arrow"),
+        "checkpoint: load_student (its weights' check included)": lambda: load_student(
+            cfg.model, checkpoint=str(checkpoint)),
+        "checkpoint: the weights' check (verify_checksums of model/)": lambda: verify_checksums(checkpoint / "model"),
+        "checkpoint: the optimizer files' check": lambda: [verify_checksums(checkpoint / name) for name in
+                                                           ("optimizer.safetensors", "optimizer.json")],
     }
     times = {name: [] for name in cases}
     for _ in range(args.repeats):  # interleaved: the machine's load falls on every case alike
         for name, fn in cases.items():
-            times[name] += timed(fn, 1)
+            times[name] += timed(fn, 3 if name.startswith("checkpoint") else 10)  # ms-scale reads: 10 each
     big = work / "sha256-throughput.bin"
     big.write_bytes(os.urandom(256 << 20))
     sha_s = statistics.median(timed(lambda: sha256_file(big), 3))
@@ -105,11 +110,12 @@ def main(argv: list[str]) -> int:
     sizes = {"rollouts": tree_bytes(rollouts / "part-00000.arrow"), "teacher": tree_bytes(teacher / "part-00000.arrow"),
              "checkpoint": tree_bytes(checkpoint), "checkpoint model": tree_bytes(checkpoint / "model")}
     median = {name: statistics.median(values) for name, values in times.items()}
-    rollout_cost = median["rollouts: open with checksum"] - median["rollouts: open, no checksum"]
-    teacher_cost = median["teacher: open with checksum"] - median["teacher: open, no checksum"]
     # per iteration of `grpo-kd run`: the teacher pass opens the rollouts, the update opens rollouts and teacher
-    # cache, the rollout and the update each load the previous checkpoint (counted whole, twice: an upper bound)
-    per_iteration = 2 * rollout_cost + teacher_cost + 2 * median["checkpoint: verify_checksums"]
+    # cache; the rollout and the update each load the previous checkpoint's weights, the update its optimizer
+    per_iteration = (2 * median["rollouts: the checksum (sha256 of the shard)"]
+                     + median["teacher: the checksum (sha256 of the shard)"]
+                     + 2 * median["checkpoint: the weights' check (verify_checksums of model/)"]
+                     + median["checkpoint: the optimizer files' check"])
     iteration_s = sum(v for k, v in phases.items() if k.endswith(" 2"))
     report = {
         "command": " ".join(["python benchmarks/bench_checksums.py", *argv]), "device": device_slug("cpu"),
@@ -129,7 +135,8 @@ def main(argv: list[str]) -> int:
 
 def markdown(r: dict) -> str:
     lines = [f"# Checksum reads at bench_trl's medium scale ({r['device']})", "", f"`{r['command']}`", "",
-             f"{r['threads']} torch thread(s), median of {r['repeats']} interleaved repeats, files hot in the page "
+             f"{r['threads']} torch thread(s), medians over {r['repeats']} interleaved rounds (10 calls each per round "
+             "for the shards, 3 for the checkpoint), files hot in the page "
              "cache (sha256's CPU cost; a cold read adds the I/O the phase pays on its first pass anyway).", "",
              "| file | bytes |", "|---|---|"]
     lines += [f"| {name} | {size:,} |" for name, size in r["bytes"].items()]
@@ -138,9 +145,9 @@ def markdown(r: dict) -> str:
     lines += [f"| sha256 of a 256 MiB file | {r['sha256_MB_per_s']:.0f} MB/s |", "",
               "| phase (iteration 1, 2) | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds:.2f} |" for name, seconds in r["phases_s"].items()]
-    lines += ["", f"Checksum reads of one iteration of `grpo-kd run` (rollouts read twice, the teacher cache once, "
-              f"the whole previous checkpoint twice: an upper bound): {r['per_iteration_checksum_s'] * 1e3:.1f} ms "
-              f"of an iteration's "
+    lines += ["", f"Checksum reads of one iteration of `grpo-kd run` (the rollouts twice, the teacher cache once, "
+              f"the previous checkpoint's weights twice and its optimizer once): "
+              f"{r['per_iteration_checksum_s'] * 1e3:.1f} ms of an iteration's "
               f"{r['iteration_s']:.1f} s ({100 * r['share_of_iteration']:.2f} %).", ""]
     return "\n".join(lines)
 
