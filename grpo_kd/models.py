@@ -88,10 +88,10 @@ def _is_local(path: str) -> bool:
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def check_local_weights(path: str | Path, what: str) -> None:
+def check_local_weights(path: str | Path, what: str, *, verify: bool = True) -> None:
     """A local model or adapter directory must hold safetensors weights, which must match the checksums a
-    grpo-kd checkpoint records (`fsutil.verify_checksums`). Pickle weights (`pytorch_model.bin`) are refused,
-    never loaded: unpickling runs code the file chooses."""
+    grpo-kd checkpoint records (`fsutil.verify_checksums`; `verify=False` skips that read). Pickle weights
+    (`pytorch_model.bin`) are refused, never loaded: unpickling runs code the file chooses."""
     directory = Path(path).expanduser()
     if not directory.is_dir():
         return
@@ -102,17 +102,19 @@ def check_local_weights(path: str | Path, what: str) -> None:
                               "safetensors only (loading a pickle runs code from the file): convert it with "
                               "save_pretrained(..., safe_serialization=True) where you trust it")
         raise GrpoKdError(f"{what} {str(path)!r} holds no weights (no *.safetensors file)")
-    verify_checksums(directory)
+    if verify:
+        verify_checksums(directory)
 
 
-def check_model_source(path: str, what: str = "model") -> str:
+def check_model_source(path: str, what: str = "model", *, verify: bool = True) -> str:
     """The source `load_causal_lm` would load (a local directory or a hub id), checked without loading it: a
-    local directory needs config.json and safetensors weights. One-line `GrpoKdError` otherwise."""
+    local directory needs config.json and safetensors weights (matching its checksums unless `verify=False`).
+    One-line `GrpoKdError` otherwise."""
     source = _resolve_source(path, what)
     if _is_local(source):
         if not (Path(source) / "config.json").is_file():
             raise GrpoKdError(f"{what} directory {path!r} has no config.json; is it a save_pretrained directory?")
-        check_local_weights(source, what)
+        check_local_weights(source, what, verify=verify)
     return source
 
 

@@ -83,8 +83,8 @@ def run_phase(cfg: Config, phase: str, iteration: int, *, shard: int = 0, num_sh
             why = describe_os_error(exc)
             if why is None:
                 raise
-            raise GrpoKdError(f"{what} failed: {why} (run directory {cfg.run_dir}); what was finished is kept: "
-                              "fix it and run the phase again") from None
+            raise GrpoKdError(f"{why} in {cfg.run_dir} during {what}; what was finished is kept: fix it and run "
+                              "again") from None
     return PhaseResult(phase, iteration, shard, n, line, time.monotonic() - started)
 
 

@@ -21,10 +21,11 @@ gradient norm takes no optimizer step; with `optim.nonfinite: stop` (the default
 `NonFiniteUpdate` (one line naming the step and the first non-finite quantity, no checkpoint written), with
 `skip` it goes on and the step's metrics line says `"skipped": 1`.
 
-Stops and restarts: SIGTERM / SIGUSR2 / SIGHUP (and `checkpoint.save_every_steps`) write checkpoints/iter_i.step-SSSSSSS
-after the current step; on a signal the phase then raises `UpdateInterrupted` (the CLI exits with
-REQUEUE_EXIT_CODE). `resume=True` continues from the newest step checkpoint (weights, optimizer, scheduler, RNG,
-data position; metrics after it are dropped). A finished iteration (checkpoints/iter_i exists) does nothing.
+Stops and restarts: SIGTERM / SIGUSR2 / SIGHUP (and `checkpoint.save_every_steps`) write
+checkpoints/iter_i.step-SSSSSSS after the current step; on a signal the phase then raises `UpdateInterrupted`
+(the CLI exits with REQUEUE_EXIT_CODE). `resume=True` continues from the newest step checkpoint (weights,
+optimizer, scheduler, RNG, data position; metrics after it are dropped). A finished iteration (checkpoints/iter_i
+exists, and matches its checksums) does nothing.
 """
 
 from __future__ import annotations
@@ -120,8 +121,7 @@ def make_plan(reader: CacheReader, cfg: Config, world_size: int) -> Plan:
                           f"but rollout.group_size={cfg.rollout.group_size}; sample them again with this config")
     rows_per_rank = cfg.optim.micro_batch_size * cfg.optim.grad_accum
     plan = Plan(groups_per_rank=rows_per_rank // cfg.rollout.group_size, world_size=world_size,
-                num_groups=reader.num_groups,
-                epochs=cfg.optim.epochs_per_iteration)
+                num_groups=reader.num_groups, epochs=cfg.optim.epochs_per_iteration)
     if plan.steps_per_epoch == 0:
         raise GrpoKdError(f"{reader.num_groups} groups are fewer than one optimizer step needs "
                           f"({plan.groups_per_step} = {world_size} ranks x {plan.groups_per_rank}); lower "
