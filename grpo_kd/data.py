@@ -22,6 +22,7 @@ from typing import Any
 
 from grpo_kd.config import Config, DataConfig
 from grpo_kd.errors import GrpoKdError
+from grpo_kd.fsutil import read_text_utf8
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _require_file(source: str) -> Path:
 
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text_utf8(path)  # one line naming the file and line for bytes that are not UTF-8
     return [{"id": f"{path.stem}-{i}", "text": line.strip()} for i, line in enumerate(text.splitlines()) if line.strip()]
 
 
@@ -84,7 +85,7 @@ def _read_conllu(path: Path) -> list[dict[str, Any]]:
     """One row per sentence: its `# text = ` line, with its `# sent_id = ` as id when present."""
     rows: list[dict[str, Any]] = []
     sent_id = None
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_text_utf8(path).splitlines():
         if line.startswith("# sent_id = "):
             sent_id = line[len("# sent_id = ") :].strip()
         elif line.startswith("# text = "):
@@ -98,17 +99,16 @@ def _read_conllu(path: Path) -> list[dict[str, Any]]:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise GrpoKdError(f"{path}:{number}: not valid JSON: {exc.msg}") from None
-            if not isinstance(row, dict):
-                raise GrpoKdError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append(row)
+    for number, line in enumerate(read_text_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise GrpoKdError(f"{path}:{number}: not valid JSON: {exc.msg}") from None
+        if not isinstance(row, dict):
+            raise GrpoKdError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
@@ -246,9 +246,8 @@ def prompts_from_config(cfg: DataConfig) -> list[Prompt]:
 
 
 def split_heldout(prompts: list[Prompt], fraction: float, seed: int) -> tuple[list[Prompt], list[Prompt]]:
-    """(train, heldout): a seeded random `fraction` held out (at least one when fraction > 0), order kept."""
-    if not 0.0 <= fraction < 1.0:
-        raise GrpoKdError(f"held-out fraction must be in [0, 1), got {fraction}")
+    """(train, heldout): a seeded random `fraction` in [0, 1) held out (at least one when fraction > 0), order
+    kept (`data.heldout_fraction`'s range is a rule of the config)."""
     count = 0 if fraction == 0 or len(prompts) < 2 else max(1, math.floor(fraction * len(prompts)))
     held = set(random.Random(seed).sample(range(len(prompts)), count))
     train = [p for i, p in enumerate(prompts) if i not in held]

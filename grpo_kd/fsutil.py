@@ -1,4 +1,4 @@
-"""Atomic file writes and checksums: a killed process never leaves a file that looks finished.
+"""Atomic file writes, checksums and UTF-8 text: a killed process never leaves a file that looks finished.
 
 This is the project's one writer of finished files. Every output — checkpoints, manifests, cache shards,
 rollouts, kept batches, evaluation reports, the tiny models — is written to `<name>.tmp-<pid>` beside its final
@@ -9,6 +9,11 @@ temporary. tests/test_fsutil.py checks both, and that no other module renames fi
 
     with atomic_path("out/part-00000.arrow") as tmp:      # a file, or a directory the block creates
         write_everything_to(tmp)
+
+A directory of files (a checkpoint) carries its own checksums: `write_checksums(tmp)` inside the block records
+the sha256 of every file in `checksums.json`, and `verify_checksums(dir)` refuses a file that changed since.
+`read_text_utf8` is how every text input (configs, prompts, corpora) is read: undecodable bytes are one line
+naming the file and the line.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
+
+from grpo_kd.errors import GrpoKdError
+
+CHECKSUMS_NAME = "checksums.json"  # the sha256 of every file of a directory output (a checkpoint), inside it
 
 
 def tmp_path_for(path: Path) -> Path:
@@ -134,3 +143,70 @@ def sha256_tree(path: str | os.PathLike) -> str:
         digest.update(str(file.relative_to(root)).encode())
         digest.update(sha256_file(file).encode())
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- directory checksums
+
+
+class ChecksumMismatch(GrpoKdError):
+    """A file whose bytes differ from the sha256 recorded when it was written (damaged or replaced since)."""
+
+
+def write_checksums(directory: str | os.PathLike) -> Path:
+    """Record the sha256 of every file below `directory` in `directory/checksums.json` (call it last, inside the
+    `atomic_path` block that writes the directory, so the checksums arrive with the files)."""
+    root = Path(directory)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS_NAME)
+    sums = {str(p.relative_to(root)): sha256_file(p) for p in files}
+    path = root / CHECKSUMS_NAME
+    path.write_text(json.dumps({"sha256": sums}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def verify_checksums(path: str | os.PathLike) -> int:
+    """Check the files of `path` against the `checksums.json` of `path` or of its parent (a checkpoint's `model/`
+    is covered by the checkpoint's list); returns how many files were checked (0: no list, an older or foreign
+    directory). Raises `ChecksumMismatch` naming the first file that is missing or differs."""
+    path = Path(path)
+    root = path if (path / CHECKSUMS_NAME).is_file() else path.parent
+    manifest = root / CHECKSUMS_NAME
+    if not manifest.is_file():
+        return 0
+    try:
+        sums = json.loads(manifest.read_text(encoding="utf-8"))["sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise ChecksumMismatch(f"{manifest}: not a readable checksum list (damaged)") from None
+    prefix = path.relative_to(root)
+    checked = 0
+    for name, digest in sorted(sums.items()):
+        file = root / name
+        if prefix.parts and Path(name).parts[: len(prefix.parts)] != prefix.parts:
+            continue
+        if not file.is_file():
+            raise ChecksumMismatch(f"{file} is missing (listed in {manifest})")
+        if sha256_file(file) != digest:
+            raise ChecksumMismatch(f"{file} does not match the sha256 recorded in {manifest} (damaged or changed "
+                                   "since it was written)")
+        checked += 1
+    return checked
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+
+def read_text_utf8(path: str | os.PathLike) -> str:
+    """A text file's content, decoded as UTF-8 with universal newlines (as `Path.read_text`). A file that is not
+    UTF-8 text (another encoding, a binary file) raises one `GrpoKdError` naming the file, the line and the byte."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise GrpoKdError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at column {column}); "
+                          "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise GrpoKdError(f"{path}:{line}: a NUL byte: a binary file, not text")
+    return text.replace("\r\n", "\n").replace("\r", "\n")

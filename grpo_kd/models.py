@@ -29,6 +29,7 @@ from torch import nn
 from grpo_kd.config import ModelConfig, TeacherConfig
 from grpo_kd.device import choose_dtype, infer_device
 from grpo_kd.errors import GrpoKdError
+from grpo_kd.fsutil import verify_checksums
 from grpo_kd.lora import add_lora, disable_dropout
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ def _load_failure(path: str, source: str, what: str, exc: BaseException) -> Grpo
     from huggingface_hub import constants
 
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if type(exc).__name__ == "SafetensorError":
+        first = f"a safetensors file is cut short or damaged ({first})"
     if _is_local(source):
         return GrpoKdError(f"could not load {what} from {path!r}: {first}")
     offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
@@ -81,6 +84,39 @@ def _load_failure(path: str, source: str, what: str, exc: BaseException) -> Grpo
 
 def _is_local(path: str) -> bool:
     return Path(path).expanduser().is_dir()
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_local_weights(path: str | Path, what: str, *, verify: bool = True) -> None:
+    """A local model or adapter directory must hold safetensors weights, which must match the checksums a
+    grpo-kd checkpoint records (`fsutil.verify_checksums`; `verify=False` skips that read). Pickle weights
+    (`pytorch_model.bin`) are refused, never loaded: unpickling runs code the file chooses."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        return
+    if not any(directory.glob("*.safetensors")):
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise GrpoKdError(f"{what} {str(path)!r} holds pickle weights only ({', '.join(pickles)}); grpo-kd loads "
+                              "safetensors only (loading a pickle runs code from the file): convert it with "
+                              "save_pretrained(..., safe_serialization=True) where you trust it")
+        raise GrpoKdError(f"{what} {str(path)!r} holds no weights (no *.safetensors file)")
+    if verify:
+        verify_checksums(directory)
+
+
+def check_model_source(path: str, what: str = "model", *, verify: bool = True) -> str:
+    """The source `load_causal_lm` would load (a local directory or a hub id), checked without loading it: a
+    local directory needs config.json and safetensors weights (matching its checksums unless `verify=False`).
+    One-line `GrpoKdError` otherwise."""
+    source = _resolve_source(path, what)
+    if _is_local(source):
+        if not (Path(source) / "config.json").is_file():
+            raise GrpoKdError(f"{what} directory {path!r} has no config.json; is it a save_pretrained directory?")
+        check_local_weights(source, what, verify=verify)
+    return source
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -166,12 +202,12 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
-    source = _resolve_source(path, "model")
-    if _is_local(source) and not (Path(source) / "config.json").is_file():
-        raise GrpoKdError(f"model directory {path!r} has no config.json; is it a save_pretrained directory?")
+    from safetensors import SafetensorError
+
+    source = check_model_source(path, "model")
     target = infer_device(device)
     torch_dtype, reason = choose_dtype(dtype, target)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if load_in_4bit:
@@ -188,7 +224,7 @@ def load_causal_lm(
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or damaged file
         raise _load_failure(path, source, "model", exc) from None
     if device_map is None:
         model.to(target)
@@ -228,8 +264,6 @@ def load_student(cfg: ModelConfig, *, checkpoint: str | None = None, trainable: 
     `trainable=False` gives an eval-mode model with no parameter requiring grad.
     """
     base_path, adapter_dir = student_weights(cfg, checkpoint)
-    if cfg.load_in_4bit and not cfg.lora and trainable:
-        raise GrpoKdError("model.load_in_4bit trains LoRA adapters on a frozen 4-bit base (QLoRA): set model.lora=true")
     model = load_causal_lm(
         base_path,
         dtype=cfg.dtype,
@@ -241,8 +275,13 @@ def load_student(cfg: ModelConfig, *, checkpoint: str | None = None, trainable: 
     )
     if adapter_dir is not None:
         from peft import PeftModel  # 2.6-4.0 s after transformers: only for an adapter checkpoint
+        from safetensors import SafetensorError
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+        check_local_weights(adapter_dir, "student adapter")
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise _load_failure(str(adapter_dir), str(adapter_dir), "student adapter", exc) from None
         log.info("student adapter loaded from %s", adapter_dir)
     elif cfg.lora:
         model = add_lora(model, cfg)

@@ -7,6 +7,7 @@
     runs/NAME/logs/metrics.jsonl
     runs/NAME/slurm/
     runs/NAME/reports/
+    runs/NAME/locks/                 one lock file per executor and per phase task (grpo_kd.locks)
 """
 
 from __future__ import annotations
@@ -69,3 +70,7 @@ class RunPaths:
     @property
     def reports(self) -> Path:
         return self.root / "reports"
+
+    def lock(self, name: str) -> Path:
+        """The lock file of `name`: "run" (the executor) or a phase task, e.g. "iter_0001-update"."""
+        return self.root / "locks" / f"{name}.lock"

@@ -2,7 +2,7 @@
 layer than its own. Lazy imports (inside functions) count too: a cycle that only closes at run time is still a
 cycle a reader has to untangle.
 
-    base (errors, fsutil, paths, device, progress, shards, config, assets) < kernels < cache
+    base (errors, fsutil, locks, paths, device, progress, shards, config, assets) < kernels < cache
         < models, data, arch, lora < tiny, tiny_families, train, engines, evaluate < slurm < cli, demo
 """
 
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "grpo_kd"
 
 LAYERS = {  # first part below grpo_kd -> layer
-    "errors": 0, "fsutil": 0, "paths": 0, "device": 0, "progress": 0, "shards": 0, "config": 0, "assets": 0,
+    "errors": 0, "fsutil": 0, "locks": 0, "paths": 0, "device": 0, "progress": 0, "shards": 0, "config": 0, "assets": 0,
     "kernels": 1,
     "cache": 2,
     "models": 3, "data": 3, "arch": 3, "lora": 3,

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from grpo_kd.config import ModelConfig, TeacherConfig
 from grpo_kd.errors import GrpoKdError
@@ -85,6 +86,10 @@ def test_directory_without_model_files_is_error(tmp_path):
         load_tokenizer(str(tmp_path))
     _assert_one_line(exc_info)
     (tmp_path / "config.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(GrpoKdError, match="holds no weights") as exc_info:
+        load_causal_lm(str(tmp_path))
+    _assert_one_line(exc_info)
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(GrpoKdError, match="could not load model") as exc_info:
         load_causal_lm(str(tmp_path))
     _assert_one_line(exc_info)

@@ -7,7 +7,9 @@ owns shard j and writes exactly two files of its own, each to a temporary name r
     part-0000J.manifest.json           what it was made from and with, its row/token counts and its sha256
 
 The data file is renamed first, the manifest second, so a shard is finished exactly when its manifest exists and
-the checksum in it matches the data. A killed writer leaves at most a `*.tmp-<pid>` leftover or a data file
+the checksum in it matches the data. Every reader checks that checksum before it uses a shard
+(`verify_shard_checksum`, one sequential read of the file) and refuses a damaged or swapped file with the command
+that rebuilds it (`rebuild_command`). A killed writer leaves at most a `*.tmp-<pid>` leftover or a data file
 without a manifest, neither of which looks finished. `manifest.json` (the merged list of shard manifests) is
 written only by single-process steps (a one-shard writer, `grpo-kd cache verify`, the update phase), never by
 two array tasks at once, and readers never depend on it: they always read the per-shard manifests.
@@ -105,6 +107,34 @@ def write_index(directory: Path, kind: str) -> Path:
     path = Path(directory) / INDEX_NAME
     atomic_write_json(path, index)
     return path
+
+
+def rebuild_command(directory: Path, shard: int) -> str:
+    """The command that writes shard `shard` of a run's `iter_NNNN/rollouts` or `iter_NNNN/teacher` again."""
+    directory = Path(directory)
+    iteration = directory.parent.name
+    if not re.fullmatch(r"iter_\d{4,}", iteration) or directory.name not in ("rollouts", "teacher"):
+        return f"write shard {shard} of {directory} again"
+    config = directory.parent.parent / "config.yaml"
+    if directory.name == "rollouts":
+        manifest = list_shard_manifests(directory).get(shard) or {}
+        count = (manifest.get("meta") or {}).get("num_shards") or shard + 1
+        phase = "rollout"
+    else:  # task J of n scores rollout shards i with i % n == J: n = the rollout shard count gives shard J alone
+        count = max(len(list_shard_manifests(directory.parent / "rollouts")), shard + 1)
+        phase = "cache-teacher"
+    return (f"grpo-kd {phase} --config {config} --iteration {int(iteration[5:])} --shard {shard} --num-shards "
+            f"{count} (`grpo-kd run` redoes it too)")
+
+
+def verify_shard_checksum(path: Path, manifest: dict[str, Any], shard: int) -> None:
+    """Raise a one-line `CacheError` when the data file `path` of shard `shard` is not the file its manifest
+    describes (a flipped bit, a file copied over it); the message names the file and the command that rebuilds it."""
+    actual = checksum(path)
+    if actual != manifest.get("sha256"):
+        raise CacheError(f"{path} does not match the sha256 in its manifest (damaged or replaced since it was "
+                         f"written: {actual[:12]} != {str(manifest.get('sha256'))[:12]}); rebuild it: "
+                         f"{rebuild_command(Path(path).parent, shard)}")
 
 
 def shard_is_complete(directory: Path, shard: int, suffix: str, *, verify_checksum: bool = True) -> bool:

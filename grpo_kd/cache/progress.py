@@ -12,15 +12,18 @@ The final shard is still written only by `TeacherShardSink` and still atomically
 passes. A resumed run replays the kept batches into the sink in their original order and scores the rest, so
 its shard is byte-identical to an uninterrupted run's.
 
-Key design choice: **kept work is trusted only as far as it can be checked.** A batch file that does not load
-(cut short by a crash), fails the cache spec's shape and dtype check, or holds other rows than the batch it
-claims to be, is dropped and scored again; a key that differs in anything (settings, rollout file, teacher or
+Key design choice: **kept work is trusted only as far as it can be checked.** Each file carries the sha256 of its
+arrays (an entry `sha256` beside them, written with them in one atomic file). A batch file that does not load
+(cut short by a crash), does not match its sha256 (changed since), fails the cache spec's shape, dtype and value
+checks (NaN, inf, a log-prob above 0), or holds other rows than the batch it claims to be, is dropped and scored
+again; a key that differs in anything (settings, rollout file, teacher or
 reference weights) drops every kept batch (or every kept reference batch). Files are read with
 `allow_pickle=False`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -30,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from grpo_kd.cache.spec import CacheSpec, ScoredRows
+from grpo_kd.cache.values import logprob_problem
 from grpo_kd.fsutil import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -100,8 +104,7 @@ class ShardProgress:
 
     def _read(self, path: Path) -> ScoredRows | None:
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
+            arrays = _load_npz(path)
             scored = ScoredRows(
                 row=arrays["row"], group_id=arrays["group_id"], num_tokens=arrays["num_tokens"],
                 seq_logprob=arrays["seq_logprob"],
@@ -143,11 +146,11 @@ def load_reference_batches(directory: Path, shard: int, key: dict[str, Any],
     kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for path in kept_reference_files(directory, shard):
         try:
-            with np.load(path, allow_pickle=False) as data:
-                same = str(data["key"]) == wanted
-                rows, values = data["rows"], data["values"]
+            data = _load_npz(path)
+            same = str(data["key"]) == wanted
+            rows, values = data["rows"], data["values"]
             fits = same and rows.ndim == 1 and rows.size and rows.min() >= 0 and rows.max() < len(lengths) and \
-                len(values) == int(lengths[rows].sum())
+                len(values) == int(lengths[rows].sum()) and logprob_problem("reference", values) is None
         except Exception:  # noqa: BLE001 - a file cut short can fail anywhere in numpy's zip reader
             fits = False
         if fits:
@@ -157,9 +160,34 @@ def load_reference_batches(directory: Path, shard: int, key: dict[str, Any],
     return kept
 
 
+_DIGEST = "sha256"
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of `arrays`, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
 def _save_npz(final: Path, arrays: dict[str, np.ndarray]) -> None:
+    """`arrays` and their sha256 in one npz, written atomically."""
+    arrays = {name: np.asarray(value) for name, value in arrays.items()}
     with atomic_path(final) as tmp, open(tmp, "wb") as handle:  # a handle: np.savez would add ".npz" to a name
-        np.savez(handle, **arrays)
+        np.savez(handle, **arrays, **{_DIGEST: np.array(_digest(arrays))})
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a kept file (no pickle); raises ValueError when they do not match the sha256 stored with them."""
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    stored = str(arrays.pop(_DIGEST, ""))
+    if stored != _digest(arrays):
+        raise ValueError(f"{path.name} does not match its sha256")
+    return arrays
 
 
 def _jsonable(obj: Any) -> Any:

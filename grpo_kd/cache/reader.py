@@ -28,10 +28,11 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from grpo_kd.cache.manifest import CacheError, check_same_vocab, describe_vocab
+from grpo_kd.cache.manifest import CacheError, check_same_vocab, describe_vocab, rebuild_command
 from grpo_kd.cache.rollouts import RolloutStore
 from grpo_kd.cache.spec import stored_logprobs_as_float32
-from grpo_kd.cache.teacher import TeacherShard, open_teacher_shards
+from grpo_kd.cache.teacher import TeacherShard, check_alignment, open_teacher_shards
+from grpo_kd.cache.values import describe_bad, first_bad
 
 
 class CacheBatch(NamedTuple):
@@ -178,6 +179,8 @@ class CacheReader:
             old[b, :C[b]] = self._row_list(s, r, "old_logprobs")
         student = self._optional_logprobs(rows, T, "student_logprobs", "teacher_mixed")
         sampler = self._optional_logprobs(rows, T, "sampler_logprobs", "sampler_logprobs")
+        self._refuse_bad_values(rows, {"old_logprobs": old, "student_logprobs": student,
+                                       "sampler_logprobs": sampler}, teacher=False)
         index = np.array([self._row_starts[self._shard_pos[s]] + r for s, r in rows], np.int64)
         group_ids = np.array([g.group_id for g in slices for _ in range(g.size)], np.int64)
         finished = np.array([self._shard(s).table.column("finish_reason")[r].as_py() == "stop" for s, r in rows])
@@ -194,6 +197,19 @@ class CacheReader:
 
     def _shard(self, shard: int):
         return self.store.shards[self._shard_pos[shard]]
+
+    def _refuse_bad_values(self, rows, arrays: dict[str, np.ndarray | None], *, teacher: bool) -> None:
+        """A one-line `CacheError` naming the file, the field, the row and the rebuild command when a batch holds
+        a number no writer would have written (NaN, inf, a log-prob above 0): the file changed after its
+        checksum was recorded, or was written before the writers checked their values."""
+        for name, values in arrays.items():
+            found = None if values is None else first_bad(values, logprobs=name.endswith("logprob") or
+                                                          name.endswith("logprobs"))
+            if found is not None:
+                shard, row = rows[found[0]]
+                path = self.teacher[shard].path if teacher else self._shard(shard).path
+                raise CacheError(f"{path}: {describe_bad(name, found[1], f'rollout row {row}')}; rebuild it: "
+                                 f"{rebuild_command(path.parent, shard)}")
 
     def _row_list(self, shard: int, row: int, name: str) -> np.ndarray:
         offsets, values = self._shard(shard).list_column(name)
@@ -237,6 +253,7 @@ class CacheReader:
             if self.spec.cross_tokenizer:
                 seq_tokens[batch_pos] = self._row_values(shard, "xtok_num_tokens")[local]
                 seq_bytes[batch_pos] = self._row_values(shard, "xtok_num_bytes")[local]
+        self._refuse_bad_values(rows, {**padded, "seq_logprob": seq}, teacher=True)
         for name in names:
             out[_TOKEN_FIELDS[name][0]] = torch.from_numpy(padded[name])
         out["teacher_seq_logprob"] = torch.from_numpy(seq)
@@ -249,26 +266,6 @@ class CacheReader:
         if (shard, name) not in cache:
             cache[(shard, name)] = self.teacher[shard].reader.row_values(name)
         return cache[(shard, name)]
-
-
-def check_alignment(store: RolloutStore, shards: list[TeacherShard]) -> None:
-    """Each rollout shard has its teacher shard, made from exactly that file, with the same row count."""
-    by_shard = {s.shard: s for s in shards}
-    specs = {(s.spec.format, s.spec.top_k, s.spec.num_samples, s.spec.token_level) for s in shards}
-    if len(specs) > 1:
-        raise CacheError(f"teacher shards were made with different settings: {sorted(specs)}")
-    for rollout in store.shards:
-        shard = by_shard.get(rollout.shard)
-        if shard is None:
-            raise CacheError(f"teacher shard {rollout.shard} is missing (run `grpo-kd cache-teacher --shard "
-                             f"{rollout.shard}`)")
-        scored = shard.manifest.get("rollouts", {})
-        if scored.get("sha256") != rollout.manifest.get("sha256"):
-            raise CacheError(f"teacher shard {shard.path.name} was made from other rollouts than "
-                             f"{rollout.path.name} (checksums differ); re-run cache-teacher")
-        if shard.manifest.get("rows") != rollout.num_rows:
-            raise CacheError(f"teacher shard {shard.path.name} has {shard.manifest.get('rows')} rows but "
-                             f"{rollout.path.name} has {rollout.num_rows}")
 
 
 def prefetched(makers: Iterator, depth: int) -> Iterator:

@@ -40,9 +40,11 @@ from grpo_kd.cache.manifest import (
     remove_shard,
     shard_data_path,
     size_bytes,
+    verify_shard_checksum,
     write_index,
     write_shard_manifest,
 )
+from grpo_kd.cache.values import logprob_problem
 from grpo_kd.fsutil import atomic_path
 
 ROLLOUT_SCHEMA = pa.schema(
@@ -94,6 +96,12 @@ class RolloutRecord:
                                  "completion tokens")
         if len(self.prompt_ids) == 0:
             raise CacheError(f"rollout {self.prompt_id}/{self.sample_index}: empty prompt_ids")
+        for name in ("old_logprobs", "student_logprobs"):
+            values = getattr(self, name)
+            why = None if values is None else logprob_problem(name, np.asarray(values, np.float32))
+            if why:
+                raise CacheError(f"rollout {self.prompt_id}/{self.sample_index}: {why}; the student (or the teacher "
+                                 "mixed in) holds NaN/inf weights or overflows in its dtype; nothing was written")
 
 
 def _records_table(records: list[RolloutRecord]) -> pa.Table:
@@ -221,8 +229,9 @@ class RolloutStore:
         self._groups = self._index_groups()
 
     @classmethod
-    def open(cls, directory: str | Path, *, verify: bool = False) -> "RolloutStore":
-        """Memory-map every finished shard of `directory`; `verify=True` also checks each sha256."""
+    def open(cls, directory: str | Path, *, verify: bool = True) -> "RolloutStore":
+        """Memory-map every finished shard of `directory` after checking its sha256 against its manifest (one
+        read of the file; `verify=False` only for a caller that has just checked it)."""
         directory = Path(directory)
         manifests = list_shard_manifests(directory)
         if not manifests:
@@ -232,9 +241,12 @@ class RolloutStore:
             path = shard_data_path(directory, j, ROLLOUT_SUFFIX)
             if not path.is_file():
                 raise CacheError(f"rollout shard {path} is listed by its manifest but missing")
-            if verify and checksum(path) != manifests[j].get("sha256"):
-                raise CacheError(f"rollout shard {path} does not match the checksum in its manifest")
-            table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+            if verify:
+                verify_shard_checksum(path, manifests[j], j)
+            try:
+                table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise CacheError(f"{path}: not a readable Arrow IPC file ({exc})") from None
             shards.append(RolloutShard(j, path, manifests[j], table))
         return cls(directory, shards)
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from grpo_kd.cache.manifest import CacheError
+from grpo_kd.cache.values import describe_bad, first_bad
 
 TEACHER_KIND = "teacher_cache"
 FORMATS = {"arrow": "arrow", "zarr": "zarr"}  # format -> file suffix
@@ -56,8 +57,6 @@ class CacheSpec:
             raise CacheError(f"unknown cache format {self.format!r}; expected arrow or zarr")
         if self.logprob_dtype not in ("float16", "bfloat16"):
             raise CacheError(f"unknown logprob_dtype {self.logprob_dtype!r}; expected float16 or bfloat16")
-        if self.token_level and self.top_k < 1:
-            raise CacheError(f"teacher.top_k must be at least 1, got {self.top_k}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CacheSpec":
@@ -123,6 +122,26 @@ class ScoredRows:
             array = self.row_columns().get(name)
             if array is None or array.shape != (len(self.row),):
                 raise CacheError(f"teacher row field {name}: expected ({len(self.row)},) {dtype}")
+        why = self.value_problem()
+        if why:
+            raise CacheError(f"teacher scores: {why}")
+
+    def value_problem(self) -> str | None:
+        """None when every number is sane (`grpo_kd.cache.values`: log-probs finite and <= 0, the rest finite),
+        else what is wrong, naming the rollout row (and the token in it)."""
+        found = first_bad(self.seq_logprob, logprobs=True)
+        if found is not None:
+            return describe_bad("seq_logprob", found[1], f"rollout row {int(self.row[found[0]])}")
+        ends = np.cumsum(np.asarray(self.num_tokens, np.int64))
+        for name, values in self.token.items():
+            logprobs = name.endswith("logprobs")
+            found = first_bad(stored_logprobs_as_float32(values) if name == "topk_logprobs" else values,
+                              logprobs=logprobs)
+            if found is not None:
+                position = int(np.searchsorted(ends, found[0], side="right"))
+                token = found[0] - (int(ends[position - 1]) if position else 0)
+                return describe_bad(name, found[1], f"rollout row {int(self.row[position])}, token {token}")
+        return None
 
 
 def bf16_bits(t: torch.Tensor) -> np.ndarray:

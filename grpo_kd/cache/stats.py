@@ -23,7 +23,7 @@ import numpy as np
 from grpo_kd.cache.manifest import CacheError
 from grpo_kd.cache.rollouts import RolloutStore
 from grpo_kd.cache.spec import stored_logprobs_as_float32
-from grpo_kd.cache.teacher import open_teacher_shards
+from grpo_kd.cache.teacher import check_alignment, open_teacher_shards
 from grpo_kd.cache.verify import iterations_of
 from grpo_kd.fsutil import atomic_savefig, atomic_write_json
 from grpo_kd.paths import RunPaths, iteration_name
@@ -33,8 +33,9 @@ MASS_BINS = np.linspace(0.0, 1.0, 21)
 
 
 def iteration_stats(paths: RunPaths, iteration: int) -> dict:
-    store = RolloutStore.open(paths.rollouts(iteration))
+    store = RolloutStore.open(paths.rollouts(iteration))  # both check every file's checksum first
     shards = open_teacher_shards(paths.teacher(iteration))
+    check_alignment(store, shards)
     spec = shards[0].spec
     vocab = int(shards[0].manifest.get("teacher", {}).get("tokenizer", {}).get("vocab_size") or 0)
     total_bytes = sum(int(s.manifest["bytes"]) for s in shards)

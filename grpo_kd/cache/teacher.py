@@ -27,11 +27,14 @@ from grpo_kd.cache.manifest import (
     CacheError,
     checksum,
     list_shard_manifests,
+    rebuild_command,
     remove_shard,
     shard_data_path,
     size_bytes,
+    verify_shard_checksum,
     write_shard_manifest,
 )
+from grpo_kd.cache.rollouts import RolloutStore
 from grpo_kd.cache.spec import TEACHER_KIND, CacheSpec, ScoredRows, ShardReader, ShardWriter
 from grpo_kd.fsutil import atomic_path
 
@@ -88,7 +91,13 @@ class TeacherShardSink:
         return self
 
     def add(self, scored: ScoredRows) -> None:
-        scored.check(self.spec)
+        """Append a batch; a batch with the wrong shapes or with numbers that are not log-probs (NaN, inf, > 0:
+        a teacher with broken weights, or one that overflows in its dtype) raises, and nothing is written."""
+        try:
+            scored.check(self.spec)
+        except CacheError as exc:
+            raise CacheError(f"teacher shard {self.shard} of {self.directory}: {exc}; the teacher holds NaN/inf "
+                             "weights or overflows in its dtype; nothing was written") from None
         assert self._writer is not None
         self._writer.add(scored)
         self.rows_written += len(scored.row)
@@ -134,8 +143,9 @@ class TeacherShard:
     reader: ShardReader
 
 
-def open_teacher_shards(directory: str | Path) -> list[TeacherShard]:
-    """Every finished teacher shard of `directory`, opened for reading (memory-mapped for Arrow)."""
+def open_teacher_shards(directory: str | Path, *, verify: bool = True) -> list[TeacherShard]:
+    """Every finished teacher shard of `directory`, opened for reading (memory-mapped for Arrow), each after
+    checking its sha256 against its manifest (`verify=False` only for a caller that has just checked it)."""
     directory = Path(directory)
     manifests = {j: m for j, m in list_shard_manifests(directory).items() if m.get("kind") == TEACHER_KIND}
     if not manifests:
@@ -146,5 +156,30 @@ def open_teacher_shards(directory: str | Path) -> list[TeacherShard]:
         path = shard_data_path(directory, j, spec.suffix)
         if not path.exists():
             raise CacheError(f"teacher shard {path} is listed by its manifest but missing")
+        if verify:
+            verify_shard_checksum(path, manifests[j], j)
         shards.append(TeacherShard(j, path, manifests[j], spec, open_shard_reader(path, spec)))
     return shards
+
+
+def check_alignment(store: RolloutStore, shards: list[TeacherShard]) -> None:
+    """Each rollout shard has its teacher shard, made from exactly that file, with the same row count."""
+    if not shards:
+        return
+    directory = shards[0].path.parent
+    by_shard = {s.shard: s for s in shards}
+    specs = {(s.spec.format, s.spec.top_k, s.spec.num_samples, s.spec.token_level) for s in shards}
+    if len(specs) > 1:
+        raise CacheError(f"teacher shards were made with different settings: {sorted(specs)}")
+    for rollout in store.shards:
+        shard = by_shard.get(rollout.shard)
+        if shard is None:
+            raise CacheError(f"teacher shard {rollout.shard} of {directory} is missing; write it: "
+                             f"{rebuild_command(directory, rollout.shard)}")
+        scored = shard.manifest.get("rollouts", {})
+        if scored.get("sha256") != rollout.manifest.get("sha256"):
+            raise CacheError(f"teacher shard {shard.path} was made from other rollouts than {rollout.path} "
+                             f"(checksums differ); rebuild it: {rebuild_command(directory, rollout.shard)}")
+        if shard.manifest.get("rows") != rollout.num_rows:
+            raise CacheError(f"teacher shard {shard.path.name} has {shard.manifest.get('rows')} rows but "
+                             f"{rollout.path.name} has {rollout.num_rows}")

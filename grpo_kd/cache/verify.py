@@ -1,7 +1,8 @@
 """`grpo-kd cache verify`: is every rollout and teacher shard of a run whole, consistent and sane?
 
 Per iteration, per shard, it checks and names what is wrong:
-- rollouts: the file's sha256 against its manifest, row and token counts;
+- rollouts: the file's sha256 against its manifest, row and token counts, and values: the recorded log-probs
+  finite and <= 0 (a student with NaN weights samples NaN log-probs);
 - teacher: a shard for every rollout shard, no unfinished shard (data without a manifest), sha256, the schema
   its manifest's spec implies, that it scored the very rollout file present (checksum) with every row exactly
   once, token counts and group ids row by row against the rollouts, and values: finite, log-probs <= 0, top-k
@@ -31,9 +32,8 @@ from grpo_kd.cache.progress import kept_batch_files, kept_reference_files
 from grpo_kd.cache.rollouts import RolloutStore
 from grpo_kd.cache.spec import TEACHER_KIND, CacheSpec, stored_logprobs_as_float32
 from grpo_kd.cache.teacher import open_shard_reader
+from grpo_kd.cache.values import LOGPROB_TOL, logprob_problem, row_sums
 from grpo_kd.paths import RunPaths
-
-LOGPROB_TOL = 1e-3  # a stored log-prob may exceed 0 by this much (half-precision rounding near 0)
 MASS_TOL = {"float16": 5e-3, "bfloat16": 3e-2}  # top-k mass may exceed 1 by this much
 SUM_TOL = 1e-3  # relative tolerance of seq_logprob against the sum of target log-probs
 SAMPLE_REL_TOL = {"float16": 2.0**-10, "bfloat16": 2.0**-7}  # sample vs top-k log-prob of one id (rounding)
@@ -133,13 +133,17 @@ def _verify_rollouts(rollouts_dir: Path, report: VerifyReport, rel) -> RolloutSt
     if not good:
         return None
     try:
-        store = RolloutStore.open(rollouts_dir)
+        store = RolloutStore.open(rollouts_dir, verify=False)  # the checksums were checked just above
     except Exception as exc:
         report.bad(rel(rollouts_dir), f"rollouts unreadable: {exc}")
         return None
     for shard in store.shards:
         if shard.num_rows != shard.manifest.get("rows") or int(shard.lengths().sum()) != shard.manifest.get("tokens"):
             report.bad(rel(shard.path), "row or token count differs from its manifest")
+        for name in ("old_logprobs", "student_logprobs"):
+            why = logprob_problem(name, shard.list_column(name)[1]) if shard.num_rows else None
+            if why:
+                report.bad(rel(shard.path), f"{why}: the student that sampled it was broken, or the file was changed")
     return store
 
 
@@ -200,10 +204,7 @@ def _check_values(reader, spec: CacheSpec) -> str | None:
                 return "a sampled-token log-prob above the teacher's top-1"
             if (chunk["topk_ids"] < 0).any():
                 return "negative token id in topk_ids"
-            sums = np.add.reduceat(chunk["target_logprobs"].astype(np.float64),
-                                   np.concatenate([[0], np.cumsum(chunk["num_tokens"])[:-1]]).astype(np.int64)) \
-                if len(chunk["target_logprobs"]) else np.zeros(len(chunk["num_tokens"]))
-            sums = np.where(chunk["num_tokens"] > 0, sums, 0.0)
+            sums = row_sums(chunk["target_logprobs"], chunk["num_tokens"])
             if not np.allclose(sums, chunk["seq_logprob"], rtol=SUM_TOL, atol=1e-3):
                 return "seq_logprob differs from the sum of its target log-probs"
             if spec.num_samples:

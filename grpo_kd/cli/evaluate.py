@@ -83,9 +83,12 @@ def evaluate(
 
 def report(run_dir: Path = RUN_ARGUMENT) -> None:
     """Learning curves and per-iteration evaluations of a run, as PNG plots and a markdown table."""
-    from grpo_kd.evaluate.report import run_report
+    from grpo_kd.evaluate.report import curves_headline, read_metrics, run_report
 
     written = run_report(run_dir)
+    metrics = Path(run_dir) / "logs" / "metrics.jsonl"
+    if metrics.is_file():
+        Console().print(f"learning curves: {curves_headline(read_metrics(metrics))}", highlight=False, soft_wrap=True)
     Console().print("\n".join(f"wrote {path}" for path in written.values()), highlight=False)
 
 

@@ -20,14 +20,17 @@ from typing import Any, Literal
 
 import yaml
 
+from grpo_kd.config import rules
 from grpo_kd.config.schema import Config, ConfigError
-from grpo_kd.fsutil import atomic_write_text
+from grpo_kd.fsutil import atomic_write_text, read_text_utf8
 
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then `key.sub=value` overrides, validated as one mapping."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                check_rules: bool = True) -> Config:
+    """Defaults, then the YAML file (if any), then `key.sub=value` overrides, validated as one mapping, then the
+    rules on its values (`rules.check`; `check_rules=False` for a caller that lists every problem itself)."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml(path)
@@ -36,32 +39,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         set_dotted(raw, key, value)
     cfg = from_dict(Config, raw)
     check_loss_sections(raw, cfg)
-    check_engines(cfg)
+    if check_rules:
+        rules.check(cfg)
     return cfg
-
-
-def check_engines(cfg: Config) -> None:
-    """What vLLM cannot do, refused from the config alone (the model-dependent rules are in
-    `grpo_kd.engines.vllm_engine.preflight`, run before any phase)."""
-    t = cfg.teacher
-    if cfg.rollout.engine == "vllm" and cfg.rollout.teacher_mix_alpha > 0:
-        raise ConfigError("rollout.engine=vllm cannot do teacher-mixed sampling (rollout.teacher_mix_alpha > 0 needs "
-                          "the teacher at every step); use rollout.engine=hf or teacher_mix_alpha=0")
-    if t.engine == "vllm":
-        rules = [(t.num_samples > 0, "teacher.num_samples > 0 (sampling needs the full distribution; vLLM gives the "
-                                     "top-k)"),
-                 (t.temperature != 1.0, f"teacher.temperature={t.temperature} (vLLM's prompt log-probs are of the "
-                                        "untempered logits)"),
-                 (t.load_in_4bit, "teacher.load_in_4bit (bitsandbytes through transformers)"),
-                 (t.device_map is not None, "teacher.device_map (vLLM spreads a teacher with "
-                                            "vllm.tensor_parallel_size)")]
-        for bad, what in rules:
-            if bad:
-                raise ConfigError(f"teacher.engine=vllm cannot serve {what}; use teacher.engine=hf")
-    if cfg.loss.policy.tis_cap < 0:
-        raise ConfigError(f"loss.policy.tis_cap must be >= 0 (0 = off), got {cfg.loss.policy.tis_cap}")
-    if cfg.vllm.gpu_memory_utilization is not None and not 0 < cfg.vllm.gpu_memory_utilization <= 1:
-        raise ConfigError(f"vllm.gpu_memory_utilization must be in (0, 1], got {cfg.vllm.gpu_memory_utilization}")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -69,7 +49,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text_utf8(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

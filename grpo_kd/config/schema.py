@@ -122,6 +122,10 @@ class PolicyLossConfig:
     tis_cap: float = 0.0
 
 
+# the names loss.reward.weights may weight: per completion, then per token (grpo_kd.train.rewards computes them)
+REWARD_COMPONENTS = ("teacher_loglik", "inverse_loss", "length", "log_ratio")
+
+
 @dataclass
 class RewardConfig:
     """The named, weighted reward components of grpo, ppo and self_distill."""
@@ -254,6 +258,9 @@ class OptimConfig:
     epochs_per_iteration: int = 1
     data_parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun; fsdp: FSDP2, see grpo_kd.train.fsdp
     impl: Literal["auto", "triton", "torch"] = "auto"  # the fused kernels' implementation
+    # a step whose loss or gradient norm is NaN or inf: "stop" the update there (no checkpoint), or "skip" it
+    # (no optimizer step; counted as `skipped` in logs/metrics.jsonl and in `grpo-kd report`)
+    nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclass

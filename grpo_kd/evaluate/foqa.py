@@ -36,6 +36,7 @@ from grpo_kd.errors import GrpoKdError
 from grpo_kd.evaluate.generation import generate
 from grpo_kd.evaluate.qa import mean_qa_scores, qa_scores
 from grpo_kd.evaluate.scoring import max_positions
+from grpo_kd.fsutil import read_text_utf8
 
 PROMPT_PREFIX = "Hetta eru tekstir saman við spurningum og svar."
 PROMPT_TEMPLATE = "Tekstur: {context}\nSpurningur: {question}\nSvara við í mesta lagi trimum orðum:"
@@ -92,7 +93,7 @@ def _flatten_squad(data: list[dict]) -> list[dict]:
 
 def _read_json(path: Path) -> list[dict]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text_utf8(path))
     except json.JSONDecodeError as exc:
         raise GrpoKdError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -104,7 +105,7 @@ def _read_json(path: Path) -> list[dict]:
 
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text_utf8(path).splitlines(), start=1):
         if line.strip():
             try:
                 records.append(json.loads(line))

@@ -9,6 +9,9 @@ list (a new reward component shows up without a code change). Learning curves ar
 step axis (the global optimizer step of grpo_kd/train/metrics.py: the steps of earlier iterations plus the step),
 with the iteration boundaries marked and a moving average over the raw points; evaluations are lines over
 iterations. Matplotlib runs headless (Agg) and is imported only to draw.
+A step whose loss or gradient norm was NaN or inf (`"skipped": 1` in metrics.jsonl, or a non-finite loss) is
+counted and named in the report's headline, and a table's "last" is the last step's value even when it is NaN: a
+report never shows a stale finite "last loss" for a run that ended on NaN.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ HEADLINE = {
     "diversity": ["distinct_1", "distinct_2", "distinct_3", "repetition_rate", "mean_length_words"],
 }
 _X_KEYS = (*POSITION_KEYS, "global_step", "time", "timestamp")
+_NOT_CURVES = ("skipped",)  # numeric keys of metrics.jsonl that are flags, not curves
 
 
 def pyplot():
@@ -211,7 +215,7 @@ def curve_keys(rows: list[dict]) -> list[str]:
     keys: dict[str, None] = {}
     for row in rows:
         for key, value in row.items():
-            if key not in _X_KEYS and _number(value) is not None:
+            if key not in _X_KEYS and key not in _NOT_CURVES and _number(value) is not None:
                 keys.setdefault(key)
     return list(keys)
 
@@ -316,16 +320,56 @@ def plot_evaluations(evaluations: list[dict], path: str | Path) -> list[str]:
     return keys
 
 
+def _any_number(value) -> float | None:
+    """A metric as a float, NaN and inf included (metrics.jsonl writes them as the strings "nan", "inf")."""
+    if isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf", "+inf"):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def nonfinite_steps(rows: list[dict]) -> list[dict]:
+    """The steps that were skipped or whose loss is NaN or inf."""
+    bad = []
+    for row in rows:
+        loss = _any_number(row.get("loss"))
+        if row.get("skipped") or (loss is not None and not math.isfinite(loss)):
+            bad.append(row)
+    return bad
+
+
+def curves_headline(rows: list[dict]) -> str:
+    """`32 steps, last loss nan; 31 non-finite steps (first: iteration 1 step 2: ...)` for the report and the CLI."""
+    losses = [v for v in (_any_number(r.get("loss")) for r in rows) if v is not None]
+    last = f", last loss {_fmt_any(losses[-1])}" if losses else ""
+    bad = nonfinite_steps(rows)
+    if not bad:
+        return f"{len(rows)} steps{last}; no non-finite step"
+    first = bad[0]
+    why = f": {first['nonfinite']}" if isinstance(first.get("nonfinite"), str) else ""
+    return (f"{len(rows)} steps{last}; {len(bad)} non-finite step(s), their updates skipped or the update stopped "
+            f"(first: iteration {first.get('iteration')} step {first.get('step')}{why})")
+
+
+def _fmt_any(value: float | None) -> str:
+    return fmt_number(value) if value is None or math.isfinite(value) else str(value)
+
+
 def _curves_summary(rows: list[dict], keys: list[str]) -> list[str]:
-    """first / last / min / max of each key over the run; with 2 to 12 iterations, also each iteration's mean."""
+    """first / last (NaN shown as NaN) and min / max (of the finite values) of each key over the run; with 2 to 12
+    iterations, also each iteration's mean (of its finite values)."""
     ordered, _, offsets = run_order(rows)
     iterations = sorted({r["iteration"] for r in ordered}) if offsets else []
     per_iteration = 2 <= len(iterations) <= 12
-    head = ["metric", "first", "last", "min", "max"] + ([f"mean it. {it}" for it in iterations] if per_iteration else [])
+    means = [f"mean it. {it}" for it in iterations] if per_iteration else []
+    head = ["metric", "first", "last", "min", "max", *means]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for key in keys:
-        values = [v for v in (_number(r.get(key)) for r in ordered) if v is not None]
-        cells = [key] + [fmt_number(v) for v in (values[0], values[-1], min(values), max(values))]
+        values = [v for v in (_any_number(r.get(key)) for r in ordered) if v is not None]
+        finite = [v for v in values if math.isfinite(v)]
+        low, high = (min(finite), max(finite)) if finite else (None, None)
+        cells = [key, _fmt_any(values[0]), _fmt_any(values[-1]), fmt_number(low), fmt_number(high)]
         for it in iterations if per_iteration else []:
             mine = [v for v in (_number(r.get(key)) for r in ordered if r["iteration"] == it) if v is not None]
             cells.append(fmt_number(sum(mine) / len(mine)) if mine else "–")
@@ -367,8 +411,9 @@ def run_report(run_dir: str | Path) -> dict[str, Path]:
             axis = ("x: the run's global optimizer step; dashed lines: iteration boundaries (numbers on top)"
                     if offsets else "x: row of the log")
             within = " within each iteration" if offsets and smooths_per_iteration(ordered, window) else ""
-            smooth = f"; dark line: centred mean of {window} points{within}, over the raw ones (light)" if window > 1 else ""
-            lines += [f"## Learning curves ({span})", "", f"{axis}{smooth}.", "",
+            smooth = (f"; dark line: centred mean of {window} points{within}, over the raw ones (light)"
+                      if window > 1 else "")
+            lines += [f"## Learning curves ({span})", "", f"**{curves_headline(rows)}**", "", f"{axis}{smooth}.", "",
                       "![learning curves](learning_curves.png)", ""]
             lines += _curves_summary(rows, keys) + [""]
     if evaluations:

@@ -8,11 +8,18 @@ Key design choices:
 - Each phase (each shard of a sharded phase) is its own `python -m grpo_kd.cli.app <phase> ...` process, the
   same command a SLURM job runs, so the memory of one model is returned before the next is loaded and a crash in
   a phase cannot take the executor with it.
-- Resuming needs no state of its own: a phase (or shard) whose outputs exist is skipped (plan.py), and update
-  always gets `--resume`, so a second `grpo-kd run` continues exactly where the first one stopped.
-- Ctrl-C (or SIGTERM) is passed on to the phase as SIGTERM, which an update phase answers by checkpointing
-  and exiting with the requeue code; the phase runs in its own session, so the terminal's SIGINT reaches only
-  the executor, which then waits for the phase to finish its checkpoint.
+- Before the first phase runs, every phase's inputs are checked (`grpo_kd.train.preflight`): a missing teacher
+  or a vocabulary mismatch is refused before the rollout spends its time.
+- Resuming needs no state of its own: a phase (or shard) whose outputs exist and match their checksums is skipped
+  (plan.py: a damaged or swapped shard is done again, with a message naming it), and update always gets
+  `--resume`, so a second `grpo-kd run` continues exactly where the first one stopped.
+- One executor per run directory: `RUN/locks/run.lock` (grpo_kd.locks) refuses a second `grpo-kd run` (or a
+  `chain submit`) with one line naming the first; each phase also locks its own task.
+- Ctrl-C, SIGTERM or SIGHUP (a closed terminal) is passed on to the phase as SIGTERM, which an update phase
+  answers by checkpointing and exiting with the requeue code; the phase runs in its own session, so the
+  terminal's SIGINT reaches only the executor, which then waits for the phase to finish its checkpoint. A phase
+  dies with its executor (PR_SET_PDEATHSIG = SIGTERM, Linux): after a SIGKILL of `grpo-kd run` no orphan phase
+  goes on beside the next run (`chain submit` is the way to run phases detached).
 - `in_process=True` calls the same phase function (`grpo_kd.train.phases.run_phase`, which the phase commands
   call too) in this process instead: no Python start-up, imports and library initialisation per phase (5-20 s
   each on a CPU, more than a tiny model's work), for small models on one machine. The price: memory is freed but not handed back to the OS between
@@ -23,6 +30,8 @@ Key design choices:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
@@ -38,8 +47,9 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from grpo_kd.config import Config
 from grpo_kd.errors import GrpoKdError
-from grpo_kd.paths import RunPaths, iteration_name
-from grpo_kd.slurm.plan import Step, chain_steps, num_tasks, phase_args, task_done
+from grpo_kd.locks import hold_lock
+from grpo_kd.paths import PHASES, RunPaths, iteration_name
+from grpo_kd.slurm.plan import Step, chain_steps, damaged_outputs, num_tasks, phase_args, task_done
 from grpo_kd.train.signals import REQUEUE_EXIT_CODE
 
 STOP_GRACE_SECONDS = 300  # how long a stopped phase may take to write its checkpoint before it is killed
@@ -83,15 +93,35 @@ def run_local(cfg: Config, paths: RunPaths, *, console: Console | None = None, p
     """Run every unfinished phase of the chain in order; raise `PhaseFailed` at the first that fails."""
     console = console or Console(stderr=True)
     tasks = local_tasks(cfg)
-    if in_process:
-        _run_in_process(cfg, paths, tasks, console)
-        return
+    with hold_lock(paths.lock("run"), f"a run of {paths.root}"):
+        if any(not task_done(cfg, paths, t.step, t.task or 0, t.tasks) for t in tasks):
+            from grpo_kd.train.preflight import check_inputs  # the training stack: imported only when work is left
+
+            check_inputs(cfg, PHASES)
+        if in_process:
+            _run_in_process(cfg, paths, tasks, console)
+        else:
+            _run_subprocesses(cfg, paths, tasks, console, python)
+
+
+def _is_done(cfg: Config, paths: RunPaths, task: LocalTask, console: Console) -> bool:
+    """The executor's "done": outputs present and matching their checksums; a damaged output is named."""
+    if not task_done(cfg, paths, task.step, task.task or 0, task.tasks):
+        return False
+    damaged = damaged_outputs(cfg, paths, task.step, task.task or 0, task.tasks)
+    for path in damaged:
+        console.print(f"  [yellow]![/] {task.label}: {path} does not match the sha256 in its manifest (damaged or "
+                      "replaced): doing it again", highlight=False, soft_wrap=True)
+    return not damaged
+
+
+def _run_subprocesses(cfg: Config, paths: RunPaths, tasks: list[LocalTask], console: Console, python: str) -> None:
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())  # fmt: skip
     with _stop_on_signals(), Progress(*columns, console=console, transient=True) as progress:
         bar = progress.add_task(f"run {cfg.name}", total=len(tasks))
         for task in tasks:
-            if task_done(cfg, paths, task.step, task.task or 0, task.tasks):
+            if _is_done(cfg, paths, task, progress.console):
                 progress.console.print(f"  [dim]· {task.label}: done before[/]", highlight=False)
             else:
                 progress.update(bar, description=task.label)
@@ -107,7 +137,7 @@ def _run_in_process(cfg: Config, paths: RunPaths, tasks: list[LocalTask], consol
     with _stop_on_signals():
         for number, task in enumerate(tasks, start=1):
             where = f"[{number}/{len(tasks)}] {task.label}"
-            if task_done(cfg, paths, task.step, task.task or 0, task.tasks):
+            if _is_done(cfg, paths, task, console):
                 console.print(f"  [dim]· {where}: done before[/]", highlight=False)
                 continue
             console.print(f"  [bold]▶[/] {where}", highlight=False)
@@ -119,8 +149,9 @@ def _run_in_process(cfg: Config, paths: RunPaths, tasks: list[LocalTask], consol
 def run_task_in_process(task: LocalTask, cfg: Config, console: Console) -> float:
     """Run one phase in this process through `run_phase` (what the phase command runs); returns its wall time.
 
-    The training stack is imported here, not at the top: the default executor (a process per phase) never needs
-    it, and importing it costs about 5 s of torch and transformers (`python -X importtime`)."""
+    The training stack is imported here, not at the top: the default executor (a process per phase) needs it only
+    for the preflight, and only when work is left; importing it costs about 5 s of torch and transformers
+    (`python -X importtime`)."""
     from grpo_kd.device import release_memory
     from grpo_kd.train.phases import UpdateInterrupted, run_phase
 
@@ -152,7 +183,8 @@ def run_task(task: LocalTask, paths: RunPaths, *, python: str = sys.executable) 
         out.flush()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen([python, "-m", "grpo_kd.cli.app", *args], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)  # fmt: skip
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent())  # fmt: skip
         try:
             code = proc.wait()
         except _Stop:
@@ -167,8 +199,28 @@ def run_task(task: LocalTask, paths: RunPaths, *, python: str = sys.executable) 
     return time.monotonic() - started
 
 
+def _die_with_parent():
+    """A `preexec_fn` that makes the child receive SIGTERM when this process dies, however it dies (Linux
+    prctl PR_SET_PDEATHSIG; it survives the exec). The libc call is looked up here, in the parent: the child only
+    calls it. None where prctl does not exist (not Linux): phases then outlive a killed executor."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the executor died before the prctl: act as the signal would have
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 class _Stop(BaseException):
-    """Raised in the executor by SIGINT/SIGTERM (a BaseException, so no phase code path swallows it)."""
+    """Raised in the executor by SIGINT/SIGTERM/SIGHUP (a BaseException, so no phase code path swallows it)."""
 
 
 @contextmanager
@@ -176,7 +228,7 @@ def _stop_on_signals() -> Iterator[None]:
     def handler(signum, frame):  # noqa: ARG001
         raise _Stop()
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:

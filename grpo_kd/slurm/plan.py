@@ -12,7 +12,10 @@ local one) and `chain status` ask the same question, so a chain can move between
     cache-teacher    every rollout shard i has its teacher shard i (teacher shard i scores rollout shard i)
     update           checkpoints/iter_NNNN/ exists (it is renamed into place only when complete)
 
-Checksums are not recomputed here (the phases verify what they read); this answers "is it there", cheaply.
+`step_done` and `task_done` answer "is it there", cheaply (chain status asks it of every step). The local
+executor also asks `damaged_outputs` (`task_done(..., verify=True)`): a rollout or teacher shard whose data no
+longer matches the sha256 in its manifest is not done, and `grpo-kd run` does it again. The shards of an
+iteration whose update is done are not read again: nothing will read them.
 """
 
 from __future__ import annotations
@@ -20,8 +23,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from grpo_kd.cache.manifest import INDEX_NAME, shard_is_complete
-from grpo_kd.config import Config, load_config, save_config
+from grpo_kd.cache.manifest import (
+    INDEX_NAME,
+    checksum,
+    read_json,
+    shard_data_path,
+    shard_is_complete,
+    shard_manifest_path,
+)
+from grpo_kd.config import Config, check, load_config, save_config
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.paths import PHASES, RunPaths, iteration_name
 ROLLOUT_SUFFIX = "arrow"
@@ -78,14 +88,44 @@ def teacher_shard_done(cfg: Config, paths: RunPaths, iteration: int, shard: int)
     return shard_is_complete(paths.teacher(iteration), shard, cfg.teacher.cache_format, verify_checksum=False)
 
 
-def task_done(cfg: Config, paths: RunPaths, step: Step, task: int, tasks: int) -> bool:
-    """Whether task `task` of `tasks` of a sharded phase has nothing left to do."""
+def task_done(cfg: Config, paths: RunPaths, step: Step, task: int, tasks: int, *, verify: bool = False) -> bool:
+    """Whether task `task` of `tasks` of a sharded phase has nothing left to do; `verify` also reads its outputs
+    against their checksums (`damaged_outputs`)."""
+    if verify and task_done(cfg, paths, step, task, tasks):
+        return not damaged_outputs(cfg, paths, step, task, tasks)
     if step.phase == "rollout":
         return rollout_shard_done(paths, step.iteration, task)
     if step.phase == "cache-teacher":  # task j scores the rollout shards i with i % tasks == j
         shards = range(task, cfg.rollout.num_shards, tasks)
         return all(teacher_shard_done(cfg, paths, step.iteration, i) for i in shards)
     return step_done(cfg, paths, step)
+
+
+def task_outputs(cfg: Config, paths: RunPaths, step: Step, task: int, tasks: int) -> list[tuple[Path, int]]:
+    """(directory, shard) of the shards task `task` of `tasks` writes (none for the update)."""
+    if step.phase == "rollout":
+        return [(paths.rollouts(step.iteration), task)]
+    if step.phase == "cache-teacher":
+        return [(paths.teacher(step.iteration), i) for i in range(task, cfg.rollout.num_shards, tasks)]
+    return []
+
+
+def damaged_outputs(cfg: Config, paths: RunPaths, step: Step, task: int, tasks: int) -> list[Path]:
+    """The finished data files of the task whose bytes no longer match the sha256 in their manifest (a flipped
+    bit, a file copied over them). Empty when the iteration's update is done: its inputs are not read again."""
+    if paths.checkpoint(step.iteration).is_dir():
+        return []
+    damaged = []
+    for directory, shard in task_outputs(cfg, paths, step, task, tasks):
+        manifest_path = shard_manifest_path(directory, shard)
+        if not manifest_path.is_file():
+            continue
+        manifest = read_json(manifest_path)
+        suffix = ROLLOUT_SUFFIX if step.phase == "rollout" else cfg.teacher.cache_format
+        data = shard_data_path(directory, shard, suffix)
+        if data.exists() and checksum(data) != manifest.get("sha256"):
+            damaged.append(data)
+    return damaged
 
 
 def step_done(cfg: Config, paths: RunPaths, step: Step) -> bool:
@@ -120,9 +160,8 @@ def prepare_run(cfg: Config, iterations: int | None = None) -> tuple[Config, Run
     `chain resume` and a second `grpo-kd run` know where the chain ends.
     """
     if iterations is not None:
-        if iterations < 1:
-            raise GrpoKdError(f"--iterations must be at least 1, got {iterations}")
         cfg.iterations = iterations
+        check(cfg)
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().absolute())
     paths = RunPaths.of(cfg.run_dir)
     paths.root.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ Key design choices:
   depend on it), as long as every step before it kept its job too; a still-queued job behind a step that has to
   be submitted again is cancelled, because its dependency is dead.
 - Job ids are written to jobs.json after every single sbatch, so a submission cut short is still on record.
+- Before anything is submitted the phases' inputs are checked (`grpo_kd.train.preflight`), and the submission
+  holds the run directory's lock (`RUN/locks/run.lock`), which `grpo-kd run` holds too: one executor at a time.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Callable
 from grpo_kd.config import Config
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.fsutil import atomic_write_text
-from grpo_kd.paths import RunPaths
+from grpo_kd.locks import hold_lock
+from grpo_kd.paths import PHASES, RunPaths
 from grpo_kd.slurm.plan import Step, chain_steps, first_unfinished, num_tasks
 from grpo_kd.slurm.scripts import bin_dir, log_pattern, render_script, script_path
 from grpo_kd.slurm.status import ACTIVE, JobRecord, latest_jobs, query_jobs
@@ -77,6 +80,16 @@ def submit_chain(
     echo: Callable[[str], None] = print,
 ) -> list[Submission]:
     """Write and submit the scripts of every step from the first unfinished one; returns them in order."""
+    if dry_run:
+        return _submit_chain(cfg, paths, resume=resume, dry_run=True, echo=echo)
+    with hold_lock(paths.lock("run"), f"a run or submission of {paths.root}"):
+        return _submit_chain(cfg, paths, resume=resume, dry_run=False, echo=echo)
+
+
+def _submit_chain(cfg: Config, paths: RunPaths, *, resume: bool, dry_run: bool,
+                  echo: Callable[[str], None]) -> list[Submission]:
+    from grpo_kd.train.preflight import check_inputs  # the training stack: only when there is something to submit
+
     steps = chain_steps(cfg)
     start = first_unfinished(cfg, paths, steps)
     if start == len(steps):
@@ -84,6 +97,8 @@ def submit_chain(
         return []
     if not dry_run and shutil.which("sbatch") is None:
         raise SlurmError("sbatch is not on PATH: run `grpo-kd run` on a machine without SLURM")
+    if not dry_run:  # a dry run shows the scripts of a config written for another machine, too
+        check_inputs(cfg, PHASES)
     records = JobRecord.load_all(paths)
     active = {} if dry_run else _active_jobs(records)
     if active and not resume:

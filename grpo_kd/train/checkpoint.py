@@ -8,7 +8,10 @@ A checkpoint is a directory:
     scheduler.json              the LR scheduler's state_dict (plain numbers only)
     rng.safetensors             torch CPU (and CUDA) generator states
     trainer_state.json          iteration, step, epoch, data position, python RNG state, last metrics
+    checksums.json              the sha256 of every file above, written last (fsutil.write_checksums)
 
+Every file is checked against checksums.json before it is used (`restore_checkpoint` here, the weights in
+`grpo_kd.models` when they are loaded): a flipped byte is one line naming the file, never a silent load.
 It is written through `fsutil.atomic_path` (into `<dir>.tmp-<pid>`, then renamed into place), so a directory that exists is complete, and an
 existing directory is never rewritten. The end of an update phase writes `checkpoints/iter_NNNN/` (its presence
 marks the phase as done); a save in the middle of the phase (a SLURM pre-timeout signal, or
@@ -28,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from grpo_kd.errors import GrpoKdError
-from grpo_kd.fsutil import atomic_path, atomic_write_json
+from grpo_kd.fsutil import ChecksumMismatch, atomic_path, atomic_write_json, verify_checksums, write_checksums
 from grpo_kd.paths import RunPaths
 
 MODEL_DIR = "model"
@@ -59,13 +62,24 @@ def save_checkpoint(
             _write_json(tmp / "scheduler.json", scheduler.state_dict())
         save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
         _write_json(tmp / TRAINER_STATE, {**state, "python_rng": _python_rng_state()})
+        write_checksums(tmp)  # last: the list covers every file above
     return directory
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Check a checkpoint's files (or one file, or its `model/`) against its checksums.json: one line naming the
+    damaged file otherwise. A checkpoint of an earlier version, without the list, passes unchecked."""
+    try:
+        verify_checksums(path)
+    except ChecksumMismatch as exc:
+        raise ChecksumMismatch(f"{exc}: the checkpoint is damaged; remove it to train its iteration again") from None
 
 
 def load_trainer_state(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / TRAINER_STATE
     if not path.is_file():
         raise GrpoKdError(f"{directory} is not a complete checkpoint: {TRAINER_STATE} is missing")
+    verify_checkpoint(path)
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -85,8 +99,10 @@ def restore_checkpoint(
     if optimizer is not None:
         _load_optimizer(optimizer, directory)
     if scheduler is not None:
+        verify_checkpoint(directory / "scheduler.json")
         scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text(encoding="utf-8")))
     if restore_rng:
+        verify_checkpoint(directory / "rng.safetensors")
         _restore_rng(load_file(str(directory / "rng.safetensors")), state.get("python_rng"))
     return state
 
@@ -151,6 +167,8 @@ def _save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    verify_checkpoint(directory / "optimizer.json")
+    verify_checkpoint(directory / "optimizer.safetensors")
     meta = json.loads((directory / "optimizer.json").read_text(encoding="utf-8"))
     state: dict[int, dict[str, Any]] = {}
     for key, tensor in load_file(str(directory / "optimizer.safetensors")).items():

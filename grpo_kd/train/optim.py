@@ -39,8 +39,6 @@ def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg:
             (decay if param.ndim >= 2 else no_decay).append(param)
     if not decay and not no_decay:
         raise GrpoKdError("the student has no trainable parameter (LoRA targets missing, or everything frozen)")
-    if len(cfg.betas) != 2:
-        raise GrpoKdError(f"optim.betas must hold two numbers, got {cfg.betas}")
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     low = sorted({str(p.dtype).removeprefix("torch.") for g in groups for p in g["params"] if p.dtype in _LOW})

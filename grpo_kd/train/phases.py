@@ -10,6 +10,12 @@ process owns (`grpo_kd.shards.resolve_shard` reads `--shard`/`--num-shards` and 
 passes it in. Each phase's numbers also reach the run's trackers (TensorBoard, W&B; grpo_kd/train/tracking.py):
 the update's per step, the rollout's and the teacher pass's as one summary.
 
+Before any work a phase checks its inputs (`preflight.check_inputs`: the config's rules, its model directories,
+prompts and vocabularies) and takes the lock of its task, `RUN/locks/iter_NNNN-<phase>[-<shard>].lock`
+(`grpo_kd.locks`): a second process on the same task is refused with one line naming the first, so two updates
+of one iteration never write one metrics log. A full disk or a read-only file system is one line naming the
+phase, not a traceback.
+
 Sharding: the rollout writes shard `shard` of `num_shards` (default: `rollout.num_shards`); the teacher pass is
 task `shard` of `num_shards` (default 1: one task scores every rollout shard); the update is never sharded here
 (data parallelism comes from torchrun). An update stopped by SIGTERM/SIGUSR2 after its checkpoint raises
@@ -18,12 +24,15 @@ task `shard` of `num_shards` (default 1: one task scores every rollout shard); t
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
 from grpo_kd.config import Config
-from grpo_kd.errors import GrpoKdError
-from grpo_kd.paths import PHASES, RunPaths
+from grpo_kd.errors import GrpoKdError, describe_os_error
+from grpo_kd.locks import hold_lock
+from grpo_kd.paths import PHASES, RunPaths, iteration_name
+from grpo_kd.train.preflight import check_inputs
 from grpo_kd.train.rollout import rollout_shard
 from grpo_kd.train.teacher_pass import run_teacher_pass
 from grpo_kd.train.tracking import Tracker, log_phase
@@ -60,16 +69,36 @@ def run_phase(cfg: Config, phase: str, iteration: int, *, shard: int = 0, num_sh
         raise GrpoKdError(f"shard {shard} is out of range for {n} shard(s): expected 0 <= shard < {n}")
     if phase == "update" and n != 1:
         raise GrpoKdError("the update is one job; its data parallelism comes from torchrun, not from shards")
+    check_inputs(cfg, [phase])
     tracker = Tracker.for_run(cfg) if phase != "update" else None  # the update mirrors its metrics log itself
     started = time.monotonic()
-    if phase == "rollout":
-        summary = rollout_shard(cfg, iteration, shard, n, show_progress=show_progress)
-    elif phase == "cache-teacher":
-        summary = run_teacher_pass(cfg, iteration=iteration, task=shard, num_tasks=n, progress=show_progress)
-    else:
-        summary = run_update(cfg, iteration, resume=resume)
+    what = f"iteration {iteration} {phase}" + (f" shard {shard}" if phase != "update" else "")
+    with hold_lock(RunPaths.of(cfg.run_dir).lock(task_lock_name(phase, iteration, shard)), what):
+        try:
+            if phase == "rollout":
+                summary = rollout_shard(cfg, iteration, shard, n, show_progress=show_progress)
+            elif phase == "cache-teacher":
+                summary = run_teacher_pass(cfg, iteration=iteration, task=shard, num_tasks=n, progress=show_progress)
+            else:
+                summary = run_update(cfg, iteration, resume=resume)
+        except Exception as exc:  # an OSError, or a library's error around one (see describe_os_error)
+            why = describe_os_error(exc)
+            if why is None:
+                raise
+            raise GrpoKdError(f"{why} in {cfg.run_dir} during {what}; what was finished is kept: fix it and run "
+                              "again") from None
     seconds = time.monotonic() - started
     if tracker is not None:
         log_phase(tracker, RunPaths.of(cfg.run_dir).metrics, phase, iteration, shard, n, summary, seconds)
     line = str(summary) if phase == "update" else summary.line()
     return PhaseResult(phase, iteration, shard, n, line, seconds)
+
+
+def task_lock_name(phase: str, iteration: int, shard: int) -> str:
+    """The lock of one phase task: `iter_0001-rollout-0`, `iter_0001-cache-teacher-2`, `iter_0001-update` (the
+    ranks of a torchrun update other than 0 each lock their own `-rankR`, so a second launch is refused on all)."""
+    name = f"{iteration_name(iteration)}-{phase}"
+    if phase != "update":
+        return f"{name}-{shard}"
+    rank = int(os.environ.get("RANK", "0") or 0)
+    return name if rank == 0 else f"{name}-rank{rank}"

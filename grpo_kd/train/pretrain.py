@@ -26,17 +26,15 @@ class PretrainBatches:
     def __init__(self, cfg: Config, tokenizer):
         from grpo_kd.data import load_texts
 
-        if not cfg.data.pretrain_text:
-            raise GrpoKdError("loss.pt.weight > 0 needs data.pretrain_text (a source of pre-training text)")
         texts = load_texts(cfg.data.pretrain_text, field=cfg.data.text_field)
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
         stream: list[int] = []
         for text in texts:
             stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])
         S = cfg.loss.pt.seq_len
-        if S < 2 or len(stream) < S:
+        if len(stream) < S:
             raise GrpoKdError(f"data.pretrain_text gives {len(stream)} tokens, fewer than one block of "
-                              f"loss.pt.seq_len={S} (which must be at least 2)")
+                              f"loss.pt.seq_len={S}")
         count = len(stream) // S
         self.blocks = torch.tensor(stream[: count * S], dtype=torch.long).view(count, S)  # (num_blocks, S)
         self.seed = cfg.seed

@@ -4,7 +4,8 @@ Every component is a pure function of cached quantities (teacher log-probs, refe
 student's behaviour log-probs, lengths), so that an ablation of components reruns on the very same cached
 rollouts: change `loss.reward.weights`, not the cache. Components are logged separately under `reward/<name>`.
 
-Sequence-level components return `[B]`, token-level ones `[B, T]` (zero on padding):
+Sequence-level components return `[B]`, token-level ones `[B, T]` (zero on padding); their names are listed
+in `grpo_kd.config.REWARD_COMPONENTS`, which the config's rules check `loss.reward.weights` against:
 
     teacher_loglik   r_i = mean_t log p_T(y_t | y_<t)                        (or teacher sum / teacher tokens or bytes
                                                                               when the teacher has another tokenizer)
@@ -21,10 +22,6 @@ import torch
 
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.train.advantages import masked_mean
-
-SEQUENCE_COMPONENTS = ("teacher_loglik", "inverse_loss", "length")
-TOKEN_COMPONENTS = ("log_ratio",)
-COMPONENTS = SEQUENCE_COMPONENTS + TOKEN_COMPONENTS
 
 
 def teacher_loglik(teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -62,9 +59,6 @@ def combine(components: Mapping[str, torch.Tensor], weights: Mapping[str, float]
 
     Sequence components (`[B]`) and token components (`[B, T]`) do not mix: combine each kind separately.
     """
-    unknown = sorted(set(weights) - set(COMPONENTS))
-    if unknown:
-        raise GrpoKdError(f"unknown reward component(s) {', '.join(unknown)}; known: {', '.join(COMPONENTS)}")
     missing = sorted(name for name, w in weights.items() if w and name not in components)
     if missing:
         raise GrpoKdError(

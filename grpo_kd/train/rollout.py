@@ -59,7 +59,6 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from grpo_kd.cache.manifest import (
-    describe_vocab,
     list_shard_manifests,
     read_json,
     shard_is_complete,
@@ -84,13 +83,13 @@ from grpo_kd.models import (
     load_teacher,
     load_tokenizer,
     model_fingerprint,
-    same_vocabulary,
     tokenizer_fingerprint,
 )
 from grpo_kd.paths import RunPaths, part_name
 from grpo_kd.shards import shard_range
 from grpo_kd.train.checkpoint import student_checkpoint
 from grpo_kd.train.policy import collate, completion_logprobs
+from grpo_kd.train.preflight import check_vocabularies
 from grpo_kd.train.sampling import Sample, SamplingParams, sample_batch
 
 log = logging.getLogger(__name__)
@@ -184,19 +183,8 @@ def teacher_prompt_ids(teacher_tokenizer, prompt: Prompt, cfg: Config) -> list[i
 
 
 def sampling_params(cfg: Config) -> SamplingParams:
-    r = cfg.rollout
-    params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.teacher_mix_alpha)
-    params.check()
-    for name in ("prompts_per_iteration", "group_size", "batch_size"):
-        if getattr(r, name) < 1:
-            raise GrpoKdError(f"rollout.{name} must be at least 1, got {getattr(r, name)}")
-    if r.teacher_mix_alpha > 0 and r.recompute_logprobs is False:
-        raise GrpoKdError("rollout.recompute_logprobs=false is not available with rollout.teacher_mix_alpha > 0: the "
-                          "mixture's and the student's log-probs are both recorded by the recompute")
-    if r.teacher_mix_alpha > 0 and cfg.teacher.kind == "self_privileged":
-        raise GrpoKdError("rollout.teacher_mix_alpha > 0 is not supported with teacher.kind=self_privileged "
-                          "(the teacher would need another prompt); use kind model or self_base")
-    return params
+    r = cfg.rollout  # the ranges of these settings are checked with the config (grpo_kd.config.rules)
+    return SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.teacher_mix_alpha)
 
 
 def plan_meta(cfg: Config, iteration: int, shard: int, num_shards: int) -> dict[str, Any]:
@@ -238,12 +226,7 @@ def _check_teacher_vocabulary(cfg: Config, student_tok, student_fp: dict[str, An
         return student_tok, student_fp  # the self-teachers are the student's own base
     teacher_tok = load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
     teacher_fp = tokenizer_fingerprint(teacher_tok)
-    if not same_vocabulary(student_fp, teacher_fp):
-        raise GrpoKdError(
-            f"teacher-mixed sampling needs one vocabulary: the teacher {cfg.teacher.path} has "
-            f"{describe_vocab(teacher_fp)} but the student {cfg.model.path} has {describe_vocab(student_fp)}; "
-            "set rollout.teacher_mix_alpha=0"
-        )
+    check_vocabularies(cfg, student_fp, teacher_fp, mixed=True)
     return teacher_tok, teacher_fp
 
 

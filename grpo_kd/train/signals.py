@@ -1,7 +1,9 @@
-"""Stop a long phase cleanly on SIGTERM or SIGUSR2: finish the current step, checkpoint, exit with a known code.
+"""Stop a long phase cleanly on SIGTERM, SIGUSR2 or SIGHUP: finish the current step, checkpoint, exit with a known
+code.
 
 SLURM sends SIGUSR2 (`--signal=B:USR2@SECONDS`) to the batch script shortly before the time limit; the script
 forwards it to the phase, waits for it, and requeues the job when the phase exits with `REQUEUE_EXIT_CODE`.
+SIGHUP (the terminal of an update started by hand was closed) is a stop request like SIGTERM, not a kill.
 SIGUSR1 is left alone because NCCL may install its own handler for it.
 """
 
@@ -15,7 +17,7 @@ from typing import Iterator
 log = logging.getLogger(__name__)
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "checkpointed, run me again"; the sbatch scripts requeue on it
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP)
 
 
 class StopFlag:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-from grpo_kd.cache.manifest import CacheError, describe_vocab, read_json, shard_is_complete, shard_manifest_path
+from grpo_kd.cache.manifest import CacheError, read_json, shard_is_complete, shard_manifest_path
 from grpo_kd.cache.progress import ShardProgress, load_reference_batches, progress_dir, save_reference_batch
 from grpo_kd.cache.rollouts import RolloutShard, RolloutStore
 from grpo_kd.cache.spec import CacheSpec
@@ -57,6 +57,7 @@ from grpo_kd.models import (
 )
 from grpo_kd.paths import RunPaths
 from grpo_kd.train.checkpoint import student_checkpoint
+from grpo_kd.train.preflight import check_vocabularies
 from grpo_kd.train.teacher_scoring import Scorer
 
 log = logging.getLogger(__name__)
@@ -163,11 +164,8 @@ def _open_rollouts(directory) -> RolloutStore:
 
 def _cache_spec(cfg: Config, student_fp: dict, teacher_fp: dict) -> CacheSpec:
     t = cfg.teacher
+    check_vocabularies(cfg, student_fp, teacher_fp, mixed=False)  # another vocabulary needs cross_tokenizer
     cross = not same_vocabulary(student_fp, teacher_fp)
-    if cross and not t.cross_tokenizer:
-        raise GrpoKdError(f"teacher vocabulary {describe_vocab(teacher_fp)} differs from the student's "
-                          f"{describe_vocab(student_fp)}: token-level caching needs a shared vocabulary; set "
-                          "teacher.cross_tokenizer=true to cache sequence-level scores only")
     return CacheSpec(format=t.cache_format, top_k=t.top_k, num_samples=0 if cross else t.num_samples,
                      logprob_dtype=t.logprob_dtype, token_level=not cross, reference=t.reference,
                      cross_tokenizer=cross)

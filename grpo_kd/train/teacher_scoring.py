@@ -24,6 +24,7 @@ import torch
 from grpo_kd.cache.reader import completion_hidden
 from grpo_kd.cache.rollouts import RolloutShard
 from grpo_kd.cache.spec import CacheSpec, ScoredRows, bf16_bits
+from grpo_kd.cache.values import row_sums
 from grpo_kd.config import Config
 from grpo_kd.data import Prompt, prompt_token_ids, teacher_chat_template, teacher_has_own_prompt
 from grpo_kd.kernels import linear_logprobs, linear_topk
@@ -209,12 +210,5 @@ class Scorer:
             token["ref_logprobs"] = np.concatenate([ref[i] for i in rows]) if len(rows) else np.zeros(0)
         group_ids = shard.table.column("group_id").to_numpy()
         return ScoredRows(row=rows.astype(np.int64), group_id=group_ids[rows].astype(np.int64),
-                          num_tokens=shard.lengths()[rows].astype(np.int32), seq_logprob=_row_sums(target, C),
+                          num_tokens=shard.lengths()[rows].astype(np.int32), seq_logprob=row_sums(target, C),
                           token=token, extra=extra)
-
-
-def _row_sums(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Per-row sums (float64) of a flat per-token array; 0 for a row without tokens (a completion that is empty
-    in the teacher's tokens, e.g. only an end-of-sequence token)."""
-    rows = np.repeat(np.arange(len(counts)), counts)  # (N,) the row of each token
-    return np.bincount(rows, weights=values.astype(np.float64), minlength=len(counts))

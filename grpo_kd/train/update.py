@@ -15,16 +15,24 @@ whole step (algorithms/common.py): one process, many micro-batches, or many rank
 Every rank prepares every group (cheap: cached quantities; only PPO's value pass is repeated on each rank), so
 a rank can train on any group in any epoch.
 
-Stops and restarts: SIGTERM / SIGUSR2 (and `checkpoint.save_every_steps`) write checkpoints/iter_i.step-SSSSSSS
-after the current step; on a signal the phase then raises `UpdateInterrupted` (the CLI exits with
-REQUEUE_EXIT_CODE). `resume=True` continues from the newest step checkpoint (weights, optimizer, scheduler, RNG,
-data position; metrics after it are dropped). A finished iteration (checkpoints/iter_i exists) does nothing.
+Non-finite values: the rewards and advantages are checked once prepared, the loss of every micro-batch and the
+gradient norm at every step, and the weights before any checkpoint is written. A step with a NaN or inf loss or
+gradient norm takes no optimizer step; with `optim.nonfinite: stop` (the default) the phase then raises
+`NonFiniteUpdate` (one line naming the step and the first non-finite quantity, no checkpoint written), with
+`skip` it goes on and the step's metrics line says `"skipped": 1`.
+
+Stops and restarts: SIGTERM / SIGUSR2 / SIGHUP (and `checkpoint.save_every_steps`) write
+checkpoints/iter_i.step-SSSSSSS after the current step; on a signal the phase then raises `UpdateInterrupted`
+(the CLI exits with REQUEUE_EXIT_CODE). `resume=True` continues from the newest step checkpoint (weights,
+optimizer, scheduler, RNG, data position; metrics after it are dropped). A finished iteration (checkpoints/iter_i
+exists, and matches its checksums) does nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -51,7 +59,7 @@ from grpo_kd.train.algorithms.common import (
     to_device,
     with_live_reference,
 )
-from grpo_kd.train.checkpoint import prune_step_checkpoints
+from grpo_kd.train.checkpoint import prune_step_checkpoints, verify_checkpoint
 from grpo_kd.train.distributed import Dist, TrainModule, all_reduce_sum, barrier, init_distributed, shutdown, wrap
 from grpo_kd.train.fsdp import ShardedOptimizer, grad_norm_value, is_sharded
 from grpo_kd.train.metrics import MetricsLog
@@ -60,6 +68,7 @@ from grpo_kd.train.pretrain import PretrainBatches, pretrain_loss
 from grpo_kd.train.signals import stop_on_signals
 from grpo_kd.train.tracking import Tracker
 from grpo_kd.train.update_state import (
+    NonFiniteUpdate,
     Plan,
     StepStats,
     UpdateRun,
@@ -87,6 +96,7 @@ def run_update(cfg: Config, iteration: int, *, resume: bool = False) -> Path:
     paths = RunPaths.of(cfg.run_dir)
     final = paths.checkpoint(iteration)
     if final.exists():
+        verify_checkpoint(final)  # a finished update whose files were damaged since is not "done"
         log.info("update of iteration %d is already done: %s", iteration, final)
         return final
     dist = init_distributed(cfg.model.device)
@@ -105,15 +115,15 @@ def open_reader(cfg: Config, paths: RunPaths, iteration: int, tokenizer, algorit
 
 
 def make_plan(reader: CacheReader, cfg: Config, world_size: int) -> Plan:
-    group_size = int(reader.group_lengths()[:, 0].max()) if reader.num_groups else 0
-    rows_per_rank = cfg.optim.micro_batch_size * cfg.optim.grad_accum
     if reader.num_groups == 0:
         raise GrpoKdError("the rollouts of this iteration hold no group")
-    if rows_per_rank % group_size:
-        raise GrpoKdError(f"optim.micro_batch_size x optim.grad_accum = {rows_per_rank} completions per rank and "
-                          f"step must be a multiple of the group size {group_size} (steps take whole groups)")
-    plan = Plan(groups_per_rank=rows_per_rank // group_size, world_size=world_size, num_groups=reader.num_groups,
-                epochs=cfg.optim.epochs_per_iteration)
+    sizes = reader.group_lengths()[:, 0]
+    if (sizes != cfg.rollout.group_size).any():  # the config's rules relate group_size to the batch sizes
+        raise GrpoKdError(f"the rollouts of this iteration hold groups of {sorted(set(sizes.tolist()))} completions "
+                          f"but rollout.group_size={cfg.rollout.group_size}; sample them again with this config")
+    rows_per_rank = cfg.optim.micro_batch_size * cfg.optim.grad_accum
+    plan = Plan(groups_per_rank=rows_per_rank // cfg.rollout.group_size, world_size=world_size,
+                num_groups=reader.num_groups, epochs=cfg.optim.epochs_per_iteration)
     if plan.steps_per_epoch == 0:
         raise GrpoKdError(f"{reader.num_groups} groups are fewer than one optimizer step needs "
                           f"({plan.groups_per_step} = {world_size} ranks x {plan.groups_per_rank}); lower "
@@ -142,8 +152,22 @@ def prepare_all(run: UpdateRun) -> dict[int, Prepared]:
         batch = reader.batch(groups)
         with torch.no_grad():
             result = run.algorithm.prepare(batch, run.cfg, run.ctx)
+        why = nonfinite_prepared(result)
+        if why:
+            raise NonFiniteUpdate(f"update of iteration {run.iteration}: {why} in groups {groups[0]}..{groups[-1]} "
+                                  "before any step; nothing was trained")
         prepared.update(zip(groups, split_groups(result, batch.group_ids)))
     return prepared
+
+
+def nonfinite_prepared(prepared: Prepared) -> str | None:
+    """The first reward component or advantage of `prepared` holding NaN or inf, named; None when all are finite."""
+    named = {**{f"reward {k}": v for k, v in prepared.rewards.items()},
+             **{k: v for k, v in prepared._asdict().items() if k != "rewards" and torch.is_tensor(v)}}
+    for name, value in named.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"the {name} values are not finite"
+    return None
 
 
 def _train(cfg: Config, iteration: int, resume: bool, paths: RunPaths, dist: Dist) -> Path:
@@ -176,6 +200,11 @@ def _train(cfg: Config, iteration: int, resume: bool, paths: RunPaths, dist: Dis
                       **stats.record}
             if dist.is_main:
                 metrics_log.log(record)
+            if stats.nonfinite is not None and cfg.optim.nonfinite == "stop":
+                raise NonFiniteUpdate(
+                    f"update of iteration {iteration} stopped at step {index + 1} of {plan.total_steps}: "
+                    f"{stats.nonfinite}; no checkpoint written (lower optim.lr={cfg.optim.lr:g}, or set "
+                    "optim.nonfinite=skip to skip such steps)")
             stopping = bool(all_reduce_sum(torch.tensor([float(stop.requested)]), dist)[0] > 0)
             periodic = cfg.checkpoint.save_every_steps and (index + 1) % cfg.checkpoint.save_every_steps == 0
             if (stopping or periodic) and index + 1 < plan.total_steps:
@@ -222,8 +251,10 @@ def train_step(run: UpdateRun, batch: CacheBatch, prepared: Prepared, *, pt_bloc
     counts = all_reduce_sum(torch.tensor([B, float(batch.completion_mask.sum())], dtype=torch.float64), dist)
     ctx.norm = StepNorm(sequences=int(counts[0]), tokens=int(counts[1]), world_size=dist.world_size)
     stats = StepStats(dist)
-    units = pt_units(pt_blocks, cfg, ctx, pt_tokens) + rl_units(run.algorithm, batch, prepared, cfg, ctx)
+    pt = pt_units(pt_blocks, cfg, ctx, pt_tokens)
+    units = pt + rl_units(run.algorithm, batch, prepared, cfg, ctx)
     optimizer.zero_grad(set_to_none=True)
+    bad = None  # the first non-finite quantity of this rank
     for position, (weight, compute) in enumerate(units):
         last = position == len(units) - 1
         ddp_accumulating = dist.active and not last and hasattr(ctx.module, "no_sync")  # FSDP reduces every time
@@ -231,12 +262,23 @@ def train_step(run: UpdateRun, batch: CacheBatch, prepared: Prepared, *, pt_bloc
         with sync:
             loss, metrics = compute()
             loss.backward()
-        stats.add_loss(loss)
+        value = stats.add_loss(loss)
+        if bad is None and not math.isfinite(value):
+            what = "L_PT loss" if position < len(pt) else "loss"
+            bad = f"the {what} of micro-batch {position + 1} of {len(units)} is {value}"
         stats.add_metrics(metrics, weight)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+    if bad is None and not math.isfinite(grad_norm_value(grad_norm)):
+        bad = f"the gradient norm is {grad_norm_value(grad_norm)}"
     stats.set("lr", run.scheduler.get_last_lr()[0])  # the rate this step used
-    optimizer.step()
+    if all_reduce_sum(torch.tensor([float(bad is not None)]), dist)[0] > 0:  # every rank skips the same step
+        stats.nonfinite = bad or "a loss or gradient on another rank is not finite"
+        stats.set("nonfinite", stats.nonfinite)  # text: what was not finite (not a curve of `grpo-kd report`)
+        stats.set("skipped", 1)
+        optimizer.zero_grad(set_to_none=True)  # no optimizer step: the weights stay as they were
+    else:
+        optimizer.step()
     run.scheduler.step()
     stats.add_rewards(prepared, batch.completion_mask.float())
     stats.set("ref_source", "cache" if batch.ref_logprobs is not None else ("live" if ctx.reference else "none"))

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,10 @@ from grpo_kd.train.fsdp import ShardedOptimizer, full_state, is_sharded
 
 log = logging.getLogger(__name__)
 VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class NonFiniteUpdate(GrpoKdError):
+    """A step's loss or gradient norm, the prepared rewards, or the weights are NaN or inf: nothing was saved."""
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,7 @@ def save_state(run: UpdateRun, steps_done: int, record: dict | None, *, step: bo
     """Write a step checkpoint (step=True) or the iteration's final one; rank 0 writes, everyone waits."""
     cfg, dist, plan, train_module, optimizer = run.cfg, run.dist, run.plan, run.train_module, run.optimizer
     target = step_checkpoint(run.final, steps_done) if step else run.final
+    check_finite_weights(run, steps_done)
     full = optimizer_state = None
     if is_sharded(train_module):  # every rank gathers its shards (collective); rank 0 keeps the whole tensors
         full = full_state(train_module, dist)
@@ -255,6 +261,20 @@ def save_state(run: UpdateRun, steps_done: int, record: dict | None, *, step: bo
     return target
 
 
+def check_finite_weights(run: UpdateRun, steps_done: int) -> None:
+    """Refuse to checkpoint weights holding NaN or inf (every rank checks its own parameters or shards)."""
+    bad = None
+    for name, param in run.train_module.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param  # an FSDP shard
+        if local.is_floating_point() and not bool(torch.isfinite(local.detach()).all()):
+            bad = name
+            break
+    if all_reduce_sum(torch.tensor([float(bad is not None)]), run.dist)[0] > 0:
+        raise NonFiniteUpdate(f"update of iteration {run.iteration}: the student's weights hold NaN or inf after "
+                              f"step {steps_done} ({bad or 'on another rank'}); no checkpoint written (lower "
+                              f"optim.lr={run.cfg.optim.lr:g})")
+
+
 def save_prepared(path: Path, prepared: dict[int, Prepared]) -> None:
     tensors = {}
     for group, item in prepared.items():
@@ -264,14 +284,29 @@ def save_prepared(path: Path, prepared: dict[int, Prepared]) -> None:
             elif value is not None:
                 tensors[f"{group}.{name}"] = value.contiguous().clone()
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata={"sha256": _tensor_digest(tensors)})
 
 
 def load_prepared(path: Path) -> dict[int, Prepared] | None:
+    """The advantages `save_prepared` kept for a resumed run; one line when the file was damaged since."""
+    from safetensors import SafetensorError, safe_open
+
     if not path.is_file():
         return None
+    try:
+        with safe_open(str(path), "pt") as handle:
+            stored = (handle.metadata() or {}).get("sha256")
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        stored, tensors, why = None, {}, str(exc)
+    else:
+        why = None if stored == _tensor_digest(tensors) else "it does not match the sha256 stored in it"
+    if why:
+        raise GrpoKdError(f"{path} is damaged ({why}); remove it and this iteration's step checkpoints "
+                          f"({path.parents[1].name}/checkpoints/{path.parent.name}.step-*) to train the iteration "
+                          "again")
     fields: dict[int, dict] = {}
-    for key, value in load_file(str(path)).items():
+    for key, value in tensors.items():
         group, name = key.split(".", 1)
         entry = fields.setdefault(int(group), {"rewards": {}})
         if name.startswith("rewards."):
@@ -279,6 +314,16 @@ def load_prepared(path: Path) -> dict[int, Prepared] | None:
         else:
             entry[name] = value
     return {group: Prepared(**entry) for group, entry in fields.items()}
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of `tensors`, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -293,9 +338,12 @@ class StepStats:
         self.sums: dict[str, float] = {}
         self.weights: dict[str, float] = {}
         self.record: dict = {}
+        self.nonfinite: str | None = None  # the first non-finite quantity of the step, when it was skipped
 
-    def add_loss(self, loss: torch.Tensor) -> None:
-        self.loss += float(loss.detach())
+    def add_loss(self, loss: torch.Tensor) -> float:
+        value = float(loss.detach())
+        self.loss += value
+        return value
 
     def add_metrics(self, metrics: dict[str, torch.Tensor], weight: float) -> None:
         for name, value in metrics.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import yaml
@@ -36,3 +37,13 @@ def write_run_config(path: Path, output_dir: Path, tiny_models, **sections) -> P
             raw[key] = value
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path
+
+
+def broken_teacher(directory: Path, tiny_models) -> Path:
+    """A copy of the tiny teacher whose weights are cut short: it passes the checks made before the first phase
+    (its directory, config and tokenizer are there) and fails when cache-teacher loads it."""
+    teacher = directory / "broken-teacher"
+    shutil.copytree(tiny_models.teacher, teacher)
+    weights = teacher / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return teacher

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from run_config import write_run_config
+from run_config import broken_teacher, write_run_config
 from grpo_kd.cli.app import main
 from grpo_kd.slurm.plan import load_run
 from grpo_kd.slurm.status import JobRecord, chain_status, describe_failures
@@ -115,9 +115,9 @@ def _metric_steps(metrics: Path) -> list[int]:
 
 
 def test_a_failed_phase_cancels_its_dependents_and_resume_finishes(tmp_path, tiny_models, local_slurm, capsys):
-    broken_teacher = {"num_shards": 2, "path": str(tmp_path / "gone")}
+    broken = {"num_shards": 2, "path": str(broken_teacher(tmp_path, tiny_models))}  # fails only when loaded
     config = write_run_config(tmp_path / "run.yaml", tmp_path / "runs", tiny_models, iterations=2,
-                              rollout={"num_shards": 2}, teacher=broken_teacher)  # fmt: skip
+                              rollout={"num_shards": 2}, teacher=broken)  # fmt: skip
     started = time.monotonic()
     assert main(["chain", "submit", "--config", str(config), "--iterations", "1"]) == 0
     run_dir = tmp_path / "runs" / "run"
@@ -131,7 +131,7 @@ def test_a_failed_phase_cancels_its_dependents_and_resume_finishes(tmp_path, tin
     failed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("failed:")]
     assert len(failed) == 1 and "iteration 1 cache-teacher FAILED" in failed[0]
     log = Path(failed[0].split("; log: ")[1])
-    assert log.is_file() and "gone" in log.read_text()  # the log says what was wrong
+    assert log.is_file() and "broken-teacher" in log.read_text()  # the log says what was wrong
 
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # fix the saved config, as a user would
     saved["teacher"]["path"] = str(tiny_models.teacher)

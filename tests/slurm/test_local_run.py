@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from run_config import write_run_config
+from run_config import broken_teacher, write_run_config
 from grpo_kd.paths import RunPaths
 from grpo_kd.train.checkpoint import step_checkpoints
 
@@ -63,14 +63,15 @@ def test_run_resumes_after_an_interrupted_update(tmp_path, tiny_models):
 
 
 def test_a_failing_phase_stops_the_run_with_one_line(tmp_path, tiny_models):
+    """A teacher that only fails when it is loaded (a missing one is refused before the first phase)."""
     config = write_run_config(tmp_path / "run.yaml", tmp_path / "runs", tiny_models,
-                              teacher={"path": str(tmp_path / "no-such-teacher")})  # fmt: skip
+                              teacher={"path": str(broken_teacher(tmp_path, tiny_models))})  # fmt: skip
     done = subprocess.run(_grpo_kd("run", "--config", str(config)), capture_output=True, text=True, timeout=600)
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     log = RunPaths.of(tmp_path / "runs" / "run").logs / "iter_0001-cache-teacher.log"
     assert last.startswith("error: iteration 1 cache-teacher failed (exit 1); log: ") and str(log) in last
-    assert "no-such-teacher" in log.read_text()
+    assert "broken-teacher" in log.read_text() and "cut short or damaged" in log.read_text()
 
 
 def test_in_process_run_equals_the_process_per_phase_run(tmp_path, tiny_models):

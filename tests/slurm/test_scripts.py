@@ -29,6 +29,7 @@ from grpo_kd.slurm.scripts import render_script, sbatch_directives
 from grpo_kd.slurm.status import JobRecord, JobTask, chain_status, describe_failures, query_jobs
 from grpo_kd.slurm.submit import SlurmError, prepare_chain, submit_chain
 
+ROOT = Path(__file__).resolve().parents[2]
 NASTY = "it's a \"$(touch PWNED)\" `touch PWNED2` $HOME run"
 
 
@@ -208,10 +209,12 @@ def _jobs(fake_dir: Path, lines: list[str]) -> None:
     (fake_dir / "jobs.txt").write_text("\n".join(lines) + "\n")
 
 
-def test_submit_chains_afterok_and_resume_keeps_queued_jobs(tmp_path, fake_bin):
+def test_submit_chains_afterok_and_resume_keeps_queued_jobs(tmp_path, fake_bin, tiny_models_quick):
     for name, body in (("sbatch", SBATCH_RECORDS), ("scontrol", SCONTROL_FROM_FILE), ("scancel", SCANCEL_RECORDS)):
         fake_tool(fake_bin, name, body)
-    cfg, paths = prepare_chain(nasty_config(tmp_path), iterations=1)
+    models = [f"model.path={tiny_models_quick.student}", f"teacher.path={tiny_models_quick.teacher}",
+              f"data.prompts={ROOT / 'grpo_kd' / 'assets' / 'builtin_corpus.txt'}"]  # submit checks them first
+    cfg, paths = prepare_chain(nasty_config(tmp_path, *models), iterations=1)
     submitted = submit_chain(cfg, paths, echo=lambda line: None)
     assert [s.job_id for s in submitted] == ["100", "101", "102"]
     calls = (tmp_path / "sbatch.txt").read_text().splitlines()

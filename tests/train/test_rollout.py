@@ -45,7 +45,7 @@ def _overrides(tiny, prompts_file, run_root, **extra):
         "teacher.path": str(tiny.teacher), "teacher.dtype": "float32",
         "data.prompts": str(prompts_file), "data.privileged_field": "answer", "data.heldout_fraction": 0.25,
         "rollout.prompts_per_iteration": GROUPS, "rollout.group_size": G, "rollout.max_new_tokens": 6,
-        "rollout.batch_size": 2, "rollout.temperature": 0.9,
+        "rollout.batch_size": 2, "rollout.temperature": 0.9, "optim.micro_batch_size": G,  # steps take whole groups
     }  # fmt: skip
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
@@ -276,7 +276,7 @@ def test_cli_rollout_end_to_end(tiny, prompts_file, tmp_path, capsys, monkeypatc
     config = tmp_path / "run.yaml"
     config.write_text(f"name: cli\noutput_dir: {tmp_path}\nrollout:\n  group_size: 2\n", encoding="utf-8")
     overrides = [o for o in _overrides(tiny, prompts_file, tmp_path) if not o.startswith(("name=", "output_dir="))]
-    overrides = [o for o in overrides if not o.startswith("rollout.group_size=")]
+    overrides = [o for o in overrides if not o.startswith(("rollout.group_size=", "optim.micro_batch_size="))]
     assert main(["rollout", "--config", str(config), *overrides, "--iteration", "1", "--shard", "1",
                  "--num-shards", "2"]) == 0
     out = capsys.readouterr().out.strip().splitlines()

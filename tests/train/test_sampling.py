@@ -229,15 +229,17 @@ def test_mixture_logprobs_is_exact_at_the_ends():
 
 @pytest.mark.parametrize(
     "field, value, message",
-    [("temperature", 0.0, "temperature must be > 0"), ("top_p", 0.0, "top_p must be in (0, 1]"),
-     ("top_k", -1, "top_k must be >= 0"), ("teacher_mix_alpha", 1.5, "teacher_mix_alpha must be in [0, 1]"),
-     ("max_new_tokens", 0, "max_new_tokens must be at least 1")],
+    [("temperature", 0.0, "rollout.temperature must be > 0"), ("top_p", 0.0, "rollout.top_p must be in (0, 1]"),
+     ("top_k", -1, "rollout.top_k (0 = off) must be at least 0"),
+     ("teacher_mix_alpha", 1.5, "rollout.teacher_mix_alpha must be in [0, 1]"),
+     ("max_new_tokens", 0, "rollout.max_new_tokens must be at least 1")],
 )
 def test_bad_sampling_parameters_are_one_line_errors(field, value, message):
-    from grpo_kd.errors import GrpoKdError
+    """The sampler's settings are checked with the config (grpo_kd.config.rules), before any phase runs."""
+    from grpo_kd.config import ConfigError, load_config
 
-    with pytest.raises(GrpoKdError, match=re.escape(message)):
-        SamplingParams(**{field: value}).check()
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [f"rollout.{field}={value}"])
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: sliding-window KV cache layers, padded head rows

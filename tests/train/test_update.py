@@ -138,8 +138,12 @@ def test_steps_must_take_whole_groups(template, tiny_models_quick, tmp_path):
     from grpo_kd.errors import GrpoKdError
 
     run = copy_run(template, tmp_path / "run")
-    with pytest.raises(GrpoKdError, match="multiple of the group size"):
-        run_update(make_config(run, tiny_models_quick, "optim.micro_batch_size=3", "optim.grad_accum=1"), 1)
+    with pytest.raises(GrpoKdError, match="multiple of rollout.group_size=4"):  # a rule of the config: at load
+        make_config(run, tiny_models_quick, "optim.micro_batch_size=3", "optim.grad_accum=1")
+    cfg = make_config(run, tiny_models_quick, "optim.micro_batch_size=3", "optim.grad_accum=1",
+                      "rollout.group_size=3")  # the rule holds, but the rollouts on disk have groups of 4
+    with pytest.raises(GrpoKdError, match="groups of \\[4\\] completions but rollout.group_size=3"):
+        run_update(cfg, 1)
     assert not RunPaths.of(run).checkpoint(1).exists()
 
 

@@ -314,10 +314,6 @@ def check_teacher_estimate(batch: CacheBatch, cfg: Config) -> None:
         if batch.teacher_topk_ids is None:
             raise GrpoKdError(f"loss.algorithm={cfg.loss.algorithm} needs the teacher's top-k in the cache")
         return
-    if cfg.loss.teacher_kl.divergence != "forward":
-        raise GrpoKdError(f"loss.teacher_kl.estimate=sampled estimates the forward KL only (teacher samples give "
-                          f"no unbiased {cfg.loss.teacher_kl.divergence} KL); set loss.teacher_kl.divergence=forward "
-                          "or loss.teacher_kl.estimate=topk")
     if batch.teacher_sample_ids is None or batch.teacher_sample_logprobs is None:
         raise GrpoKdError("loss.teacher_kl.estimate=sampled needs teacher samples in the cache, which has none: "
                           "re-run cache-teacher with teacher.num_samples > 0")

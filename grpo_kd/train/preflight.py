@@ -1,0 +1,74 @@
+"""What the phases need from outside the config, checked before any of them does work.
+
+    check_inputs(cfg, ["rollout", "cache-teacher", "update"])   # `grpo-kd run`, before the first phase
+    check_inputs(cfg, ["cache-teacher"])                         # one phase, before it loads a model
+
+Key design choice: every problem that is visible in the config or the files it names is found here, when work
+starts, not by the phase that first touches it. `grpo-kd run` checks what all three phases need, so a missing
+teacher or a vocabulary mismatch is refused before the rollout has spent its GPU hours, and each phase checks
+its own part again (it may run alone, as a SLURM job). The checks are cheap: the config's rules
+(`grpo_kd.config.rules`), the model directories (config.json and safetensors weights, without loading them),
+the prompt and pre-training text (read and decoded: one line naming the file and line of a byte that is not
+UTF-8) and the two tokenizers, whose vocabularies decide whether the teacher can be cached token by token.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from grpo_kd.cache.manifest import describe_vocab
+from grpo_kd.config import Config, check
+from grpo_kd.data import detect_format, load_texts, prompts_from_config
+from grpo_kd.errors import GrpoKdError
+from grpo_kd.models import check_model_source, load_tokenizer, same_vocabulary, tokenizer_fingerprint
+from grpo_kd.paths import PHASES
+
+
+def check_inputs(cfg: Config, phases: Iterable[str] = PHASES) -> None:
+    """Raise one `GrpoKdError` line for the first problem the `phases` of `cfg` would meet; see the module doc."""
+    phases = set(phases)
+    check(cfg)
+    check_model_source(cfg.model.path, "student", verify=False)  # the loader checks the checksums, once
+    student_tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    if "rollout" in phases:
+        _check_prompts(cfg)
+    if "update" in phases and cfg.loss.pt.weight > 0:
+        load_texts(cfg.data.pretrain_text, field=cfg.data.text_field)
+    mixed = "rollout" in phases and cfg.rollout.teacher_mix_alpha > 0
+    if cfg.teacher.kind == "model" and ("cache-teacher" in phases or mixed):
+        check_model_source(cfg.teacher.path, "teacher", verify=False)
+        teacher_tok = load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
+        check_vocabularies(cfg, tokenizer_fingerprint(student_tok), tokenizer_fingerprint(teacher_tok), mixed=mixed)
+    else:
+        fingerprint = tokenizer_fingerprint(student_tok)
+        check_vocabularies(cfg, fingerprint, fingerprint, mixed=False)
+
+
+def _check_prompts(cfg: Config) -> None:
+    """The prompts are set, exist and decode (a local file is read whole; a hub dataset is left to the rollout)."""
+    if cfg.data.prompts and detect_format(cfg.data.prompts, cfg.data.format) == "hf":
+        return
+    prompts_from_config(cfg.data)  # refuses an unset data.prompts, reads and decodes the file
+
+
+def check_vocabularies(cfg: Config, student_fp: dict, teacher_fp: dict, *, mixed: bool) -> None:
+    """From the two tokenizer fingerprints (`grpo_kd.models.tokenizer_fingerprint`): a teacher with another
+    vocabulary needs `teacher.cross_tokenizer` (and cannot be mixed into sampling); top-k and the teacher samples
+    must fit in the teacher's vocabulary. The rollout and the teacher pass call it too, with the fingerprints
+    they record."""
+    same = same_vocabulary(student_fp, teacher_fp)
+    if not same and mixed:
+        raise GrpoKdError(f"rollout.teacher_mix_alpha > 0 needs one vocabulary: the teacher {cfg.teacher.path} has "
+                          f"{describe_vocab(teacher_fp)} but the student {cfg.model.path} has "
+                          f"{describe_vocab(student_fp)}; set rollout.teacher_mix_alpha=0")
+    if not same and not cfg.teacher.cross_tokenizer:
+        raise GrpoKdError(f"teacher vocabulary {describe_vocab(teacher_fp)} differs from the student's "
+                          f"{describe_vocab(student_fp)}: token-level caching needs a shared vocabulary; set "
+                          "teacher.cross_tokenizer=true to cache sequence-level scores only")
+    vocab = int(teacher_fp.get("vocab_size") or 0)
+    if same and cfg.teacher.top_k > vocab:
+        raise GrpoKdError(f"teacher.top_k={cfg.teacher.top_k} is larger than the teacher's vocabulary ({vocab} "
+                          "tokens); set teacher.top_k to at most that")
+    if same and cfg.teacher.num_samples > vocab:
+        raise GrpoKdError(f"teacher.num_samples={cfg.teacher.num_samples} is larger than the teacher's vocabulary "
+                          f"({vocab} tokens)")
