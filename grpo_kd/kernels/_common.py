@@ -67,12 +67,15 @@ def make_options(temperature: float, softcap: float | None, impl: str, *tensors:
 # ----------------------------------------------------------------------------------------------- the transform
 
 
-def transform_logits(logits: torch.Tensor, temperature: float = 1.0, softcap: float | None = None) -> torch.Tensor:
-    """Raw logits x -> transformed logits z = (softcap * tanh(x / softcap)) / temperature (same shape)."""
+def transform_logits(
+    logits: torch.Tensor, temperature: float = 1.0, softcap: float | None = None, inplace: bool = False
+) -> torch.Tensor:
+    """Raw logits x -> transformed logits z = (softcap * tanh(x / softcap)) / temperature (same shape);
+    `inplace=True` overwrites `logits` (the twins' row chunks: one pass fewer over a [rows, V] buffer)."""
     if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
+        logits = logits.div_(softcap).tanh_().mul_(softcap) if inplace else softcap * torch.tanh(logits / softcap)
     if temperature != 1.0:
-        logits = logits / temperature
+        logits = logits.div_(temperature) if inplace else logits / temperature
     return logits
 
 
@@ -82,7 +85,29 @@ def transform_grad(
     """dz/dx at the raw logits x: (1 - tanh(x / softcap)^2) / temperature, or the scalar 1/temperature."""
     if softcap is None:
         return 1.0 / temperature
-    return (1.0 - torch.tanh(logits / softcap).square()) / temperature
+    th = torch.div(logits, softcap).tanh_()  # one new buffer, the rest in place
+    th = th.square_().neg_().add_(1.0)
+    return th.div_(temperature) if temperature != 1.0 else th
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result; fp32 accumulation for half inputs (cuBLAS out_dtype, or upcast on the CPU,
+    where there is no half matmul with an fp32 result)."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # older torch: accumulate in fp32, round once per chunk
+            return (a @ b).float()
+    return a.float() @ b.float()
+
+
+def xlogx(t: torch.Tensor) -> torch.Tensor:
+    """t log t with 0 log 0 = 0 and a finite gradient everywhere."""
+    pos = t > 0
+    safe = torch.where(pos, t, torch.ones_like(t))
+    return torch.where(pos, safe * torch.log(safe), torch.zeros_like(t))
 
 
 # ----------------------------------------------------------------------------------------------- shapes & dtypes
