@@ -52,8 +52,8 @@ MEMORY_NOTE = (
 class Case:
     """One measurement: a kernel, a method, sizes, dtype, device."""
 
-    kernel: str  # "sparse_kl" | "grpo_loss" | "topk" | "floor"
-    method: str  # "grpo-kd" | "eager" | "compile" | "liger" | "matmuls"
+    kernel: str  # "logprobs" | "sparse_kl" | "grpo_loss" | "topk" | "floor"
+    method: str  # "grpo-kd" | "eager" | "compile" | "liger" | "cce" | "matmuls"
     N: int
     H: int
     V: int
@@ -74,9 +74,11 @@ def _inputs(case: Case) -> dict:
     B = N // T
     hidden = torch.randn(N, H, generator=gen, device=dev, dtype=dt)
     weight = torch.randn(V, H, generator=gen, device=dev, dtype=dt).mul_(0.02)
-    grad = case.kernel in ("sparse_kl", "grpo_loss")
+    grad = case.kernel in ("logprobs", "sparse_kl", "grpo_loss")
     inputs = {"hidden": hidden.requires_grad_(grad), "weight": weight.requires_grad_(grad)}
-    if case.kernel == "sparse_kl":
+    if case.kernel == "logprobs":
+        inputs["token_ids"] = torch.randint(0, V, (N,), generator=gen, device=dev)
+    elif case.kernel == "sparse_kl":
         base = torch.randint(0, V, (N, 1), generator=gen, device=dev)
         step = V // TEACHER_K  # distinct ids: base + j * step (mod V), j < k
         inputs["teacher_ids"] = (base + torch.arange(TEACHER_K, device=dev) * step) % V  # (N, k)
@@ -142,6 +144,8 @@ def _method_fn(case: Case):
     from grpo_kd.kernels import linear_grpo_loss, linear_sparse_kl, linear_topk
 
     impl = "triton" if case.device == "cuda" else "torch"
+    if case.kernel == "logprobs":  # mean token NLL (cross entropy): what CCE and Liger's fused CE compute
+        return _nll_fn(case.method, impl)
     if case.kernel == "topk":
         if case.method == "grpo-kd":
             return lambda x: linear_topk(x["hidden"], x["weight"], TOPK_K, target_ids=x["target_ids"], impl=impl)[2]
@@ -168,6 +172,25 @@ def _method_fn(case: Case):
                                           beta=0.04, impl=impl)[0]
     fn = torch.compile(eager_grpo_loss) if case.method == "compile" else eager_grpo_loss
     return lambda x: fn(x["hidden"], x["weight"], *(x[k] for k in keys))
+
+
+def _nll_fn(method: str, impl: str):
+    from grpo_kd.kernels import linear_logprobs
+
+    if method == "grpo-kd":
+        return lambda x: -linear_logprobs(x["hidden"], x["weight"], x["token_ids"], impl=impl)[0].mean()
+    if method == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda x: linear_cross_entropy(x["hidden"], x["weight"], x["token_ids"])
+    if method == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss_fn = LigerFusedLinearCrossEntropyLoss()
+        return lambda x: loss_fn(x["weight"], x["hidden"], x["token_ids"])
+    fn = lambda h, w, y: torch.nn.functional.cross_entropy((h @ w.T).float(), y)  # noqa: E731
+    fn = torch.compile(fn) if method == "compile" else fn
+    return lambda x: fn(x["hidden"], x["weight"], x["token_ids"])
 
 
 def _liger_grpo():
@@ -241,7 +264,7 @@ def _measure(case: Case) -> dict:
     """Runs inside the worker subprocess: memory of the first run, then the median time of `case.reps` runs."""
     torch.manual_seed(0)
     fn = _floor_fn() if case.kernel == "floor" else _method_fn(case)
-    backward = case.kernel in ("sparse_kl", "grpo_loss")
+    backward = case.kernel in ("logprobs", "sparse_kl", "grpo_loss")
     tiny = dataclasses.replace(case, N=min(case.N, 64), H=min(case.H, 32), V=min(case.V, 512))
     _step(fn, _inputs(tiny), backward)  # load libraries and kernels before the baseline
     x = _inputs(case)
@@ -322,10 +345,13 @@ def cpu_cases(quick: bool) -> list[Case]:
 
 
 def gpu_cases(quick: bool) -> list[Case]:
-    """GPU: bf16 forward+backward against eager, torch.compile and Liger, the matmul floor; top-k at V=262144."""
+    """GPU: bf16 forward+backward against eager, torch.compile, Liger and (token NLL) Cut Cross-Entropy, the
+    matmul floor; top-k at V=262144."""
     size = GPU_SIZES["quick" if quick else "full"]
     topk_size = GPU_TOPK_SIZES["quick" if quick else "full"]
     cases = [Case("floor", "matmuls", **size, dtype="bfloat16", device="cuda", reps=10)]
+    for method in ("grpo-kd", "eager", "compile", "liger", "cce"):
+        cases.append(Case("logprobs", method, **size, dtype="bfloat16", device="cuda", reps=10))
     for kernel in ("grpo_loss", "sparse_kl"):
         for method in ("grpo-kd", "eager", "compile", "liger"):
             cases.append(Case(kernel, method, **size, dtype="bfloat16", device="cuda", reps=10))

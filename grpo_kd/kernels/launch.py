@@ -103,22 +103,25 @@ class Launch:
     v_per_split: int
 
 
-# (kernel, dtype class) -> candidates per architecture family. "half" = bf16/fp16 (tensor cores), "fp32" = exact
-# fp32 products (FMA; TF32 when torch allows it). sm_100 uses the sm_90 lists.
+# (kernel, dtype class, architecture family) -> candidates. "half" = bf16/fp16 (tensor cores), "fp32" = exact fp32
+# products (FMA; TF32 when torch allows it). sm_100 uses the sm_90 lists. Every entry passes the static check
+# (docs/kernels.md has the table); entries that spilled there (e.g. 128x128x64 with 8 warps for dense_grad and
+# jsd_rest on sm_90, 64x128x64 with 4 warps for jsd_rest on sm_80) were dropped.
 _T = TileConfig
+_FP32_STATS = (_T(64, 128, 32, 8, 3), _T(128, 64, 32, 8, 3), _T(32, 64, 32, 4, 3))
 GPU_CONFIGS: dict[tuple[str, str, int], tuple[TileConfig, ...]] = {
-    ("stats", "half", 90): (_T(128, 128, 64, 8, 3), _T(64, 128, 64, 4, 4), _T(128, 64, 64, 8, 4)),
-    ("stats", "half", 80): (_T(128, 128, 64, 8, 3), _T(64, 128, 64, 4, 3), _T(128, 64, 64, 8, 4)),
-    ("stats", "fp32", 90): (_T(64, 64, 32, 4, 3), _T(64, 128, 32, 8, 3)),
-    ("stats", "fp32", 80): (_T(64, 64, 32, 4, 3), _T(64, 128, 32, 8, 3)),
-    ("jsd_rest", "half", 90): (_T(128, 128, 64, 8, 3), _T(64, 128, 64, 4, 4)),
-    ("jsd_rest", "half", 80): (_T(128, 128, 64, 8, 3), _T(64, 128, 64, 4, 3)),
-    ("jsd_rest", "fp32", 90): (_T(64, 64, 32, 4, 3),),
-    ("jsd_rest", "fp32", 80): (_T(64, 64, 32, 4, 3),),
-    ("dense_grad", "half", 90): (_T(128, 128, 64, 8, 3), _T(64, 128, 64, 4, 4)),
-    ("dense_grad", "half", 80): (_T(128, 128, 64, 8, 3), _T(64, 128, 64, 4, 3)),
-    ("dense_grad", "fp32", 90): (_T(64, 64, 32, 4, 3),),
-    ("dense_grad", "fp32", 80): (_T(64, 64, 32, 4, 3),),
+    ("stats", "half", 90): (_T(64, 128, 64, 4, 4), _T(128, 128, 32, 8, 4), _T(128, 64, 64, 8, 3)),
+    ("stats", "half", 80): (_T(64, 128, 64, 4, 3), _T(128, 128, 32, 8, 4), _T(64, 64, 64, 4, 4)),
+    ("stats", "fp32", 90): _FP32_STATS,
+    ("stats", "fp32", 80): _FP32_STATS,
+    ("jsd_rest", "half", 90): (_T(64, 128, 64, 4, 4), _T(128, 64, 64, 8, 3), _T(64, 256, 64, 8, 3)),
+    ("jsd_rest", "half", 80): (_T(64, 64, 64, 4, 4), _T(128, 64, 64, 8, 3)),
+    ("jsd_rest", "fp32", 90): (_T(128, 64, 32, 8, 3), _T(32, 64, 32, 4, 3), _T(64, 64, 16, 4, 4)),
+    ("jsd_rest", "fp32", 80): (_T(128, 64, 32, 8, 3), _T(32, 64, 32, 4, 3), _T(64, 64, 16, 4, 4)),
+    ("dense_grad", "half", 90): (_T(64, 128, 64, 4, 4), _T(128, 64, 64, 8, 3), _T(64, 256, 64, 8, 3)),
+    ("dense_grad", "half", 80): (_T(64, 128, 64, 4, 3), _T(128, 128, 32, 8, 4), _T(128, 64, 64, 8, 3)),
+    ("dense_grad", "fp32", 90): (_T(64, 64, 32, 4, 3), _T(128, 64, 32, 8, 3), _T(32, 128, 32, 4, 3)),
+    ("dense_grad", "fp32", 80): (_T(64, 64, 32, 4, 3), _T(128, 64, 32, 8, 3), _T(32, 128, 32, 4, 3)),
 }
 INTERPRETER_CONFIGS = {"stats": _T(16, 128, 32), "jsd_rest": _T(16, 128, 32), "dense_grad": _T(16, 128, 32)}
 
@@ -128,13 +131,18 @@ def _next_pow2(n: int) -> int:
 
 
 def _topk_configs(k_pad: int, dtype_class: str, props: DeviceProps) -> tuple[TileConfig, ...]:
-    """Top-k: the MMA tile is BLOCK_N x BLOCK_V (BLOCK_V >= K_PAD); the selection runs on SUB_N-row slices of it
-    staged through a scratch buffer, so the int64 keys never occupy a whole MMA tile's registers."""
+    """Top-k: the MMA tile is BLOCK_N x BLOCK_V (BLOCK_V >= K_PAD, 64 rows for wgmma); the selection runs on
+    SUB_N-row slices of it staged through a scratch buffer, so the int64 keys ([SUB_N, BLOCK_V] and the running
+    [SUB_N, K_PAD]) never fill a whole MMA tile's registers. SUB_N shrinks as K_PAD grows."""
     block_v = max(128, k_pad)
-    sub_n = 16 if k_pad >= 128 else 32
+    sub_n = 32 if k_pad <= 64 else 16
     if dtype_class == "half":
-        return (_T(64, block_v, 64, 8, 3, sub_n), _T(128, block_v, 64, 8, 3, sub_n))
-    return (_T(64, block_v, 32, 8, 2, sub_n),)
+        if k_pad == 256 and props.arch < 90:
+            return (_T(64, 256, 64, 8, 3, 8),)
+        return (_T(64, block_v, 64, 8, 3, sub_n), _T(64, block_v, 32, 8, 4, sub_n))
+    if k_pad == 256:
+        return (_T(32, 256, 16, 8, 4, 8),) if props.arch >= 90 else (_T(32, 256, 16, 8, 4, 4),)
+    return (_T(64, block_v, 16, 8, 4, sub_n),)
 
 
 def plan_launch(kernel: str, n_rows: int, hidden: int, vocab: int, dtype: torch.dtype, props: DeviceProps,

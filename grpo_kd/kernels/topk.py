@@ -136,11 +136,11 @@ if triton is not None:
         for s in tl.static_range(1, LOG_K + 1):
             desc = ((tl.arange(0, N) >> s) & 1)[None, :]  # runs of 2**s alternate asc / desc
             x = _bitonic_merge_runs(x, desc, M, N, s)
-        for i in tl.static_range(LOG_N - LOG_K):
-            n: tl.constexpr = N >> (i + 1)
-            x = tl.reshape(tl.max(tl.reshape(x, [M, n >> LOG_K, 2, 1 << LOG_K]), axis=2), [M, n])
-            desc = ((tl.arange(0, n) >> LOG_K) & 1)[None, :]  # alternating; a single run is ascending
-            x = _bitonic_merge_runs(x, desc, M, n, LOG_K)
+        for i in tl.static_range(LOG_N - LOG_K):  # width N >> (i + 1) after this halving (no constexpr name:
+            # a compiled static_range may not rebind one)
+            x = tl.reshape(tl.max(tl.reshape(x, [M, N >> (i + 1 + LOG_K), 2, 1 << LOG_K]), axis=2), [M, N >> (i + 1)])
+            desc = ((tl.arange(0, N >> (i + 1)) >> LOG_K) & 1)[None, :]  # alternating; a single run is ascending
+            x = _bitonic_merge_runs(x, desc, M, N >> (i + 1), LOG_K)
         return x
 
     @triton.jit

@@ -1,0 +1,137 @@
+"""The static GPU check: every Triton kernel compiled for sm_80 / sm_90 here (no GPU), at the launches the
+dispatcher picks, must not spill, must fit shared memory, must keep its software pipeline and must use the tensor
+cores for half inputs. The full matrix is `grpo-kd bench kernels --static` (docs/kernels.md); CI compiles a
+representative subset (`test_ci_subset_passes`, slow) and checks that the check itself can fail.
+"""
+
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from grpo_kd.kernels import launch  # noqa: E402
+from grpo_kd.kernels._common import triton_available  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not importable")
+
+
+def _cuobjdump_runs() -> bool:
+    from grpo_kd.kernels.static_check import _cuobjdump
+
+    try:
+        return subprocess.run([_cuobjdump(), "--version"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+needs_toolchain = pytest.mark.skipif(not triton_available() or not _cuobjdump_runs(),
+                                     reason="the triton wheel's NVIDIA toolchain (ptxas, cuobjdump) does not run here")
+
+
+def test_launchers_and_static_check_share_one_plan():
+    """What the static check compiles is what stats_triton would launch: same candidates, same split."""
+    from grpo_kd.kernels._common import LinearOptions
+    from grpo_kd.kernels.stats import stats_call
+
+    meta = lambda *s, dt=torch.bfloat16: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
+    opts = LinearOptions(impl="triton")
+    for props in (launch.A100, launch.H100):
+        call, outs = stats_call(meta(4096, 4096), meta(128256, 4096), None, opts, True, False, props)
+        plan = launch.plan_launch("stats", 4096, 4096, 128256, torch.bfloat16, props)
+        assert call.launch == plan and outs[0].shape == (plan.splits, 4096)
+        assert all(plan.v_per_split % c.block_v == 0 for c in plan.configs)
+        assert plan.splits * plan.v_per_split >= 128256 > (plan.splits - 1) * plan.v_per_split
+
+
+def test_specialisation_matches_the_jit():
+    """16-divisible sizes and meta pointers get Triton's divisibility attribute (which enables pipelining);
+    1 becomes a constant; odd sizes get nothing."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    from grpo_kd.kernels.static_check import specialise
+    from grpo_kd.kernels.stats import _stats_fwd_kernel
+
+    backend = type(make_backend(GPUTarget("cuda", 90, 32)))
+    t = torch.empty(1, device="meta")
+    args = dict(h_ptr=t, w_ptr=t, b_ptr=t, m_ptr=t, s_ptr=t, t_ptr=t, sz_ptr=t, N=37, V=1, H=4096, stride_hn=4096,
+                stride_wv=4096, v_per_split=128, inv_temp=1.0, softcap=1.0)
+    sig, consts, attrs = specialise(_stats_fwd_kernel, args, {"M_INIT": -1e30}, backend)
+    names = _stats_fwd_kernel.arg_names
+    assert sig["h_ptr"] == "*fp32" and sig["N"] == "i32" and sig["inv_temp"] == "fp32"
+    assert sig["V"] == "constexpr" and consts["V"] == 1
+    assert (names.index("H"),) in attrs and (names.index("N"),) not in attrs
+
+
+def test_problems_flag_each_failure():
+    from grpo_kd.kernels.static_check import Job, problems
+
+    job = Job("stats", "full", 90, "bf16", 8192, 4096, 128256)
+    ok = dict(stack=0, local=0, smem=99328, smem_limit=232448, mma="wgmma", matmul=True, num_stages=4, buffers=4)
+    assert problems(ok, job) == []
+    assert "spills" in problems({**ok, "stack": 16}, job)[0]
+    assert "shared memory" in problems({**ok, "smem": 300000}, job)[0]
+    assert "without wgmma" in problems({**ok, "mma": "mma.sync"}, job)[0]
+    assert "not pipelined" in problems({**ok, "buffers": 1}, job)[0]
+    sm80 = Job("stats", "full", 80, "bf16", 8192, 4096, 128256)
+    assert problems({**ok, "mma": "mma.sync", "buffers": 3}, sm80) == []  # sm_80 keeps num_stages - 1 in flight
+
+
+def test_occupancy_from_registers_and_shared_memory():
+    from grpo_kd.kernels.static_check import occupancy
+
+    assert occupancy(128, 0, 8, 90) == 16  # 128 regs x 256 threads = 32k of 64k registers: 2 blocks
+    assert occupancy(255, 0, 4, 90) == 8  # 256 regs per thread: 2 blocks of 4 warps
+    assert occupancy(64, 120_000, 4, 90) == 4  # one 120 KB block per 228 KB SM
+
+
+@needs_toolchain
+@pytest.mark.slow
+def test_the_check_catches_a_spilling_launch(monkeypatch):
+    """A launch known to spill (the stats kernel at 128x64x64 with 4 warps on sm_80) fails the check, so the
+    passing subset below is not passing by construction."""
+    from grpo_kd.kernels.static_check import Job, compile_job
+
+    monkeypatch.setitem(launch.GPU_CONFIGS, ("stats", "half", 80), (launch.TileConfig(128, 64, 64, 4, 3),))
+    row = compile_job(Job("stats", "full", 80, "bf16", 8192, 4096, 128256))
+    assert not row.get("error") and row["stack"] > 0 and any("spills" in p for p in row["problems"])
+
+
+# A representative subset of the matrix: both architectures, the kernels at the tightest flag variant, bf16 and
+# fp32, the largest top-k, an unaligned odd shape. The rest: `grpo-kd bench kernels --static` (docs/kernels.md).
+CI_SUBSET = [
+    dict(kernels=("stats", "jsd_rest", "dense_grad"), archs=(90, 80), dtypes=("bf16",)),
+    dict(kernels=("stats", "dense_grad"), archs=(90,), dtypes=("fp32",)),
+    dict(kernels=("topk",), archs=(90, 80), dtypes=("bf16",), ks=(256,)),
+]
+
+
+@needs_toolchain
+@pytest.mark.slow
+@pytest.mark.parametrize("subset", range(len(CI_SUBSET)))
+def test_ci_subset_passes(subset):
+    from grpo_kd.kernels import static_check as sc
+
+    spec = {"ks": (64,), **CI_SUBSET[subset]}
+    entries = sc.expand(spec["kernels"], spec["archs"], spec["dtypes"], hidden=(4096,), vocab=(128256,),
+                        ks=spec["ks"], small=False, anchors=False)
+    entries = [(job, shapes) for job, shapes in entries if job.variant == "full"]
+    rows = sc.run_static(entries, workers=2)
+    assert rows and len(rows) == len(entries)
+    failed = sc.failures(rows)
+    assert not failed, sc.markdown(failed, "test")
+    for row in rows:
+        if row["dtype"] != "fp32":
+            assert row["mma"] == {80: "mma.sync", 90: "wgmma"}[row["arch"]]
+
+
+def test_static_cli_refuses_an_unknown_arch():
+    proc = subprocess.run([sys.executable, "-m", "grpo_kd.cli.app", "bench", "kernels", "--static", "--arch", "70"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "arch" in lines[0], proc.stderr
