@@ -89,7 +89,7 @@ def kernels(
     device: str = typer.Option("auto", "--device", help="auto (the GPU if there is one), cpu or cuda."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write JSON and markdown under OUT/<device>/."),
     static: bool = typer.Option(False, "--static", help="Compile for NVIDIA targets here instead (no GPU needed)."),
-    arch: list[int] = typer.Option([], "--arch", help="--static: 80, 90, 100 (repeatable; default all Triton can)."),
+    arch: list[int] = typer.Option([], "--arch", help="--static: 80, 90 or 100 (repeatable; default 80 and 90)."),
     dtype: list[str] = typer.Option([], "--dtype", help="--static: bf16, fp16, fp32 (repeatable; default all)."),
     hidden: list[int] = typer.Option([], "--hidden", help="--static: hidden sizes (repeatable)."),
     vocab: list[int] = typer.Option([], "--vocab", help="--static: vocabulary sizes (repeatable)."),

@@ -29,7 +29,8 @@ from grpo_kd.errors import GrpoKdError
 
 IMPLS = ("auto", "triton", "torch")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DEFAULT_CHUNK_BYTES = 32 * 2**20  # CPU: float32 logits of one row chunk (a few such temporaries live at once)
+DEFAULT_CHUNK_BYTES = 64 * 2**20  # CPU: float32 logits of one row chunk (two such buffers live at once); larger
+# chunks re-read the weight fewer times (benchmarks/results/<cpu>/kernels.md: peak within 1/8 of eager's)
 CUDA_CHUNK_BYTES = 2**30  # CUDA: big enough for ~2k rows at V=128k, so each chunk's GEMMs stay efficient
 
 

@@ -72,16 +72,12 @@ def _raw_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return x
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_v a[:, v] * b[:, v] without a [rows, V] temporary: (c,)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
-
-
 def stats_torch(hidden, weight, bias, opts: LinearOptions, need_entropy: bool, need_sum_z: bool, ids=None):
     """Chunked twin of `stats.stats_triton`: (lse, E_q[log q] | None, sum_z | None), each (N,) fp32, and, when
     `ids (N, k)` is given, the raw logits at the ids (N, k) fp32, read from the same chunk (no second gather).
 
-    Per chunk: one matmul, then in place on its [c, V] buffer: z - max, exp into one more buffer, two row sums."""
+    Per chunk: one matmul, then in place on its [c, V] buffer: z - max, exp into one more buffer, row sums (the
+    entropy's e * (z - max) overwrites z)."""
     N, V = hidden.shape[0], weight.shape[0]
     w = _matmul_weight(weight)
     lse = hidden.new_empty(N, dtype=torch.float32)
@@ -101,7 +97,7 @@ def stats_torch(hidden, weight, bias, opts: LinearOptions, need_entropy: bool, n
         s = e.sum(-1)  # (c,)
         lse[sl] = top[:, 0] + s.log()
         if eq is not None:
-            eq[sl] = _rowdot(e, z) / s - s.log()  # sum q (z - lse) = sum e (z - max) / s - log s
+            eq[sl] = z.mul_(e).sum(-1) / s - s.log()  # sum q (z - lse) = sum e (z - max) / s - log s
     return lse, eq, sz, x_ids
 
 

@@ -196,22 +196,34 @@ def problems(row: dict, job: Job) -> list[str]:
 
 
 def run_jobs(jobs: list[Job], workers: int = 1, save_dir: str | None = None, progress=None) -> list[dict]:
-    """Compile every job (in `workers` processes); rows come back in job order."""
-    if workers <= 1:
-        rows = []
-        for job in jobs:
-            rows.append(compile_job(job, save_dir))
-            if progress:
-                progress(rows[-1])
-        return rows
+    """Compile every job (in `workers` processes); rows come back in job order. Triton's on-disk cache points at
+    a fresh directory for the run (removed afterwards), so that every compile time is a real compile."""
+    import shutil
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(workers) as pool:
-        rows = []
-        for row in pool.map(compile_job, jobs, [save_dir] * len(jobs)):
+    old = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="grpo-kd-static-cache-")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the runtime default, stated (silences its warning)
+    rows = []
+    try:
+        if workers <= 1:
+            results = (compile_job(job, save_dir) for job in jobs)
+            pool = None
+        else:
+            pool = ProcessPoolExecutor(workers)
+            results = pool.map(compile_job, jobs, [save_dir] * len(jobs))
+        for row in results:
             rows.append(row)
             if progress:
                 progress(row)
+        if pool:
+            pool.shutdown()
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        if old is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = old
     return rows
 
 
@@ -222,16 +234,20 @@ HIDDEN = (2048, 4096, 8192)  # the models the project is for: 1B-70B students an
 VOCAB = (32000, 128256, 262208)  # Llama 2, Llama 3, Gemma 3
 TOPK = (1, 20, 64, 100, 256)  # every K_PAD the dispatcher uses (1, 32, 64, 128, 256), powers of two or not
 ROWS = 8192  # rows per launch (sizes are runtime arguments: only their divisibility by 16 changes the binary)
-SMALL = dict(rows=37, hidden=(36, 48), vocab=1031, k=5)  # odd small shapes; H=36 rows are not 16-byte aligned
+SMALL = dict(rows=37, hidden=(36, 48), vocab=1031, k=5)  # odd small shapes (bf16, fp32; the "full" flags);
+# H=36 rows are not 16-byte aligned: no pipelining there, and none is asked for
 ANCHOR_SHAPE = dict(rows=8192, hidden=4096, vocab=128256)
 
 
 def default_archs() -> tuple[int, ...]:
-    """sm_80 and sm_90, and sm_100 where the installed Triton ships a Blackwell ptxas."""
+    """sm_80 and sm_90 (A100, H100). sm_100 (`--arch 100`) needs the installed Triton's Blackwell ptxas."""
+    return (80, 90)
+
+
+def blackwell_available() -> bool:
     import triton
 
-    blackwell = (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell").exists()
-    return (80, 90, 100) if blackwell else (80, 90)
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell").exists()
 
 
 def _key(job: Job, call, cfg) -> str:
@@ -249,6 +265,10 @@ def expand(kernels=KERNELS, archs=None, dtypes=tuple(DTYPES), hidden=HIDDEN, voc
     """Every (kernel, variant, arch, dtype, shape) launch and candidate, deduplicated to distinct binaries:
     [(job to compile, shapes that launch exactly this binary)]."""
     archs = archs or default_archs()
+    if 100 in archs and not blackwell_available():
+        from grpo_kd.errors import GrpoKdError
+
+        raise GrpoKdError("sm_100 needs a Triton whose wheel ships ptxas-blackwell; use --arch 80 --arch 90")
     shapes = [(ROWS, h, v) for h in hidden for v in vocab]
     if small:
         shapes += [(SMALL["rows"], h, SMALL["vocab"]) for h in SMALL["hidden"]]
@@ -257,8 +277,11 @@ def expand(kernels=KERNELS, archs=None, dtypes=tuple(DTYPES), hidden=HIDDEN, voc
         for arch in archs:
             for dtype in dtypes:
                 for rows, h, v in shapes:
-                    for k in ((SMALL["k"],) if rows == SMALL["rows"] else ks) if kernel == "topk" else (0,):
-                        for variant in VARIANTS:
+                    odd = rows == SMALL["rows"]
+                    if odd and dtype == "fp16":  # bf16 and fp16 compile alike; the odd shapes take bf16 and fp32
+                        continue
+                    for k in ((SMALL["k"],) if odd else ks) if kernel == "topk" else (0,):
+                        for variant in ("full",) if odd else VARIANTS:
                             job = Job(kernel, variant, arch, dtype, rows, h, v, k)
                             call = build_call(job)
                             for i, cfg in enumerate(call.launch.configs):
@@ -321,4 +344,23 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
 def markdown(rows: list[dict], command: str) -> str:
     lines = [f"Command: `{command}`", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """One line per kernel x arch x dtype: the worst case over its variants, candidates and shapes."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if not r.get("skipped") and not r.get("error"):
+            groups.setdefault((r["kernel"], r["arch"], r["dtype"]), []).append(r)
+    head = ["kernel", "arch", "dtype", "binaries", "launches", "regs (max)", "spill B (max)", "smem KiB (max)",
+            "MMA", "warps/SM (min)", "compile s (max)", "failing"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (kernel, arch, dtype), rs in groups.items():
+        cells = [kernel, f"sm_{arch}", dtype, str(len(rs)), str(sum(len(r.get("shapes", [])) for r in rs)),
+                 str(max(r["regs"] for r in rs)), str(max(r["stack"] for r in rs)),
+                 f"{max(r['smem'] for r in rs) / 1024:.0f}", "/".join(sorted({r["mma"] for r in rs})),
+                 str(min(r["occupancy_warps"] for r in rs)), f"{max(r['compile_s'] for r in rs):.1f}",
+                 str(sum(bool(r["problems"]) for r in rs))]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -21,23 +21,28 @@ value is recovered bit-exactly. -0.0 is folded to +0.0 first so that the two zer
 
 Triton path (two stages):
   1. `_topk_fwd_kernel`, grid `(row blocks, vocab splits)`; the row-block index varies fastest so that the
-     programs running at the same time read the same weight tiles (L2 reuse). Each program owns BLOCK_M rows and
-     a contiguous run of vocabulary tiles of BLOCK_V ids; per tile it computes the logits with `tl.dot` over H
-     (float32 accumulation), applies the transform, updates an online log-sum-exp, picks up z[target] when the
-     target falls in the tile, and merges the tile into the running top-K_PAD (K_PAD = next power of two >= k):
+     programs running at the same time read the same weight tiles (L2 reuse). Each program owns BLOCK_N rows and
+     a contiguous run of vocabulary tiles of BLOCK_V ids; per tile it computes the logits (tiles.logits_tile,
+     tiles.transform_tile: the student's formula), updates an online log-sum-exp, picks up z[target] when the
+     target falls in the tile, and, when some row's tile maximum beats that row's current K-th value (rare once a
+     peaked LLM distribution has been seen for a while), stages the fp32 tile in a per-program scratch buffer and
+     merges it into the running top-K_PAD lists (K_PAD = next power of two >= k), SUB_N rows at a time:
          tile_top = bitonic_topk_ascending(tile_keys, K_PAD)   # bitonic top-k network over BLOCK_V keys
          running  = bitonic_merge_desc(max(running, tile_top)) # max of a descending and an ascending list is
                                                                # bitonic and holds the top K_PAD of their union
-     The merge is skipped for a whole tile when no row's tile maximum beats that row's current K-th key, which
-     is the common case once a peaked (LLM) distribution has been seen for a while.
-  2. host: the per-split lists `[N, S, K_PAD]` are merged by `torch.topk` over `S * K_PAD` int64 keys and the
-     per-split log-sum-exps by `torch.logsumexp` over S. S is chosen to fill the GPU when N is small.
+     The running lists live in the output buffer `[N, S, K_PAD]` (L2-resident while the program runs), the K-th
+     values in registers. Key design choice: the selection works on SUB_N-row slices rather than on the whole
+     BLOCK_N x BLOCK_V MMA tile, so the int64 keys never take a whole tile's registers (the earlier all-register
+     design spilled at every GPU launch; see the static check in docs/kernels.md), while the MMA keeps the 64
+     rows that sm_90's wgmma needs.
+  2. host: the per-split lists are merged by `torch.topk` over `S * K_PAD` int64 keys and the per-split
+     log-sum-exps by `torch.logsumexp` over S. S is chosen to fill the GPU when N is small.
 Cost per logit, beyond the 2H flops of the matmul: about log2(K_PAD) * (log2(K_PAD) + 1) / 2 compare-and-swap
 steps on int64 to sort runs, log2(K_PAD) more per halving of BLOCK_V down to K_PAD, and log2(K_PAD) for the
-merge (about 35 at k=128 with BLOCK_V=128), only for tiles that are not skipped; memory is O(N * S * K_PAD)
-int64 for the split lists, never O(N * V). At a 27B teacher's H=5376, V=262144 the matmul is 2.8 GFLOP per
-token against roughly 54 GFLOP for the rest of the forward, so the whole kernel is a small share of the pass.
-The launch sizes are untuned (no GPU in the session that wrote this); see docs/kernels.md.
+merge (about 35 at k=128 with BLOCK_V=128), only for tiles that are merged, plus one fp32 tile written to and
+read from scratch; memory is O(N * S * K_PAD) int64 for the lists and one tile per program, never O(N * V).
+At a 27B teacher's H=5376, V=262144 the matmul is 2.8 GFLOP per token against roughly 54 GFLOP for the rest of
+the forward, so the whole kernel is a small share of the pass. Launch candidates: launch.plan_launch.
 
 Torch twin (CPU path and oracle): row chunks sized by a byte budget; per chunk the full `[rows, V]` logits
 in float32, `torch.logsumexp`, and `torch.topk`; rows with an exact tie at or inside their top k are redone

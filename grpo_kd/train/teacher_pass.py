@@ -348,9 +348,7 @@ class Scorer:
         """(batch index, ScoredRows, scored now?) per batch, in the batch order (longest rows first). A batch in
         `done` (kept from an interrupted run) is passed through without a forward pass when it holds exactly that
         batch's rows, and scored again otherwise."""
-        from grpo_kd.kernels import linear_logprobs
-
-        linear_topk = _linear_topk()
+        from grpo_kd.kernels import linear_logprobs, linear_topk
 
         group_ids = shard.table.column("group_id").to_numpy()
         student_C = shard.lengths()
@@ -389,14 +387,6 @@ class Scorer:
             yield n, ScoredRows(row=rows.astype(np.int64), group_id=group_ids[rows].astype(np.int64),
                                 num_tokens=student_C[rows].astype(np.int32), seq_logprob=seq, token=token,
                                 extra=extra), True
-
-
-def _linear_topk():
-    try:
-        from grpo_kd.kernels import linear_topk
-    except ImportError:  # the package namespace may not export it yet
-        from grpo_kd.kernels.topk import linear_topk
-    return linear_topk
 
 
 def _row_sums(values: np.ndarray, counts: np.ndarray) -> np.ndarray:

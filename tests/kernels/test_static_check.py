@@ -49,22 +49,23 @@ def test_launchers_and_static_check_share_one_plan():
 
 def test_specialisation_matches_the_jit():
     """16-divisible sizes and meta pointers get Triton's divisibility attribute (which enables pipelining);
-    1 becomes a constant; odd sizes get nothing."""
+    a size of 1 becomes a constant; odd sizes get nothing."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
 
+    from grpo_kd.kernels._common import LinearOptions
     from grpo_kd.kernels.static_check import specialise
-    from grpo_kd.kernels.stats import _stats_fwd_kernel
+    from grpo_kd.kernels.stats import stats_call
 
     backend = type(make_backend(GPUTarget("cuda", 90, 32)))
-    t = torch.empty(1, device="meta")
-    args = dict(h_ptr=t, w_ptr=t, b_ptr=t, m_ptr=t, s_ptr=t, t_ptr=t, sz_ptr=t, N=37, V=1, H=4096, stride_hn=4096,
-                stride_wv=4096, v_per_split=128, inv_temp=1.0, softcap=1.0)
-    sig, consts, attrs = specialise(_stats_fwd_kernel, args, {"M_INIT": -1e30}, backend)
-    names = _stats_fwd_kernel.arg_names
-    assert sig["h_ptr"] == "*fp32" and sig["N"] == "i32" and sig["inv_temp"] == "fp32"
-    assert sig["V"] == "constexpr" and consts["V"] == 1
-    assert (names.index("H"),) in attrs and (names.index("N"),) not in attrs
+    meta = lambda *s: torch.empty(*s, dtype=torch.bfloat16, device="meta")  # noqa: E731
+    call, _ = stats_call(meta(37, 4096), meta(1, 4096), None, LinearOptions(impl="triton"), True, False, launch.H100)
+    cfg = call.launch.configs[0]
+    sig, consts, attrs = specialise(call.fn, call.args, {**call.constexprs, **cfg.meta()}, backend)
+    names = call.fn.arg_names
+    assert sig["h_ptr"] == "*bf16" and sig["m_ptr"] == "*fp32" and sig["N"] == "i32" and sig["inv_temp"] == "fp32"
+    assert sig["V"] == "constexpr" and consts["V"] == 1 and consts["BLOCK_N"] == cfg.block_n
+    assert (names.index("H"),) in attrs and (names.index("h_ptr"),) in attrs and (names.index("N"),) not in attrs
 
 
 def test_problems_flag_each_failure():
