@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What a person with an NVIDIA GPU runs as is, from the repository root, in under 8 minutes:
+# What a person with an NVIDIA GPU runs as is, from the repository root; sized to finish in under 8 minutes
+# (not yet run on a GPU: no GPU was available to the session that wrote it):
 #   1. the kernel tests on CUDA (tests/kernels/test_cuda.py: the compiled, autotuned Triton kernels against the
 #      torch twin on the same CUDA tensors), with TRITON_INTERPRET=0;
 #   2. the kernel benchmark against eager PyTorch, torch.compile, Liger-Kernel and Cut Cross-Entropy at the

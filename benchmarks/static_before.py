@@ -78,7 +78,7 @@ def main() -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
-    from grpo_kd.kernels.static_check import RES_RE, _cuobjdump, _mma, occupancy, specialise
+    from grpo_kd.kernels.static_check import RES_RE, _cuobjdump, _mma, occupancy, root_error, specialise
 
     rows = []
     modules = _load(args.commit, Path(tempfile.mkdtemp(prefix="grpo-kd-before-")))
@@ -92,7 +92,7 @@ def main() -> int:
                 compiled = triton.compile(ASTSource(fn, sig, c, a), target=target,
                                           options=dict(num_warps=warps, num_stages=stages))
             except Exception as exc:  # a compile error is a finding
-                row["error"] = f"{type(exc).__name__}: " + " ".join(str(exc).split())[-160:]
+                row["error"] = root_error(exc)
                 rows.append(row)
                 print(row, flush=True)
                 continue

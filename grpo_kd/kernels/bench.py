@@ -363,6 +363,7 @@ def gpu_cases(quick: bool) -> list[Case]:
 def run_suite(quick: bool, device: str, progress=None) -> dict:
     """Run every case of `device` ("cpu" or "cuda"), each in its own process; returns the report dict."""
     cases = gpu_cases(quick) if device == "cuda" else cpu_cases(quick)
+    load_before = _load_average()
     rows = []
     for case in cases:
         if progress:
@@ -380,8 +381,18 @@ def run_suite(quick: bool, device: str, progress=None) -> dict:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "memory_method": MEMORY_NOTE,
+        "load_before": load_before,
+        "load_after": _load_average(),
         "rows": rows,
     }
+
+
+def _load_average() -> str:
+    """The 1/5/15-minute load averages (the machine may be shared: times are only comparable within a run)."""
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def resolve_device(device: str) -> str:

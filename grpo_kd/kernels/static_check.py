@@ -106,6 +106,14 @@ def specialise(fn, args: dict, constexprs: dict, backend_cls) -> tuple[dict, dic
     return signature, constants, attrs
 
 
+def root_error(exc: BaseException) -> str:
+    """The innermost cause of a (nested) Triton compilation error, on one line."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
+
+
 def _cuobjdump() -> str:
     import triton
 
@@ -148,7 +156,7 @@ def compile_job(job: Job, save_dir: str | None = None) -> dict:
                                 options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
         row["compile_s"] = round(time.perf_counter() - start, 2)
     except Exception as exc:  # a compile error is a finding, reported in the row
-        row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"
+        row["error"] = root_error(exc)
         return row
     name = f"{job.kernel}-{job.variant}-sm{job.arch}-{job.dtype}-h{job.hidden}-k{job.k}-{cfg.label().replace(' ', '_')}"
     folder = save_dir or tempfile.mkdtemp(prefix="grpo-kd-cubin-")

@@ -350,7 +350,7 @@ def _topk_torch(hidden, weight, k, bias, targets, temperature, softcap, chunk_by
         x = mm_f32(hidden[rows], weight_t)  # (rows, V) float32
         if bias is not None:
             x += bias.float()
-        z = transform_logits(x, temperature, softcap)  # (rows, V)
+        z = transform_logits(x, temperature, softcap, inplace=True)  # (rows, V), in x's buffer
         lse[rows] = torch.logsumexp(z, dim=1)
         if targets is not None:
             t = targets[rows]
