@@ -4,7 +4,7 @@ at that commit's GPU launches (bf16, N=8192, H=4096, V=128256, soft cap, bias, t
 stats/jsd_rest/dense_grad at block_sizes() = 64x128x64 with Triton's default 4 warps and 3 stages, top-k at
 default_launch() = BLOCK_M 64 (k <= 64) or 32, BLOCK_V max(128, K_PAD), 8 warps, 3 stages.
 
-    python benchmarks/static_before.py [--commit df9a665] [--out benchmarks/results/static/before.json]
+    python benchmarks/static_before.py [--commit df9a665] [--k 20 --k 64 ...] [--out FILE]
 """
 
 import argparse
@@ -34,7 +34,7 @@ def _load(commit: str, folder: Path):
     return before_stats, before_dense_grad, before_topk
 
 
-def _cases(stats, dense_grad, topk):
+def _cases(stats, dense_grad, topk, ks):
     import torch
 
     m = lambda *s, dt=torch.bfloat16: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
@@ -52,7 +52,7 @@ def _cases(stats, dense_grad, topk):
     yield ("dense_grad", 0, "64x128x64 w4 s3", dense_grad._dense_grad_kernel,
            dict(common, lse_ptr=f32(N), a_ptr=f32(N), bc_ptr=f32(N), d_ptr=f32(N), c_ptr=f32(N), pr_ptr=f32(N),
                 dx_ptr=m(N, V), stride_dn=V, beta=0.5), dict(flags, HAS_B=True, HAS_D=True, HAS_JSD=True), 4, 3)
-    for k in (20, 64, 128, 256):
+    for k in ks:
         k_pad = 1 << (k - 1).bit_length()
         block_m, block_v = (64 if k_pad <= 64 else 32), max(128, k_pad)
         yield ("topk", k, f"{block_m}x{block_v}x64 w8 s3", topk._topk_fwd_kernel,
@@ -68,6 +68,7 @@ def _cases(stats, dense_grad, topk):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--commit", default="df9a665")
+    parser.add_argument("--k", type=int, action="append", help="top-k sizes (default 20, 64, 128, 256)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     import os
@@ -84,7 +85,7 @@ def main() -> int:
     modules = _load(args.commit, Path(tempfile.mkdtemp(prefix="grpo-kd-before-")))
     for arch in (80, 90):
         target = GPUTarget("cuda", arch, 32)
-        for kernel, k, label, fn, call_args, consts, warps, stages in _cases(*modules):
+        for kernel, k, label, fn, call_args, consts, warps, stages in _cases(*modules, args.k or (20, 64, 128, 256)):
             row = dict(kernel=kernel, k=k, arch=arch, dtype="bf16", config_label=label)
             sig, c, a = specialise(fn, call_args, consts, type(make_backend(target)))
             start = time.perf_counter()
