@@ -82,6 +82,7 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 2
     sub_n: int = 0  # topk only
+    maxnreg: int | None = None  # register budget given to ptxas (None: its own occupancy heuristic)
 
     def meta(self) -> dict:
         out = dict(BLOCK_N=self.block_n, BLOCK_V=self.block_v, BLOCK_H=self.block_h)
@@ -91,7 +92,15 @@ class TileConfig:
 
     def label(self) -> str:
         sub = f" sub{self.sub_n}" if self.sub_n else ""
-        return f"{self.block_n}x{self.block_v}x{self.block_h} w{self.num_warps} s{self.num_stages}{sub}"
+        regs = f" r{self.maxnreg}" if self.maxnreg else ""
+        return f"{self.block_n}x{self.block_v}x{self.block_h} w{self.num_warps} s{self.num_stages}{sub}{regs}"
+
+    def options(self) -> dict:
+        """Compile options: warps, stages and (when set) the register budget."""
+        out = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.maxnreg:
+            out["maxnreg"] = self.maxnreg
+        return out
 
 
 @dataclass(frozen=True)
@@ -137,8 +146,9 @@ def _topk_configs(k_pad: int, dtype_class: str, props: DeviceProps) -> tuple[Til
     block_v = max(128, k_pad)
     sub_n = 32 if k_pad <= 64 else 16
     if dtype_class == "half":
-        if k_pad == 256 and props.arch < 90:
-            return (_T(64, 256, 64, 8, 3, 8),)
+        if props.arch < 90:  # sm_80: left to itself ptxas caps these at 128 registers and spills; one 8-warp
+            # block per SM at up to 255 registers does not (static check), and is what the kernel gets anyway
+            return (_T(64, block_v, 64, 8, 3, 8 if k_pad == 256 else sub_n, maxnreg=255),)
         return (_T(64, block_v, 64, 8, 3, sub_n), _T(64, block_v, 32, 8, 4, sub_n))
     if k_pad == 256:
         return (_T(32, 256, 16, 8, 4, 8),) if props.arch >= 90 else (_T(32, 256, 16, 8, 4, 4),)
@@ -197,12 +207,13 @@ def run(fn, launch: Launch, grid, args: dict, constexprs: dict, interpreter: boo
     interpreter): a plain launch. Several: `triton.autotune` over them, keyed on the sizes and the flags."""
     if len(launch.configs) == 1 or interpreter:
         cfg = launch.configs[0]
-        fn[grid(cfg)](**args, **constexprs, **cfg.meta(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        options = cfg.options() if not interpreter else {}
+        fn[grid(cfg)](**args, **constexprs, **cfg.meta(), **options)
         return
     key = (fn, launch.configs)
     tuner = _TUNERS.get(key)
     if tuner is None:
-        configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages) for c in launch.configs]
+        configs = [triton.Config(c.meta(), **c.options()) for c in launch.configs]
         tuner = triton.autotune(configs=configs, key=["H", "V", *sorted(constexprs)])(fn)
         _TUNERS[key] = tuner
     by_meta = {tuple(sorted(c.meta().items())): c for c in launch.configs}

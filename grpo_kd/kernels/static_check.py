@@ -152,8 +152,9 @@ def compile_job(job: Job, save_dir: str | None = None) -> dict:
         sig, consts, attrs = specialise(call.fn, call.args, {**call.constexprs, **cfg.meta()},
                                         type(make_backend(target)))
         start = time.perf_counter()
-        kernel = triton.compile(ASTSource(call.fn, sig, consts, attrs), target=target,
-                                options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        options = cfg.options() if hasattr(cfg, "options") else dict(num_warps=cfg.num_warps,
+                                                                      num_stages=cfg.num_stages)
+        kernel = triton.compile(ASTSource(call.fn, sig, consts, attrs), target=target, options=options)
         row["compile_s"] = round(time.perf_counter() - start, 2)
     except Exception as exc:  # a compile error is a finding, reported in the row
         row["error"] = root_error(exc)
