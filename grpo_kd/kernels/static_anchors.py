@@ -111,7 +111,7 @@ def anchor_call(job) -> AnchorCall:
         args = dict(X_ptr=_meta(B, V, dtype=dt), X_stride=V, Y_ptr=_meta(B, dtype=torch.int64), Y_stride=1,
                     weight_ptr=None, loss_ptr=n, z_loss_ptr=None, loss_stride=1, token_accuracy_ptr=None,
                     token_accuracy_stride=0, predicted_tokens_ptr=None, predicted_tokens_stride=0, n_cols=V,
-                    n_non_ignore=_meta(1), sum_non_ignore_weight=float(B), weight_sum=0.0, ignore_index=-100,
+                    n_non_ignore=B, sum_non_ignore_weight=B, weight_sum=0.0, ignore_index=-100,
                     softcap=None)
         flags = dict(lse_square_scale=0.0, label_smoothing=0.0, reduction="mean", RETURN_Z_LOSS=False,
                      RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False, HAS_WEIGHT=False,
