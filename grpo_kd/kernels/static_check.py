@@ -48,6 +48,7 @@ class Job:
     vocab: int
     k: int = 0  # topk only
     config: int = 0  # index into the launch's candidates
+    tile: tuple = ()  # TileConfig fields to compile instead of the candidate (what-if runs and tests)
 
 
 def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
@@ -147,7 +148,7 @@ def compile_job(job: Job, save_dir: str | None = None) -> dict:
     row = asdict(job)
     try:
         call = build_call(job)
-        cfg: TileConfig = call.launch.configs[job.config]  # or an anchor's AnchorConfig
+        cfg: TileConfig = TileConfig(*job.tile) if job.tile else call.launch.configs[job.config]  # or an anchor's
         target = GPUTarget("cuda", job.arch, 32)
         sig, consts, attrs = specialise(call.fn, call.args, {**call.constexprs, **cfg.meta()},
                                         type(make_backend(target)))
@@ -205,34 +206,33 @@ def problems(row: dict, job: Job) -> list[str]:
 
 
 def run_jobs(jobs: list[Job], workers: int = 1, save_dir: str | None = None, progress=None) -> list[dict]:
-    """Compile every job (in `workers` processes); rows come back in job order. Triton's on-disk cache points at
-    a fresh directory for the run (removed afterwards), so that every compile time is a real compile."""
+    """Compile every job in `workers` fresh (spawned) processes; rows come back in job order.
+
+    Fresh processes because under TRITON_INTERPRET=1 (the test suite) `@triton.jit` yields interpreter objects
+    that cannot be compiled: the workers start with TRITON_INTERPRET=0. Triton's on-disk cache points at a fresh
+    directory for the run (removed afterwards), so that every compile time is a real compile."""
+    import multiprocessing
     import shutil
     from concurrent.futures import ProcessPoolExecutor
 
-    old = os.environ.get("TRITON_CACHE_DIR")
+    saved = {name: os.environ.get(name) for name in ("TRITON_CACHE_DIR", "TRITON_INTERPRET")}
     os.environ["TRITON_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="grpo-kd-static-cache-")
+    os.environ["TRITON_INTERPRET"] = "0"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the runtime default, stated (silences its warning)
     rows = []
     try:
-        if workers <= 1:
-            results = (compile_job(job, save_dir) for job in jobs)
-            pool = None
-        else:
-            pool = ProcessPoolExecutor(workers)
-            results = pool.map(compile_job, jobs, [save_dir] * len(jobs))
-        for row in results:
-            rows.append(row)
-            if progress:
-                progress(row)
-        if pool:
-            pool.shutdown()
+        with ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("spawn")) as pool:
+            for row in pool.map(compile_job, jobs, [save_dir] * len(jobs)):
+                rows.append(row)
+                if progress:
+                    progress(row)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-        if old is None:
-            os.environ.pop("TRITON_CACHE_DIR", None)
-        else:
-            os.environ["TRITON_CACHE_DIR"] = old
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return rows
 
 
