@@ -114,37 +114,53 @@ class Launch:
 
 # (kernel, dtype class, architecture family) -> candidates. "half" = bf16/fp16 (tensor cores), "fp32" = exact fp32
 # products (FMA; TF32 when torch allows it). sm_100 uses the sm_90 lists. Every entry passes the static check
-# (docs/kernels.md has the table); entries that spilled there (e.g. 128x128x64 with 8 warps for dense_grad and
-# jsd_rest on sm_90, 64x128x64 with 4 warps for jsd_rest on sm_80) were dropped.
+# (docs/kernels.md has the table). The kernels with the longest epilogues (jsd_rest's mixture logarithm,
+# dense_grad's gradient) keep at most 32 fp32 tile elements per thread on sm_90 (64 x 128 over 8 warps, not 4):
+# at 64 per thread ptxas spilled at 255 registers. fp32 FMA products hold BLOCK_H operand columns per thread, so
+# the fp32 stats tiles take BLOCK_H = 16 (at 32, the lse-only variant spilled 8-16 bytes of loop-invariant
+# values across the vocabulary loop with every register budget).
 _T = TileConfig
-_FP32_STATS = (_T(64, 128, 32, 8, 3), _T(128, 64, 32, 8, 3), _T(32, 64, 32, 4, 3))
 GPU_CONFIGS: dict[tuple[str, str, int], tuple[TileConfig, ...]] = {
     ("stats", "half", 90): (_T(64, 128, 64, 4, 4), _T(128, 128, 32, 8, 4), _T(128, 64, 64, 8, 3)),
     ("stats", "half", 80): (_T(64, 128, 64, 4, 3), _T(128, 128, 32, 8, 4), _T(64, 64, 64, 4, 4)),
-    ("stats", "fp32", 90): _FP32_STATS,
-    ("stats", "fp32", 80): _FP32_STATS,
-    ("jsd_rest", "half", 90): (_T(64, 128, 64, 4, 4), _T(128, 64, 64, 8, 3), _T(64, 256, 64, 8, 3)),
+    ("stats", "fp32", 90): (_T(64, 128, 16, 8, 4), _T(128, 64, 16, 8, 4), _T(32, 64, 16, 4, 4)),
+    ("stats", "fp32", 80): (_T(64, 128, 16, 8, 4), _T(128, 64, 16, 8, 4), _T(32, 64, 16, 4, 4)),
+    ("jsd_rest", "half", 90): (_T(64, 128, 64, 8, 4), _T(128, 64, 64, 8, 3), _T(64, 64, 64, 4, 4)),
     ("jsd_rest", "half", 80): (_T(64, 64, 64, 4, 4), _T(128, 64, 64, 8, 3)),
     ("jsd_rest", "fp32", 90): (_T(128, 64, 32, 8, 3), _T(32, 64, 32, 4, 3), _T(64, 64, 16, 4, 4)),
     ("jsd_rest", "fp32", 80): (_T(128, 64, 32, 8, 3), _T(32, 64, 32, 4, 3), _T(64, 64, 16, 4, 4)),
-    ("dense_grad", "half", 90): (_T(64, 128, 64, 4, 4), _T(128, 64, 64, 8, 3), _T(64, 256, 64, 8, 3)),
+    ("dense_grad", "half", 90): (_T(64, 128, 64, 8, 4), _T(128, 64, 64, 8, 3), _T(64, 64, 64, 4, 4)),
     ("dense_grad", "half", 80): (_T(64, 128, 64, 4, 3), _T(128, 128, 32, 8, 4), _T(128, 64, 64, 8, 3)),
     ("dense_grad", "fp32", 90): (_T(64, 64, 32, 4, 3), _T(128, 64, 32, 8, 3), _T(32, 128, 32, 4, 3)),
     ("dense_grad", "fp32", 80): (_T(64, 64, 32, 4, 3), _T(128, 64, 32, 8, 3), _T(32, 128, 32, 4, 3)),
 }
+# Rows that are not 16-element aligned (hidden % 16 != 0, e.g. the odd test shape H = 36): Triton cannot prove
+# 16-byte alignment, so no load becomes an asynchronous copy and there is nothing to pipeline; every element is
+# loaded through registers. One small candidate, one stage (the model-shape tiles spilled up to 1,304 bytes here).
+# 64 rows: sm_90's wgmma needs 64 per warp group.
+UNALIGNED_CONFIGS = {"half": _T(64, 64, 16, 4, 1), "fp32": _T(32, 64, 16, 4, 1)}
 INTERPRETER_CONFIGS = {"stats": _T(16, 128, 32), "jsd_rest": _T(16, 128, 32), "dense_grad": _T(16, 128, 32)}
+
+
+def aligned(hidden: int) -> bool:
+    """Whether rows of `hidden` elements are 16-element aligned, so that Triton's JIT marks the row stride
+    divisible by 16 and the loads can be pipelined (it specialises integer arguments on divisibility by 16)."""
+    return hidden % 16 == 0
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _topk_configs(k_pad: int, dtype_class: str, props: DeviceProps) -> tuple[TileConfig, ...]:
+def _topk_configs(k_pad: int, dtype_class: str, props: DeviceProps, hidden: int) -> tuple[TileConfig, ...]:
     """Top-k: the MMA tile is BLOCK_N x BLOCK_V (BLOCK_V >= K_PAD, 64 rows for wgmma); the selection runs on
     SUB_N-row slices of it staged through a scratch buffer, so the int64 keys ([SUB_N, BLOCK_V] and the running
     [SUB_N, K_PAD]) never fill a whole MMA tile's registers. SUB_N shrinks as K_PAD grows."""
     block_v = max(128, k_pad)
     sub_n = 32 if k_pad <= 64 else 16
+    if not aligned(hidden):  # no asynchronous copies possible: one stage, narrow hidden slices (64 rows for
+        # wgmma with half inputs; 32 for fp32, whose 64-row tile spilled 16 bytes on sm_80)
+        return (_T(64 if dtype_class == "half" else 32, block_v, 16, 8, 1, 8 if k_pad == 256 else sub_n),)
     if dtype_class == "half":
         if props.arch < 90:  # sm_80: left to itself ptxas caps these at 128 registers and spills; one 8-warp
             # block per SM at up to 255 registers does not (static check), and is what the kernel gets anyway
@@ -166,9 +182,11 @@ def plan_launch(kernel: str, n_rows: int, hidden: int, vocab: int, dtype: torch.
         configs = (launch,)
     elif kernel == "topk":
         configs = _topk_interpreter(n_rows, k) if props.interpreter else _topk_configs(
-            _next_pow2(k), "fp32" if dtype == torch.float32 else "half", props)
+            _next_pow2(k), "fp32" if dtype == torch.float32 else "half", props, hidden)
     elif props.interpreter:
         configs = (INTERPRETER_CONFIGS[kernel],)
+    elif not aligned(hidden):
+        configs = (UNALIGNED_CONFIGS["fp32" if dtype == torch.float32 else "half"],)
     else:
         family = 80 if props.arch < 90 else 90
         configs = GPU_CONFIGS[(kernel, "fp32" if dtype == torch.float32 else "half", family)]

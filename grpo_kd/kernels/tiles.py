@@ -65,24 +65,29 @@ def logits_tile(
     DOT_PREC: tl.constexpr,  # "ieee" for exact fp32, "tf32" when torch allows it (ignored for half inputs)
     UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (the interpreter cannot multiply half tiles)
 ):
-    """Raw logits x (BLOCK_N, BLOCK_V) in fp32: h[rows] @ W[cols].T (+ b[cols]); 0 outside [0, N) x [0, V)."""
-    row_ok = rows < N
-    col_ok = cols < V
-    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hn  # (BN, 1) row starts; int64: N * H may pass 2**31
-    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wv  # (BV, 1)
+    """Raw logits x (BLOCK_N, BLOCK_V) in fp32: h[rows] @ W[cols].T (+ b[cols]). Rows past N and columns past V
+    hold the logits of row N - 1 / column V - 1 (finite, never meaningful): every caller masks them out.
+
+    Padding rows and columns read the last valid row instead of being masked, so the only load mask is the one
+    along H: the loads, their asynchronous copies and their registers do not depend on N or V, and the binary
+    that the static check compiles at the model shapes is the one any N and V run (a row or column mask that
+    the compiler could fold only when N or V is a multiple of 16 made ptxas spill at other sizes)."""
+    h_rows = h_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_hn  # (BN, 1); int64: N * H > 2**31
+    w_cols = tl.minimum(cols, V - 1)  # (BV,)
+    w_rows = w_ptr + w_cols.to(tl.int64)[:, None] * stride_wv  # (BV, 1)
     offs_h = tl.arange(0, BLOCK_H)
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         hs = h0 + offs_h
         h_ok = (hs < H)[None, :]
-        h_tile = tl.load(h_rows + hs[None, :], mask=row_ok[:, None] & h_ok, other=0.0)  # (BN, BH)
-        w_tile = tl.load(w_rows + hs[None, :], mask=col_ok[:, None] & h_ok, other=0.0)  # (BV, BH)
+        h_tile = tl.load(h_rows + hs[None, :], mask=h_ok, other=0.0)  # (BN, BH)
+        w_tile = tl.load(w_rows + hs[None, :], mask=h_ok, other=0.0)  # (BV, BH)
         if UPCAST:
             h_tile = h_tile.to(tl.float32)
             w_tile = w_tile.to(tl.float32)
         acc = tl.dot(h_tile, tl.trans(w_tile), acc, input_precision=DOT_PREC)  # x += h @ W.T
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + w_cols).to(tl.float32)[None, :]
     return acc
 
 

@@ -1,7 +1,8 @@
 """The static GPU check: every Triton kernel compiled for sm_80 / sm_90 here (no GPU), at the launches the
 dispatcher picks, must not spill, must fit shared memory, must keep its software pipeline and must use the tensor
-cores for half inputs. The full matrix is `grpo-kd bench kernels --static` (docs/kernels.md); CI compiles a
-representative subset (`test_ci_subset_passes`, slow) and checks that the check itself can fail.
+cores for half inputs. The full matrix is `grpo-kd bench kernels --static` (docs/kernels.md); CI compiles
+representative subsets (`test_ci_subset_passes`, slow: model shapes, fp32 lse-only stats, the odd small shapes)
+and checks that the check itself can fail.
 """
 
 import os
@@ -93,34 +94,47 @@ def test_occupancy_from_registers_and_shared_memory():
 @needs_toolchain
 @pytest.mark.slow
 def test_the_check_catches_a_spilling_launch():
-    """A launch known to spill (the stats kernel at 128x64x64 with 4 warps on sm_80) fails the check, so the
-    passing subset below is not passing by construction."""
+    """A launch known to spill (dense_grad with every term at 128x128x64, 8 warps, on sm_90: 64 fp32 tile elements
+    per thread through a long epilogue) fails the check, so the passing subsets below are not passing by
+    construction."""
     from grpo_kd.kernels.static_check import Job, run_jobs
 
-    (row,) = run_jobs([Job("stats", "full", 80, "bf16", 8192, 4096, 128256, tile=(128, 64, 64, 4, 3))])
+    (row,) = run_jobs([Job("dense_grad", "full", 90, "bf16", 8192, 4096, 128256, tile=(128, 128, 64, 8, 3))])
     assert not row.get("error"), row.get("error")
     assert row["stack"] > 0 and any("spills" in p for p in row["problems"])
 
 
-# A representative subset of the matrix: both architectures, the kernels at the tightest flag variant, bf16 and
-# fp32, the largest top-k, an unaligned odd shape. The rest: `grpo-kd bench kernels --static` (docs/kernels.md).
-CI_SUBSET = [
-    dict(kernels=("stats", "jsd_rest", "dense_grad"), archs=(90, 80), dtypes=("bf16",)),
-    dict(kernels=("stats", "dense_grad"), archs=(90,), dtypes=("fp32",)),
-    dict(kernels=("topk",), archs=(90, 80), dtypes=("bf16",), ks=(256,)),
-]
+# Representative subsets of the matrix: both architectures; the model shape (H = 4096, V = 128256) with every
+# flag on in bf16, the largest top-k, fp32 with every flag and fp32 lse-only stats (the variant that spilled
+# 8-16 bytes at BLOCK_H = 32); the odd small shapes (N = 37, V = 1031, H = 48 aligned and H = 36 unaligned, which
+# takes the one-stage launch class), where the model tiles spilled up to 1,304 bytes. The rest:
+# `grpo-kd bench kernels --static` (docs/kernels.md).
+MODEL = dict(hidden=(4096,), vocab=(128256,), small=False)
+ODD = dict(hidden=(), vocab=(), small=True)
+CI_SUBSET = {
+    "model-bf16": dict(kernels=("stats", "jsd_rest", "dense_grad"), archs=(90, 80), dtypes=("bf16",),
+                       variants=("full",), **MODEL),
+    "model-fp32": dict(kernels=("stats", "dense_grad"), archs=(90,), dtypes=("fp32",), variants=("full",), **MODEL),
+    "model-fp32-lse-only": dict(kernels=("stats",), archs=(90, 80), dtypes=("fp32",), variants=("plain",), **MODEL),
+    "model-topk": dict(kernels=("topk",), archs=(90, 80), dtypes=("bf16",), ks=(256,), variants=("full",), **MODEL),
+    "odd-bf16": dict(kernels=("stats", "jsd_rest", "dense_grad", "topk"), archs=(90, 80), dtypes=("bf16",), **ODD),
+    "odd-fp32": dict(kernels=("stats", "topk"), archs=(80,), dtypes=("fp32",), **ODD),
+}
 
 
 @needs_toolchain
 @pytest.mark.slow
-@pytest.mark.parametrize("subset", range(len(CI_SUBSET)))
+@pytest.mark.parametrize("subset", sorted(CI_SUBSET))
 def test_ci_subset_passes(subset):
     from grpo_kd.kernels import static_check as sc
 
-    spec = {"ks": (64,), **CI_SUBSET[subset]}
-    entries = sc.expand(spec["kernels"], spec["archs"], spec["dtypes"], hidden=(4096,), vocab=(128256,),
-                        ks=spec["ks"], small=False, anchors=False)
-    entries = [(job, shapes) for job, shapes in entries if job.variant == "full"]
+    spec = {"ks": (64,), "variants": sc.VARIANTS, **CI_SUBSET[subset]}
+    entries = sc.expand(spec["kernels"], spec["archs"], spec["dtypes"], hidden=spec["hidden"], vocab=spec["vocab"],
+                        ks=spec["ks"], small=spec["small"], anchors=False)
+    entries = [(job, shapes) for job, shapes in entries if job.variant in spec["variants"]]
+    if spec["small"]:  # the odd shapes only (expand adds them beside the model shapes asked for, here none)
+        assert all(job.rows == sc.SMALL["rows"] for job, _ in entries)
+        assert {job.hidden for job, _ in entries} == set(sc.SMALL["hidden"])
     rows = sc.run_static(entries, workers=2)
     assert rows and len(rows) == len(entries)
     failed = sc.failures(rows)
