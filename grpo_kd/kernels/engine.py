@@ -34,7 +34,15 @@ from typing import NamedTuple
 
 import torch
 
-from grpo_kd.kernels._common import LinearOptions, mm_f32, row_chunks, transform_grad, transform_logits, xlogx
+from grpo_kd.kernels._common import (
+    LinearOptions,
+    chunk_buffers,
+    mm_f32,
+    row_chunks,
+    transform_grad,
+    transform_logits,
+    xlogx,
+)
 
 
 class RowStats(NamedTuple):
@@ -65,8 +73,8 @@ def _matmul_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight if weight.is_cuda or weight.dtype == torch.float32 else weight.float()
 
 
-def _raw_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    x = mm_f32(h, weight.t())  # (c, V)
+def _raw_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out=None) -> torch.Tensor:
+    x = mm_f32(h, weight.t(), out=out)  # (c, V), in `out` when given
     if bias is not None:
         x += bias.float()
     return x
@@ -76,16 +84,17 @@ def stats_torch(hidden, weight, bias, opts: LinearOptions, need_entropy: bool, n
     """Chunked twin of `stats.stats_triton`: (lse, E_q[log q] | None, sum_z | None), each (N,) fp32, and, when
     `ids (N, k)` is given, the raw logits at the ids (N, k) fp32, read from the same chunk (no second gather).
 
-    Per chunk: one matmul, then in place on its [c, V] buffer: z - max, exp into one more buffer, row sums (the
-    entropy's e * (z - max) overwrites z)."""
+    Per chunk: one matmul into a reused [c, V] buffer, then in place: z - max, exp, row sums. Only the entropy
+    needs a second buffer (e = exp(z - max) beside z - max; e * (z - max) then overwrites z)."""
     N, V = hidden.shape[0], weight.shape[0]
     w = _matmul_weight(weight)
     lse = hidden.new_empty(N, dtype=torch.float32)
     eq = hidden.new_empty(N, dtype=torch.float32) if need_entropy else None
     sz = hidden.new_empty(N, dtype=torch.float32) if need_sum_z else None
     x_ids = hidden.new_empty(N, ids.shape[1], dtype=torch.float32) if ids is not None else None
+    bufs = chunk_buffers(N, V, 2 if need_entropy else 1, hidden.device, opts.chunk_bytes)
     for sl in row_chunks(N, V, opts.chunk_bytes):
-        x = _raw_logits(hidden[sl], w, bias)  # (c, V)
+        x = _raw_logits(hidden[sl], w, bias, out=bufs[0][: sl.stop - sl.start])  # (c, V)
         if x_ids is not None:
             x_ids[sl] = x.gather(1, ids[sl])
         z = transform_logits(x, opts.temperature, opts.softcap, inplace=True)  # (c, V)
@@ -93,11 +102,13 @@ def stats_torch(hidden, weight, bias, opts: LinearOptions, need_entropy: bool, n
             sz[sl] = z.sum(-1)
         top = z.amax(-1, keepdim=True)  # (c, 1)
         z -= top  # z - max, in place
-        e = torch.exp(z)  # (c, V)
-        s = e.sum(-1)  # (c,)
-        lse[sl] = top[:, 0] + s.log()
-        if eq is not None:
+        if eq is None:
+            s = z.exp_().sum(-1)  # (c,)
+        else:
+            e = torch.exp(z, out=bufs[1][: sl.stop - sl.start])  # (c, V)
+            s = e.sum(-1)
             eq[sl] = z.mul_(e).sum(-1) / s - s.log()  # sum q (z - lse) = sum e (z - max) / s - log s
+        lse[sl] = top[:, 0] + s.log()
     return lse, eq, sz, x_ids
 
 
@@ -107,8 +118,10 @@ def jsd_rest_torch(hidden, weight, bias, opts: LinearOptions, lse, p_rest, beta:
     w = _matmul_weight(weight)
     r = hidden.new_empty(N, dtype=torch.float32)
     rq = torch.empty_like(r)
+    (buf,) = chunk_buffers(N, V, 1, hidden.device, opts.chunk_bytes)
     for sl in row_chunks(N, V, opts.chunk_bytes):
-        logq = transform_logits(_raw_logits(hidden[sl], w, bias), opts.temperature, opts.softcap, inplace=True)
+        x = _raw_logits(hidden[sl], w, bias, out=buf[: sl.stop - sl.start])  # (c, V)
+        logq = transform_logits(x, opts.temperature, opts.softcap, inplace=True)
         logq -= lse[sl, None]  # (c, V)
         q = logq.exp()
         mix = beta * p_rest[sl, None] + (1.0 - beta) * q  # (c, V)
@@ -118,29 +131,34 @@ def jsd_rest_torch(hidden, weight, bias, opts: LinearOptions, lse, p_rest, beta:
     return r, rq
 
 
-def dx_torch(hidden, weight, bias, opts: LinearOptions, lse, a, b, d, c, p_rest, beta: float) -> torch.Tensor:
+def dx_torch(hidden, weight, bias, opts: LinearOptions, lse, a, b, d, c, p_rest, beta: float,
+             work: list | None = None) -> torch.Tensor:
     """Twin of `dense_grad.dx_triton` for one row chunk: dx (c, V) in hidden's dtype.
 
-    g = q (a + b log q) + d + c q (log q - log m), then dx = g dz/dx, built in place on two [c, V] buffers."""
-    x = _raw_logits(hidden, weight, bias)  # (c, V)
+    g = q (a + b log q) + d + c q (log q - log m), then dx = g dz/dx, built in place in `work` (two fp32 [c, V]
+    buffers, reused across chunks; fresh ones when None); with only `a` (log-prob and GRPO losses, the bucket
+    KL) q overwrites log q and one buffer does."""
+    x_out, q_out = (list(work or []) + [None, None])[:2]
+    x = _raw_logits(hidden, weight, bias, out=x_out)  # (c, V)
     dzdx = transform_grad(x, opts.temperature, opts.softcap)  # before x is overwritten
     logq = transform_logits(x, opts.temperature, opts.softcap, inplace=True).sub_(lse[:, None])  # (c, V)
-    q = torch.exp(logq)  # (c, V)
     jsd = None
-    if c is not None:  # c q (log q - log m), m = beta p + (1 - beta) q
-        jsd = torch.mul(q, 1.0 - beta).add_(beta * p_rest[:, None]).clamp_min_(1e-38).log_()
-        jsd.neg_().add_(logq).mul_(q).mul_(c[:, None])
-    if b is not None:
-        g = logq.mul_(b[:, None]).add_(a[:, None]).mul_(q)  # q (a + b log q), in log q's buffer
+    if b is None and c is None:
+        g = logq.exp_().mul_(a[:, None])  # q a, in log q's buffer
     else:
-        g = q.mul_(a[:, None])
+        q = torch.exp(logq) if q_out is None else torch.exp(logq, out=q_out)  # (c, V)
+        if c is not None:  # c q (log q - log m), m = beta p + (1 - beta) q
+            jsd = torch.mul(q, 1.0 - beta).add_(beta * p_rest[:, None]).clamp_min_(1e-38).log_()
+            jsd.neg_().add_(logq).mul_(q).mul_(c[:, None])
+        if b is not None:
+            g = logq.mul_(b[:, None]).add_(a[:, None]).mul_(q)  # q (a + b log q), in log q's buffer
+        else:
+            g = q.mul_(a[:, None])
     if d is not None:
         g += d[:, None]
     if jsd is not None:
         g += jsd
-    if not isinstance(dzdx, float):
-        g *= dzdx
-    elif dzdx != 1.0:
+    if not isinstance(dzdx, float) or dzdx != 1.0:
         g *= dzdx
     return g.to(hidden.dtype)
 
@@ -195,20 +213,23 @@ def dense_backward(hidden, weight, bias, opts: LinearOptions, lse, coefs, p_rest
     gh = hidden.new_zeros(N, H, dtype=torch.float32) if needs[0] else None
     gw = weight.new_zeros(V, H, dtype=torch.float32) if needs[1] else None
     gb = weight.new_zeros(V, dtype=torch.float32) if needs[2] else None
+    pick = lambda t, sl: None if t is None else t[sl]  # noqa: E731
     if opts.impl == "triton":
-        from grpo_kd.kernels.dense_grad import dx_triton as make_dx
+        from grpo_kd.kernels.dense_grad import dx_triton
 
         w = weight
+        make_dx = lambda sl, *args: dx_triton(*args)  # noqa: E731
     else:
-        make_dx, w = dx_torch, _matmul_weight(weight)
-    pick = lambda t, sl: None if t is None else t[sl]  # noqa: E731
+        w = _matmul_weight(weight)
+        bufs = chunk_buffers(N, V, 1 if b is None and c is None else 2, hidden.device, opts.chunk_bytes)
+        make_dx = lambda sl, *args: dx_torch(*args, work=[buf[: sl.stop - sl.start] for buf in bufs])  # noqa: E731
     for sl in row_chunks(N, V, opts.chunk_bytes):
-        dx = make_dx(hidden[sl], w, bias, opts, lse[sl], a[sl], pick(b, sl), pick(d, sl), pick(c, sl),
+        dx = make_dx(sl, hidden[sl], w, bias, opts, lse[sl], a[sl], pick(b, sl), pick(d, sl), pick(c, sl),
                      pick(p_rest, sl), beta)  # (c, V) input dtype
         if sparse is not None:
             dx.scatter_add_(1, ids[sl], sparse[sl].to(dx.dtype))
         if gh is not None:
-            gh[sl] = mm_f32(dx, w)  # (c, H)
+            mm_f32(dx, w, out=gh[sl])  # (c, H)
         if gw is not None:
             if dx.dtype == torch.float32 and hidden.dtype == torch.float32:
                 gw.addmm_(dx.t(), hidden[sl])  # (V, H), in place
