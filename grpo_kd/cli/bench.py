@@ -17,17 +17,21 @@ from rich.table import Table
 bench_app = typer.Typer(help="Benchmarks that run the alternatives side by side.", no_args_is_help=True)
 
 
-def bench_kernels(quick: bool, device: str, out: Path | None) -> None:
-    """Run the kernel comparison on `device` ("auto", "cpu", "cuda"), print it, and write
-    `<out>/<device slug>/kernels[-quick].{json,md}` when `out` is given."""
+def bench_kernels(quick: bool, device: str, out: Path | None, rounds: int = 1) -> None:
+    """Run the kernel comparison on `device` ("auto", "cpu", "cuda") `rounds` times interleaved, print it, and
+    write `<out>/<device slug>/kernels[-quick].{json,md}` when `out` is given."""
+    from grpo_kd.errors import GrpoKdError
     from grpo_kd.kernels import bench, bench_report
 
+    if rounds < 1:
+        raise GrpoKdError(f"--rounds must be at least 1, got {rounds}")
     resolved = bench.resolve_device(device)
     command = "grpo-kd bench kernels" + (" --quick" if quick else "") + f" --device {device}"
+    command += f" --rounds {rounds}" if rounds > 1 else ""
     command += f" --out {out}" if out is not None else ""
     console = Console()
     with console.status("starting") as status:
-        report = bench.run_suite(quick, resolved, progress=lambda c: status.update(
+        report = bench.run_suite(quick, resolved, rounds=rounds, progress=lambda c: status.update(
             f"measuring {c.kernel} / {c.method} at N={c.N} H={c.H} V={c.V} {c.dtype} in a fresh process"))
     table = Table(title=f"Kernel benchmarks: {report['device']}{' (quick)' if quick else ''}")
     for name in bench_report.HEADER:
@@ -88,6 +92,7 @@ def kernels(
     quick: bool = typer.Option(False, "--quick", help="Small shapes (seconds), for a smoke test."),
     device: str = typer.Option("auto", "--device", help="auto (the GPU if there is one), cpu or cuda."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write JSON and markdown under OUT/<device>/."),
+    rounds: int = typer.Option(1, "--rounds", help="Run every case this many times, interleaved (median)."),
     static: bool = typer.Option(False, "--static", help="Compile for NVIDIA targets here instead (no GPU needed)."),
     arch: list[int] = typer.Option([], "--arch", help="--static: 80, 90 or 100 (repeatable; default 80 and 90)."),
     dtype: list[str] = typer.Option([], "--dtype", help="--static: bf16, fp16, fp32 (repeatable; default all)."),
@@ -111,7 +116,7 @@ def kernels(
         static_check(arch, dtype, hidden, vocab, k, kernel, json_file, markdown_file, save_cubin, max(1, jobs),
                      anchors, command)
         return
-    bench_kernels(quick, device, out)
+    bench_kernels(quick, device, out, rounds)
 
 
 def register(app: typer.Typer) -> None:
