@@ -15,7 +15,11 @@ compiles is therefore exactly what a GPU would run.
 
 Why these tiles. An fp32 [BLOCK_N, BLOCK_V] tile costs BLOCK_N * BLOCK_V / (32 * num_warps) registers per thread,
 and the epilogues (online log-sum-exp, gradient, top-k keys as int64) hold two or three such tiles at once, so
-each kernel keeps about 64 fp32 tile elements or fewer per thread. sm_90's wgmma needs 64 rows per warp group.
+each kernel keeps about 64 fp32 tile elements or fewer per thread (32 for the longest epilogues on sm_90).
+sm_90's wgmma needs 64 rows per warp group. Two launch classes: 16-element aligned rows (hidden % 16 == 0, every
+model) get the autotuned lists; unaligned rows get one small one-stage tile (`aligned`). The tile loads mask only
+along H (tiles.logits_tile), so the main loop does not depend on N or V; their divisibility by 16 still shapes the
+epilogue's masks and dense_grad's store, which the static check's odd shapes (N = 37, V = 1031) cover.
 """
 
 from __future__ import annotations

@@ -48,6 +48,17 @@ def test_launchers_and_static_check_share_one_plan():
         assert plan.splits * plan.v_per_split >= 128256 > (plan.splits - 1) * plan.v_per_split
 
 
+def test_unaligned_rows_take_the_one_stage_class():
+    """H % 16 != 0: one small unpipelined candidate per kernel; aligned H keeps the pipelined lists."""
+    for props in (launch.A100, launch.H100):
+        for kernel in launch.KERNELS:
+            for dtype in (torch.bfloat16, torch.float32):
+                odd = launch.plan_launch(kernel, 37, 36, 1031, dtype, props, k=5)
+                assert len(odd.configs) == 1 and odd.configs[0].num_stages == 1 and odd.configs[0].block_h == 16
+                aligned = launch.plan_launch(kernel, 37, 48, 1031, dtype, props, k=5)
+                assert all(c.num_stages >= 3 for c in aligned.configs)
+
+
 def test_specialisation_matches_the_jit():
     """16-divisible sizes and meta pointers get Triton's divisibility attribute (which enables pipelining);
     a size of 1 becomes a constant; odd sizes get nothing."""
