@@ -29,7 +29,8 @@ from grpo_kd.errors import GrpoKdError
 
 IMPLS = ("auto", "triton", "torch")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DEFAULT_CHUNK_BYTES = 32 * 2**20  # CPU: float32 logits of one row chunk (a few such temporaries live at once)
+DEFAULT_CHUNK_BYTES = 64 * 2**20  # CPU: float32 logits of one row chunk (two such buffers live at once); larger
+# chunks re-read the weight fewer times (benchmarks/results/<cpu>/kernels.md: peak within 1/8 of eager's)
 CUDA_CHUNK_BYTES = 2**30  # CUDA: big enough for ~2k rows at V=128k, so each chunk's GEMMs stay efficient
 
 
@@ -67,12 +68,15 @@ def make_options(temperature: float, softcap: float | None, impl: str, *tensors:
 # ----------------------------------------------------------------------------------------------- the transform
 
 
-def transform_logits(logits: torch.Tensor, temperature: float = 1.0, softcap: float | None = None) -> torch.Tensor:
-    """Raw logits x -> transformed logits z = (softcap * tanh(x / softcap)) / temperature (same shape)."""
+def transform_logits(
+    logits: torch.Tensor, temperature: float = 1.0, softcap: float | None = None, inplace: bool = False
+) -> torch.Tensor:
+    """Raw logits x -> transformed logits z = (softcap * tanh(x / softcap)) / temperature (same shape);
+    `inplace=True` overwrites `logits` (the twins' row chunks: one pass fewer over a [rows, V] buffer)."""
     if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
+        logits = logits.div_(softcap).tanh_().mul_(softcap) if inplace else softcap * torch.tanh(logits / softcap)
     if temperature != 1.0:
-        logits = logits / temperature
+        logits = logits.div_(temperature) if inplace else logits / temperature
     return logits
 
 
@@ -82,7 +86,31 @@ def transform_grad(
     """dz/dx at the raw logits x: (1 - tanh(x / softcap)^2) / temperature, or the scalar 1/temperature."""
     if softcap is None:
         return 1.0 / temperature
-    return (1.0 - torch.tanh(logits / softcap).square()) / temperature
+    th = torch.div(logits, softcap).tanh_()  # one new buffer, the rest in place
+    th = th.square_().neg_().add_(1.0)
+    return th.div_(temperature) if temperature != 1.0 else th
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b with an fp32 result; fp32 accumulation for half inputs (cuBLAS out_dtype, or upcast on the CPU,
+    where there is no half matmul with an fp32 result). `out` (fp32, contiguous, the product's shape) receives
+    the product (copied there for half inputs on CUDA): the twins' row chunks reuse one buffer."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b if out is None else torch.mm(a, b, out=out)
+    if a.is_cuda:
+        try:
+            product = torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # older torch: accumulate in fp32, round once per chunk
+            product = (a @ b).float()
+        return product if out is None else out.copy_(product)
+    return a.float() @ b.float() if out is None else torch.mm(a.float(), b.float(), out=out)
+
+
+def xlogx(t: torch.Tensor) -> torch.Tensor:
+    """t log t with 0 log 0 = 0 and a finite gradient everywhere."""
+    pos = t > 0
+    safe = torch.where(pos, t, torch.ones_like(t))
+    return torch.where(pos, safe * torch.log(safe), torch.zeros_like(t))
 
 
 # ----------------------------------------------------------------------------------------------- shapes & dtypes
@@ -159,6 +187,15 @@ def check_ids(ids: torch.Tensor, vocab: int, name: str, valid: torch.Tensor | No
 def rows_per_chunk(V: int, bytes_budget: int = DEFAULT_CHUNK_BYTES, bytes_per_elem: int = 4) -> int:
     """Rows of a `[rows, V]` float32 scratch that fit in `bytes_budget` (at least 1)."""
     return max(1, int(bytes_budget) // max(1, V * bytes_per_elem))
+
+
+def chunk_buffers(n_rows: int, V: int, count: int, device, bytes_budget: int = DEFAULT_CHUNK_BYTES) -> list:
+    """`count` float32 `[rows, V]` scratch buffers for a loop over `row_chunks(n_rows, V, bytes_budget)`,
+    allocated once per call; chunk i uses `buf[:rows_i]`. Key design choice: on the CPU a fresh 64 MiB buffer
+    per chunk is a fresh mmap, and writing it first page-faults every 4 KiB page (an `exp` into a fresh buffer
+    took 100 ms against 27 ms into a reused one), so the twins reuse theirs; the peak is the same."""
+    step = min(max(n_rows, 1), rows_per_chunk(V, bytes_budget))
+    return [torch.empty(step, V, dtype=torch.float32, device=device) for _ in range(count)]
 
 
 def row_chunks(n_rows: int, V: int, bytes_budget: int = DEFAULT_CHUNK_BYTES) -> Sequence[slice]:

@@ -7,7 +7,7 @@ gradient with respect to the transformed logits z of row n is therefore, for eve
     g_v = q_v * (a_n + b_n * log q_v) + d_n + c_n * q_v * (log q_v - log(beta p_n + (1 - beta) q_v))
 
 with per-row coefficients a, b, c, d that engine.py derives from the upstream gradients. The kernel recomputes
-each logits tile (tl.dot over H), forms g, multiplies by dz/dx (soft cap and temperature) and writes
+each logits tile (tiles.logits_tile, tiles.transform_tile), forms g, multiplies by dz/dx (soft cap and temperature) and writes
 dx = g * dz/dx into a [chunk, V] buffer in the input dtype.
 
 Key design choice: the two products with that buffer (grad_hidden = dx @ W and grad_W += dx.T @ hidden) are left
@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from grpo_kd.kernels._common import LinearOptions
-from grpo_kd.kernels.stats import _logits_tile, block_sizes, dot_precision, upcast
+from grpo_kd.kernels.launch import DeviceProps, KernelCall, device_props, plan_launch, run_call
+from grpo_kd.kernels.tiles import dot_precision, logits_tile, needs_upcast, transform_tile
 
 
 @triton.jit
@@ -62,8 +63,9 @@ def _dense_grad_kernel(
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < N
     col_ok = cols < V
-    z, dzdx = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_hn, stride_wv, inv_temp, softcap,
-                           HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PREC, UPCAST)
+    x = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_hn, stride_wv,
+                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PREC, UPCAST)  # (BN, BV) raw logits
+    z, dzdx = transform_tile(x, inv_temp, softcap, HAS_SOFTCAP, True)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
     logq = z - lse[:, None]  # log q_v
@@ -85,23 +87,31 @@ def _dense_grad_kernel(
     tl.store(dx_ptr + rows[:, None] * stride_dn + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
-def dx_triton(hidden, weight, bias, opts: LinearOptions, lse, a, b, d, c, p_rest, beta: float) -> torch.Tensor:
-    """dx (N, V) in hidden's dtype for the rows of `hidden (N, H)`; b, d, c, p_rest may be None."""
+def dense_grad_call(hidden, weight, bias, opts: LinearOptions, lse, a, b, d, c, p_rest, beta: float,
+                    props: DeviceProps, allow_tf32: bool | None = None):
+    """(KernelCall of `_dense_grad_kernel`, dx (N, V) in hidden's dtype); b, d, c, p_rest may be None. The tensors
+    may live on the meta device (static check)."""
     N, H = hidden.shape
     V = weight.shape[0]
-    bn, bv, bh = block_sizes(hidden)
+    launch = plan_launch("dense_grad", N, H, V, hidden.dtype, props)
     dx = torch.empty(N, V, dtype=hidden.dtype, device=hidden.device)
-    if N == 0:
-        return dx
-    dummy = lse
-    grid = (triton.cdiv(N, bn), triton.cdiv(V, bv))
-    _dense_grad_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, lse, a,
-        b if b is not None else dummy, d if d is not None else dummy, c if c is not None else dummy,
-        p_rest if p_rest is not None else dummy, dx, N, V, H,
-        hidden.stride(0), weight.stride(0), dx.stride(0), 1.0 / opts.temperature, opts.softcap or 1.0, float(beta),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_B=b is not None, HAS_D=d is not None,
-        HAS_JSD=c is not None, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
-        DOT_PREC=dot_precision(hidden), UPCAST=upcast(hidden),
-    )
+    args = dict(h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else hidden, lse_ptr=lse, a_ptr=a,
+                bc_ptr=b if b is not None else lse, d_ptr=d if d is not None else lse,
+                c_ptr=c if c is not None else lse, pr_ptr=p_rest if p_rest is not None else lse, dx_ptr=dx,
+                N=N, V=V, H=H, stride_hn=hidden.stride(0), stride_wv=weight.stride(0), stride_dn=dx.stride(0),
+                inv_temp=1.0 / opts.temperature, softcap=opts.softcap or 1.0, beta=float(beta))
+    flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_B=b is not None,
+                 HAS_D=d is not None, HAS_JSD=c is not None,
+                 DOT_PREC=dot_precision(hidden.dtype, not props.interpreter, allow_tf32),
+                 UPCAST=needs_upcast(hidden.dtype, props.interpreter))
+    grid = lambda cfg: (triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v))  # noqa: E731
+    return KernelCall(_dense_grad_kernel, args, flags, launch, grid), dx
+
+
+def dx_triton(hidden, weight, bias, opts: LinearOptions, lse, a, b, d, c, p_rest, beta: float) -> torch.Tensor:
+    """dx (N, V) in hidden's dtype for the rows of `hidden (N, H)`; b, d, c, p_rest may be None."""
+    props = device_props(hidden.device)
+    call, dx = dense_grad_call(hidden, weight, bias, opts, lse, a, b, d, c, p_rest, beta, props)
+    if hidden.shape[0]:
+        run_call(call, props)
     return dx

@@ -34,7 +34,15 @@ from typing import NamedTuple
 
 import torch
 
-from grpo_kd.kernels._common import LinearOptions, row_chunks, transform_grad, transform_logits
+from grpo_kd.kernels._common import (
+    LinearOptions,
+    chunk_buffers,
+    mm_f32,
+    row_chunks,
+    transform_grad,
+    transform_logits,
+    xlogx,
+)
 
 
 class RowStats(NamedTuple):
@@ -56,59 +64,64 @@ class StatsOptions:
     jsd_beta: float | None = None  # set: also the uniform-tail JSD sums (needs p_rest)
 
 
-# ----------------------------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------------------------- torch twin
 
 
-def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result; fp32 accumulation for half inputs (cuBLAS out_dtype, or upcast on CPU)."""
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # older torch: accumulate in fp32, round once per chunk
-            return (a @ b).float()
-    return a.float() @ b.float()
+def _matmul_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight the twin multiplies with: upcast once per call on the CPU (no half matmul with an fp32 result
+    there), as is on CUDA (cuBLAS out_dtype)."""
+    return weight if weight.is_cuda or weight.dtype == torch.float32 else weight.float()
 
 
-def _raw_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    x = mm_f32(h, weight.t())  # (c, V)
+def _raw_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out=None) -> torch.Tensor:
+    x = mm_f32(h, weight.t(), out=out)  # (c, V), in `out` when given
     if bias is not None:
         x += bias.float()
     return x
 
 
-def _xlogx(t: torch.Tensor) -> torch.Tensor:
-    return torch.where(t > 0, t * torch.log(t.clamp_min(1e-38)), torch.zeros_like(t))
+def stats_torch(hidden, weight, bias, opts: LinearOptions, need_entropy: bool, need_sum_z: bool, ids=None):
+    """Chunked twin of `stats.stats_triton`: (lse, E_q[log q] | None, sum_z | None), each (N,) fp32, and, when
+    `ids (N, k)` is given, the raw logits at the ids (N, k) fp32, read from the same chunk (no second gather).
 
-
-# ----------------------------------------------------------------------------------------------- torch twin
-
-
-def stats_torch(hidden, weight, bias, opts: LinearOptions, need_entropy: bool, need_sum_z: bool):
-    """Chunked twin of `stats.stats_triton`: (lse, E_q[log q] | None, sum_z | None), each (N,) fp32."""
+    Per chunk: one matmul into a reused [c, V] buffer, then in place: z - max, exp, row sums. Only the entropy
+    needs a second buffer (e = exp(z - max) beside z - max; e * (z - max) then overwrites z)."""
     N, V = hidden.shape[0], weight.shape[0]
+    w = _matmul_weight(weight)
     lse = hidden.new_empty(N, dtype=torch.float32)
     eq = hidden.new_empty(N, dtype=torch.float32) if need_entropy else None
     sz = hidden.new_empty(N, dtype=torch.float32) if need_sum_z else None
+    x_ids = hidden.new_empty(N, ids.shape[1], dtype=torch.float32) if ids is not None else None
+    bufs = chunk_buffers(N, V, 2 if need_entropy else 1, hidden.device, opts.chunk_bytes)
     for sl in row_chunks(N, V, opts.chunk_bytes):
-        z = transform_logits(_raw_logits(hidden[sl], weight, bias), opts.temperature, opts.softcap)  # (c, V)
-        lse[sl] = torch.logsumexp(z, dim=-1)
+        x = _raw_logits(hidden[sl], w, bias, out=bufs[0][: sl.stop - sl.start])  # (c, V)
+        if x_ids is not None:
+            x_ids[sl] = x.gather(1, ids[sl])
+        z = transform_logits(x, opts.temperature, opts.softcap, inplace=True)  # (c, V)
         if sz is not None:
             sz[sl] = z.sum(-1)
-        if eq is not None:
-            z -= lse[sl, None]  # log q, in place
-            eq[sl] = (z.exp() * z).sum(-1)
-    return lse, eq, sz
+        top = z.amax(-1, keepdim=True)  # (c, 1)
+        z -= top  # z - max, in place
+        if eq is None:
+            s = z.exp_().sum(-1)  # (c,)
+        else:
+            e = torch.exp(z, out=bufs[1][: sl.stop - sl.start])  # (c, V)
+            s = e.sum(-1)
+            eq[sl] = z.mul_(e).sum(-1) / s - s.log()  # sum q (z - lse) = sum e (z - max) / s - log s
+        lse[sl] = top[:, 0] + s.log()
+    return lse, eq, sz, x_ids
 
 
 def jsd_rest_torch(hidden, weight, bias, opts: LinearOptions, lse, p_rest, beta: float):
     """Chunked twin of `stats.jsd_rest_triton`: (R, Rq) without the constant beta p log p terms."""
     N, V = hidden.shape[0], weight.shape[0]
+    w = _matmul_weight(weight)
     r = hidden.new_empty(N, dtype=torch.float32)
     rq = torch.empty_like(r)
+    (buf,) = chunk_buffers(N, V, 1, hidden.device, opts.chunk_bytes)
     for sl in row_chunks(N, V, opts.chunk_bytes):
-        logq = transform_logits(_raw_logits(hidden[sl], weight, bias), opts.temperature, opts.softcap)
+        x = _raw_logits(hidden[sl], w, bias, out=buf[: sl.stop - sl.start])  # (c, V)
+        logq = transform_logits(x, opts.temperature, opts.softcap, inplace=True)
         logq -= lse[sl, None]  # (c, V)
         q = logq.exp()
         mix = beta * p_rest[sl, None] + (1.0 - beta) * q  # (c, V)
@@ -118,20 +131,35 @@ def jsd_rest_torch(hidden, weight, bias, opts: LinearOptions, lse, p_rest, beta:
     return r, rq
 
 
-def dx_torch(hidden, weight, bias, opts: LinearOptions, lse, a, b, d, c, p_rest, beta: float) -> torch.Tensor:
-    """Twin of `dense_grad.dx_triton` for one row chunk: dx (c, V) in hidden's dtype."""
-    x = _raw_logits(hidden, weight, bias)  # (c, V)
-    logq = transform_logits(x, opts.temperature, opts.softcap) - lse[:, None]
-    q = logq.exp()
-    g = q * a[:, None]
-    if b is not None:
-        g += q * logq * b[:, None]
+def dx_torch(hidden, weight, bias, opts: LinearOptions, lse, a, b, d, c, p_rest, beta: float,
+             work: list | None = None) -> torch.Tensor:
+    """Twin of `dense_grad.dx_triton` for one row chunk: dx (c, V) in hidden's dtype.
+
+    g = q (a + b log q) + d + c q (log q - log m), then dx = g dz/dx, built in place in `work` (two fp32 [c, V]
+    buffers, reused across chunks; fresh ones when None); with only `a` (log-prob and GRPO losses, the bucket
+    KL) q overwrites log q and one buffer does."""
+    x_out, q_out = (list(work or []) + [None, None])[:2]
+    x = _raw_logits(hidden, weight, bias, out=x_out)  # (c, V)
+    dzdx = transform_grad(x, opts.temperature, opts.softcap)  # before x is overwritten
+    logq = transform_logits(x, opts.temperature, opts.softcap, inplace=True).sub_(lse[:, None])  # (c, V)
+    jsd = None
+    if b is None and c is None:
+        g = logq.exp_().mul_(a[:, None])  # q a, in log q's buffer
+    else:
+        q = torch.exp(logq) if q_out is None else torch.exp(logq, out=q_out)  # (c, V)
+        if c is not None:  # c q (log q - log m), m = beta p + (1 - beta) q
+            jsd = torch.mul(q, 1.0 - beta).add_(beta * p_rest[:, None]).clamp_min_(1e-38).log_()
+            jsd.neg_().add_(logq).mul_(q).mul_(c[:, None])
+        if b is not None:
+            g = logq.mul_(b[:, None]).add_(a[:, None]).mul_(q)  # q (a + b log q), in log q's buffer
+        else:
+            g = q.mul_(a[:, None])
     if d is not None:
         g += d[:, None]
-    if c is not None:
-        mix = beta * p_rest[:, None] + (1.0 - beta) * q
-        g += c[:, None] * q * (logq - mix.clamp_min(1e-38).log())
-    g *= transform_grad(x, opts.temperature, opts.softcap)
+    if jsd is not None:
+        g += jsd
+    if not isinstance(dzdx, float) or dzdx != 1.0:
+        g *= dzdx
     return g.to(hidden.dtype)
 
 
@@ -172,29 +200,41 @@ def scatter_sparse_grad(hidden, weight, ids, coef, gh, gw, gb, budget: int) -> N
 # ----------------------------------------------------------------------------------------------- dense backward
 
 
-def dense_backward(hidden, weight, bias, opts: LinearOptions, lse, coefs, p_rest, beta, needs):
-    """fp32 (grad_hidden | None, grad_W | None, grad_bias | None) of the dense part, one row chunk at a time.
+def dense_backward(hidden, weight, bias, opts: LinearOptions, lse, coefs, p_rest, beta, needs, ids=None,
+                   sparse=None):
+    """fp32 (grad_hidden | None, grad_W | None, grad_bias | None), one row chunk at a time.
 
-    `coefs` = (a, b, d, c), each (N,) or None (a never None); `needs` = (hidden, weight, bias) flags.
-    """
+    `coefs` = (a, b, d, c), each (N,) or None (a never None); `needs` = (hidden, weight, bias) flags. The sparse
+    gradient `sparse (N, k)` at `ids (N, k)` (optional) is added into each chunk's dx before its two products,
+    so it costs a scatter of c x k entries instead of gathers of k weight rows per token."""
     N, H = hidden.shape
     V = weight.shape[0]
     a, b, d, c = coefs
     gh = hidden.new_zeros(N, H, dtype=torch.float32) if needs[0] else None
     gw = weight.new_zeros(V, H, dtype=torch.float32) if needs[1] else None
     gb = weight.new_zeros(V, dtype=torch.float32) if needs[2] else None
-    if opts.impl == "triton":
-        from grpo_kd.kernels.dense_grad import dx_triton as make_dx
-    else:
-        make_dx = dx_torch
     pick = lambda t, sl: None if t is None else t[sl]  # noqa: E731
+    if opts.impl == "triton":
+        from grpo_kd.kernels.dense_grad import dx_triton
+
+        w = weight
+        make_dx = lambda sl, *args: dx_triton(*args)  # noqa: E731
+    else:
+        w = _matmul_weight(weight)
+        bufs = chunk_buffers(N, V, 1 if b is None and c is None else 2, hidden.device, opts.chunk_bytes)
+        make_dx = lambda sl, *args: dx_torch(*args, work=[buf[: sl.stop - sl.start] for buf in bufs])  # noqa: E731
     for sl in row_chunks(N, V, opts.chunk_bytes):
-        dx = make_dx(hidden[sl], weight, bias, opts, lse[sl], a[sl], pick(b, sl), pick(d, sl), pick(c, sl),
+        dx = make_dx(sl, hidden[sl], w, bias, opts, lse[sl], a[sl], pick(b, sl), pick(d, sl), pick(c, sl),
                      pick(p_rest, sl), beta)  # (c, V) input dtype
+        if sparse is not None:
+            dx.scatter_add_(1, ids[sl], sparse[sl].to(dx.dtype))
         if gh is not None:
-            gh[sl] = mm_f32(dx, weight)  # (c, H)
+            mm_f32(dx, w, out=gh[sl])  # (c, H)
         if gw is not None:
-            gw += mm_f32(dx.t(), hidden[sl])  # (V, H)
+            if dx.dtype == torch.float32 and hidden.dtype == torch.float32:
+                gw.addmm_(dx.t(), hidden[sl])  # (V, H), in place
+            else:
+                gw += mm_f32(dx.t(), hidden[sl])
         if gb is not None:
             gb += dx.float().sum(0)
     return gh, gw, gb
@@ -209,18 +249,21 @@ class LinearStatsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, p_rest, opts: StatsOptions):
         lin = opts.linear
-        lse = eq = sz = r = rq = None
+        lse = eq = sz = r = rq = x_ids = None
         if opts.need_lse:
             if lin.impl == "triton":
-                from grpo_kd.kernels.stats import jsd_rest_triton as rest_fn, stats_triton as stats_fn
-            else:
-                rest_fn, stats_fn = jsd_rest_torch, stats_torch
-            lse, eq, sz = stats_fn(hidden, weight, bias, lin, opts.need_entropy, opts.need_sum_z)
+                from grpo_kd.kernels.stats import jsd_rest_triton as rest_fn, stats_triton
+
+                lse, eq, sz = stats_triton(hidden, weight, bias, lin, opts.need_entropy, opts.need_sum_z)
+            else:  # the twin reads x at the ids from the chunks it computes anyway
+                rest_fn = jsd_rest_torch
+                lse, eq, sz, x_ids = stats_torch(hidden, weight, bias, lin, opts.need_entropy, opts.need_sum_z, ids)
             if opts.jsd_beta is not None:
                 beta = opts.jsd_beta
                 r, rq = rest_fn(hidden, weight, bias, lin, lse, p_rest, beta)
-                r = r + weight.shape[0] * beta * _xlogx(p_rest)  # the constant beta p log p of every entry
-        x_ids = gather_raw_logits(hidden, weight, bias, ids, lin.chunk_bytes)  # (N, k)
+                r = r + weight.shape[0] * beta * xlogx(p_rest)  # the constant beta p log p of every entry
+        if x_ids is None:
+            x_ids = gather_raw_logits(hidden, weight, bias, ids, lin.chunk_bytes)  # (N, k)
         z_ids = transform_logits(x_ids, lin.temperature, lin.softcap)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, bias, ids, p_rest, lse, eq, rq, x_ids)
@@ -243,17 +286,19 @@ class LinearStatsFunction(torch.autograd.Function):
         if g_rest is not None:
             c = (1.0 - opts.jsd_beta) * g_rest.float()
             a = -c * rq if a is None else a - c * rq
+        coef = None
+        if g_zids is not None and ids.numel():
+            coef = g_zids.float() * transform_grad(x_ids, lin.temperature, lin.softcap)  # (N, k) d loss / d x_ids
         if a is None and d is None:
             gh = hidden.new_zeros(hidden.shape, dtype=torch.float32) if needs[0] else None
             gw = weight.new_zeros(weight.shape, dtype=torch.float32) if needs[1] else None
             gb = weight.new_zeros(weight.shape[0], dtype=torch.float32) if needs[2] else None
+            if coef is not None:  # no vocabulary sweep (renormalised top-k): gather-scatter the k weight rows
+                scatter_sparse_grad(hidden, weight, ids, coef, gh, gw, gb, lin.chunk_bytes)
         else:
             a = torch.zeros_like(lse) if a is None else a
             beta = opts.jsd_beta or 0.0
-            gh, gw, gb = dense_backward(hidden, weight, bias, lin, lse, (a, b, d, c), p_rest, beta, needs)
-        if g_zids is not None and ids.numel():
-            coef = g_zids.float() * transform_grad(x_ids, lin.temperature, lin.softcap)  # (N, k) d loss / d x_ids
-            scatter_sparse_grad(hidden, weight, ids, coef, gh, gw, gb, lin.chunk_bytes)
+            gh, gw, gb = dense_backward(hidden, weight, bias, lin, lse, (a, b, d, c), p_rest, beta, needs, ids, coef)
         return (
             None if gh is None else gh.to(hidden.dtype),
             None if gw is None else gw.to(weight.dtype),

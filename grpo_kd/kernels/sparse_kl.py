@@ -68,13 +68,6 @@ TAIL_EPS = 1e-8
 TEACHER_LOGP_FLOOR = -1e4  # -inf teacher log-probs (underflowed) become this: p = 0 exactly, log p finite
 
 
-def _xlogx(t: torch.Tensor) -> torch.Tensor:
-    """t log t with 0 log 0 = 0 and a finite gradient everywhere."""
-    pos = t > 0
-    safe = torch.where(pos, t, torch.ones_like(t))
-    return torch.where(pos, safe * torch.log(safe), torch.zeros_like(t))
-
-
 def _rest_mass(logprobs: torch.Tensor) -> torch.Tensor:
     """1 - sum_j exp(logprobs_j), computed as -expm1(logsumexp) and clamped to >= 0: (N,)."""
     return (-torch.expm1(torch.logsumexp(logprobs, dim=-1).clamp(max=0.0))).clamp(min=0.0)

@@ -1,7 +1,7 @@
 """Triton forward pass: per-row statistics of the student's full-vocabulary distribution, tiled over V.
 
 For every row n the kernels sweep the vocabulary in tiles of BLOCK_V columns, recompute the logits tile
-`z = transform(h[n] @ W[tile].T + b[tile])` with `tl.dot` over BLOCK_H slices of the hidden size, and fold it
+`z = transform(h[n] @ W[tile].T + b[tile])` (tiles.logits_tile + tiles.transform_tile), and fold it
 into running sums with an online log-sum-exp (running max `m`, rescaled sums):
 
     s = sum_v exp(z_v - m)                     -> lse = m + log s
@@ -20,56 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo_kd.kernels._common import LinearOptions, interpreter_on
-
-_M_INIT = -1.0e30  # finite "minus infinity" for the running max, so that (m_old - m_new) * 0 is 0, never NaN
-
-
-@triton.jit
-def _logits_tile(
-    h_ptr,  # (N, H) hidden rows, unit stride along H
-    w_ptr,  # (V, H) LM-head weight, unit stride along H
-    b_ptr,  # (V,) bias; never read when HAS_BIAS is False
-    rows,  # (BLOCK_N,) row indices of this tile
-    cols,  # (BLOCK_V,) vocabulary indices of this tile
-    N, V, H,  # sizes
-    stride_hn,  # row stride of h
-    stride_wv,  # row stride of W
-    inv_temp,  # 1 / temperature
-    softcap,  # Gemma soft cap; unused when HAS_SOFTCAP is False
-    HAS_BIAS: tl.constexpr,  # add b[cols]
-    HAS_SOFTCAP: tl.constexpr,  # apply softcap * tanh(x / softcap)
-    BLOCK_N: tl.constexpr,  # len(rows)
-    BLOCK_V: tl.constexpr,  # len(cols)
-    BLOCK_H: tl.constexpr,  # hidden slice per tl.dot
-    DOT_PREC: tl.constexpr,  # "ieee" for exact fp32, "tf32" when torch allows it
-    UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (the interpreter cannot multiply bf16)
-):
-    """Transformed logits z (BLOCK_N, BLOCK_V) in fp32 and dz/dx (same shape, or a scalar)."""
-    row_ok = rows < N
-    col_ok = cols < V
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        hs = h0 + tl.arange(0, BLOCK_H)
-        h_ok = hs < H
-        h_mask = row_ok[:, None] & h_ok[None, :]
-        w_mask = col_ok[:, None] & h_ok[None, :]
-        h_tile = tl.load(h_ptr + rows[:, None] * stride_hn + hs[None, :], mask=h_mask, other=0.0)  # (BN, BH)
-        w_tile = tl.load(w_ptr + cols[:, None] * stride_wv + hs[None, :], mask=w_mask, other=0.0)  # (BV, BH)
-        if UPCAST:
-            h_tile = h_tile.to(tl.float32)
-            w_tile = w_tile.to(tl.float32)
-        acc = tl.dot(h_tile, tl.trans(w_tile), acc, input_precision=DOT_PREC)  # x += h @ W.T
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        th = 2.0 * tl.sigmoid(2.0 * acc / softcap) - 1.0  # tanh(x / softcap), stable for large |x|
-        z = softcap * th * inv_temp
-        dzdx = (1.0 - th * th) * inv_temp
-    else:
-        z = acc * inv_temp
-        dzdx = acc * 0.0 + inv_temp
-    return z, dzdx
+from grpo_kd.kernels._common import LinearOptions
+from grpo_kd.kernels.launch import DeviceProps, KernelCall, device_props, plan_launch, run_call
+from grpo_kd.kernels.tiles import M_INIT, dot_precision, logits_tile, needs_upcast, transform_tile
 
 
 @triton.jit
@@ -109,8 +62,9 @@ def _stats_fwd_kernel(
     v_end = tl.minimum(v_start + v_per_split, V)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        z, _ = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_hn, stride_wv, inv_temp, softcap,
-                            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PREC, UPCAST)
+        x = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_hn, stride_wv,
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PREC, UPCAST)  # (BN, BV) raw logits
+        z, _ = transform_tile(x, inv_temp, softcap, HAS_SOFTCAP, False)
         valid = (cols < V)[None, :]
         z = tl.where(valid, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))  # every tile holds >= 1 valid column, so m_new is finite
@@ -169,8 +123,9 @@ def _jsd_rest_fwd_kernel(
     v_end = tl.minimum(v_start + v_per_split, V)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        z, _ = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_hn, stride_wv, inv_temp, softcap,
-                            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PREC, UPCAST)
+        x = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_hn, stride_wv,
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PREC, UPCAST)  # (BN, BV) raw logits
+        z, _ = transform_tile(x, inv_temp, softcap, HAS_SOFTCAP, False)
         valid = (cols < V)[None, :]
         logq = tl.where(valid, z - lse[:, None], 0.0)  # log q_v
         q = tl.where(valid, tl.exp(logq), 0.0)
@@ -186,36 +141,48 @@ def _jsd_rest_fwd_kernel(
 # ----------------------------------------------------------------------------------------------- launchers
 
 
-def block_sizes(hidden: torch.Tensor) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_H): larger tiles on a GPU; small ones in the interpreter (numpy per program)."""
-    if interpreter_on() or not hidden.is_cuda:
-        return 16, 128, 32
-    return 64, 128, 64
+def _common_args(hidden, weight, bias, opts: LinearOptions, props: DeviceProps, allow_tf32) -> tuple[dict, dict]:
+    """The tile arguments shared by both sweeps: (runtime args, compile-time flags)."""
+    N, H = hidden.shape
+    args = dict(h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else hidden, N=N, V=weight.shape[0], H=H,
+                stride_hn=hidden.stride(0), stride_wv=weight.stride(0))
+    flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
+                 DOT_PREC=dot_precision(hidden.dtype, not props.interpreter, allow_tf32),
+                 UPCAST=needs_upcast(hidden.dtype, props.interpreter))
+    return args, flags
 
 
-def dot_precision(hidden: torch.Tensor) -> str:
-    """tf32 for fp32 inputs only when torch itself allows tf32 matmuls; exact otherwise."""
-    if hidden.dtype == torch.float32 and hidden.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+def stats_call(hidden, weight, bias, opts: LinearOptions, need_entropy: bool, need_sum_z: bool,
+               props: DeviceProps, allow_tf32: bool | None = None):
+    """(KernelCall of `_stats_fwd_kernel`, (m, s, t, sz) [splits, N] fp32 outputs) for `hidden (N, H)`; the
+    tensors may live on the meta device (static check)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    launch = plan_launch("stats", N, H, V, hidden.dtype, props)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    m, s = torch.empty(launch.splits, N, **f32), torch.empty(launch.splits, N, **f32)
+    t = torch.empty(launch.splits, N, **f32) if need_entropy else s
+    sz = torch.empty(launch.splits, N, **f32) if need_sum_z else s
+    args, flags = _common_args(hidden, weight, bias, opts, props, allow_tf32)
+    args.update(m_ptr=m, s_ptr=s, t_ptr=t, sz_ptr=sz, v_per_split=launch.v_per_split,
+                inv_temp=1.0 / opts.temperature, softcap=opts.softcap or 1.0)
+    flags.update(M_INIT=M_INIT, NEED_T=need_entropy, NEED_SZ=need_sum_z)
+    grid = lambda cfg: (triton.cdiv(N, cfg.block_n), launch.splits)  # noqa: E731
+    return KernelCall(_stats_fwd_kernel, args, flags, launch, grid), (m, s, t, sz)
 
 
-def upcast(hidden: torch.Tensor) -> bool:
-    """The Triton interpreter (numpy) cannot tl.dot half-precision tiles; upcast them there."""
-    return interpreter_on() and hidden.dtype != torch.float32
-
-
-def _splits(n_rows: int, V: int, block_n: int, block_v: int, device: torch.device) -> tuple[int, int]:
-    """Split V across programs until there are about 4 programs per SM; returns (splits, v_per_split)."""
-    n_tiles = triton.cdiv(V, block_v)
-    row_blocks = triton.cdiv(n_rows, block_n)
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 2  # the interpreter: exercise the split-combine path, cheaply
-    splits = max(1, min(n_tiles, triton.cdiv(target, row_blocks)))
-    v_per_split = triton.cdiv(n_tiles, splits) * block_v
-    return triton.cdiv(V, v_per_split), v_per_split
+def jsd_rest_call(hidden, weight, bias, opts: LinearOptions, lse, p_rest, beta: float, props: DeviceProps,
+                  allow_tf32: bool | None = None):
+    """(KernelCall of `_jsd_rest_fwd_kernel`, (r, rq) [splits, N] fp32 outputs)."""
+    N, H = hidden.shape
+    launch = plan_launch("jsd_rest", N, H, weight.shape[0], hidden.dtype, props)
+    r = torch.empty(launch.splits, N, dtype=torch.float32, device=hidden.device)
+    rq = torch.empty_like(r)
+    args, flags = _common_args(hidden, weight, bias, opts, props, allow_tf32)
+    args.update(lse_ptr=lse, pr_ptr=p_rest, r_ptr=r, rq_ptr=rq, v_per_split=launch.v_per_split,
+                inv_temp=1.0 / opts.temperature, softcap=opts.softcap or 1.0, beta=float(beta))
+    grid = lambda cfg: (triton.cdiv(N, cfg.block_n), launch.splits)  # noqa: E731
+    return KernelCall(_jsd_rest_fwd_kernel, args, flags, launch, grid), (r, rq)
 
 
 def combine_partials(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None):
@@ -232,44 +199,22 @@ def combine_partials(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None):
 
 def stats_triton(hidden, weight, bias, opts: LinearOptions, need_entropy: bool, need_sum_z: bool):
     """(lse, E_q[log q] | None, sum_z | None), each (N,) fp32, for `hidden (N, H)` and `weight (V, H)`."""
-    N, H = hidden.shape
-    V = weight.shape[0]
+    N = hidden.shape[0]
     if N == 0:
         none = hidden.new_zeros(0, dtype=torch.float32)
         return none, none if need_entropy else None, none if need_sum_z else None
-    bn, bv, bh = block_sizes(hidden)
-    splits, v_per_split = _splits(N, V, bn, bv, hidden.device)
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    m, s = torch.empty(splits, N, **f32), torch.empty(splits, N, **f32)
-    t = torch.empty(splits, N, **f32) if need_entropy else s
-    sz = torch.empty(splits, N, **f32) if need_sum_z else s
-    grid = (triton.cdiv(N, bn), splits)
-    _stats_fwd_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, m, s, t, sz, N, V, H,
-        hidden.stride(0), weight.stride(0), v_per_split, 1.0 / opts.temperature, opts.softcap or 1.0,
-        M_INIT=_M_INIT, HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
-        NEED_T=need_entropy, NEED_SZ=need_sum_z, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
-        DOT_PREC=dot_precision(hidden), UPCAST=upcast(hidden),
-    )
+    props = device_props(hidden.device)
+    call, (m, s, t, sz) = stats_call(hidden, weight, bias, opts, need_entropy, need_sum_z, props)
+    run_call(call, props)
     lse, eq_logq = combine_partials(m, s, t if need_entropy else None)
     return lse, eq_logq, sz.sum(0) if need_sum_z else None
 
 
 def jsd_rest_triton(hidden, weight, bias, opts: LinearOptions, lse, p_rest, beta: float):
     """(R, Rq), each (N,) fp32: the vocabulary sums of the uniform-tail JSD term (see sparse_kl.py)."""
-    N, H = hidden.shape
-    V = weight.shape[0]
-    if N == 0:
+    if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32), hidden.new_zeros(0, dtype=torch.float32)
-    bn, bv, bh = block_sizes(hidden)
-    splits, v_per_split = _splits(N, V, bn, bv, hidden.device)
-    r = torch.empty(splits, N, dtype=torch.float32, device=hidden.device)
-    rq = torch.empty_like(r)
-    grid = (triton.cdiv(N, bn), splits)
-    _jsd_rest_fwd_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, lse.contiguous(), p_rest.contiguous(), r, rq, N, V, H,
-        hidden.stride(0), weight.stride(0), v_per_split, 1.0 / opts.temperature, opts.softcap or 1.0, float(beta),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
-        BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, DOT_PREC=dot_precision(hidden), UPCAST=upcast(hidden),
-    )
+    props = device_props(hidden.device)
+    call, (r, rq) = jsd_rest_call(hidden, weight, bias, opts, lse.contiguous(), p_rest.contiguous(), beta, props)
+    run_call(call, props)
     return r.sum(0), rq.sum(0)

@@ -21,23 +21,28 @@ value is recovered bit-exactly. -0.0 is folded to +0.0 first so that the two zer
 
 Triton path (two stages):
   1. `_topk_fwd_kernel`, grid `(row blocks, vocab splits)`; the row-block index varies fastest so that the
-     programs running at the same time read the same weight tiles (L2 reuse). Each program owns BLOCK_M rows and
-     a contiguous run of vocabulary tiles of BLOCK_V ids; per tile it computes the logits with `tl.dot` over H
-     (float32 accumulation), applies the transform, updates an online log-sum-exp, picks up z[target] when the
-     target falls in the tile, and merges the tile into the running top-K_PAD (K_PAD = next power of two >= k):
+     programs running at the same time read the same weight tiles (L2 reuse). Each program owns BLOCK_N rows and
+     a contiguous run of vocabulary tiles of BLOCK_V ids; per tile it computes the logits (tiles.logits_tile,
+     tiles.transform_tile: the student's formula), updates an online log-sum-exp, picks up z[target] when the
+     target falls in the tile, and, when some row's tile maximum beats that row's current K-th value (rare once a
+     peaked LLM distribution has been seen for a while), stages the fp32 tile in a per-program scratch buffer and
+     merges it into the running top-K_PAD lists (K_PAD = next power of two >= k), SUB_N rows at a time:
          tile_top = bitonic_topk_ascending(tile_keys, K_PAD)   # bitonic top-k network over BLOCK_V keys
          running  = bitonic_merge_desc(max(running, tile_top)) # max of a descending and an ascending list is
                                                                # bitonic and holds the top K_PAD of their union
-     The merge is skipped for a whole tile when no row's tile maximum beats that row's current K-th key, which
-     is the common case once a peaked (LLM) distribution has been seen for a while.
-  2. host: the per-split lists `[N, S, K_PAD]` are merged by `torch.topk` over `S * K_PAD` int64 keys and the
-     per-split log-sum-exps by `torch.logsumexp` over S. S is chosen to fill the GPU when N is small.
+     The running lists live in the output buffer `[N, S, K_PAD]` (L2-resident while the program runs), the K-th
+     values in registers. Key design choice: the selection works on SUB_N-row slices rather than on the whole
+     BLOCK_N x BLOCK_V MMA tile, so the int64 keys never take a whole tile's registers (the earlier all-register
+     design spilled at every GPU launch; see the static check in docs/kernels.md), while the MMA keeps the 64
+     rows that sm_90's wgmma needs.
+  2. host: the per-split lists are merged by `torch.topk` over `S * K_PAD` int64 keys and the per-split
+     log-sum-exps by `torch.logsumexp` over S. S is chosen to fill the GPU when N is small.
 Cost per logit, beyond the 2H flops of the matmul: about log2(K_PAD) * (log2(K_PAD) + 1) / 2 compare-and-swap
 steps on int64 to sort runs, log2(K_PAD) more per halving of BLOCK_V down to K_PAD, and log2(K_PAD) for the
-merge (about 35 at k=128 with BLOCK_V=128), only for tiles that are not skipped; memory is O(N * S * K_PAD)
-int64 for the split lists, never O(N * V). At a 27B teacher's H=5376, V=262144 the matmul is 2.8 GFLOP per
-token against roughly 54 GFLOP for the rest of the forward, so the whole kernel is a small share of the pass.
-The launch sizes are untuned (no GPU in the session that wrote this); see docs/kernels.md.
+merge (about 35 at k=128 with BLOCK_V=128), only for tiles that are merged, plus one fp32 tile written to and
+read from scratch; memory is O(N * S * K_PAD) int64 for the lists and one tile per program, never O(N * V).
+At a 27B teacher's H=5376, V=262144 the matmul is 2.8 GFLOP per token against roughly 54 GFLOP for the rest of
+the forward, so the whole kernel is a small share of the pass. Launch candidates: launch.plan_launch.
 
 Torch twin (CPU path and oracle): row chunks sized by a byte budget; per chunk the full `[rows, V]` logits
 in float32, `torch.logsumexp`, and `torch.topk`; rows with an exact tie at or inside their top k are redone
@@ -57,8 +62,8 @@ from grpo_kd.kernels._common import (
     check_linear,
     flatten_hidden,
     flatten_rows,
-    interpreter_on,
     make_options,
+    mm_f32,
     rows_per_chunk,
     transform_logits,
     unflatten_rows,
@@ -67,6 +72,9 @@ from grpo_kd.kernels._common import (
 try:
     import triton
     import triton.language as tl
+
+    from grpo_kd.kernels.launch import DeviceProps, KernelCall, TileConfig, device_props, plan_launch, run_call
+    from grpo_kd.kernels.tiles import dot_precision, logits_tile, needs_upcast, transform_tile
 except Exception:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
@@ -133,27 +141,28 @@ if triton is not None:
         for s in tl.static_range(1, LOG_K + 1):
             desc = ((tl.arange(0, N) >> s) & 1)[None, :]  # runs of 2**s alternate asc / desc
             x = _bitonic_merge_runs(x, desc, M, N, s)
-        for i in tl.static_range(LOG_N - LOG_K):
-            n: tl.constexpr = N >> (i + 1)
-            x = tl.reshape(tl.max(tl.reshape(x, [M, n >> LOG_K, 2, 1 << LOG_K]), axis=2), [M, n])
-            desc = ((tl.arange(0, n) >> LOG_K) & 1)[None, :]  # alternating; a single run is ascending
-            x = _bitonic_merge_runs(x, desc, M, n, LOG_K)
+        for i in tl.static_range(LOG_N - LOG_K):  # width N >> (i + 1) after this halving (no constexpr name:
+            # a compiled static_range may not rebind one)
+            x = tl.reshape(tl.max(tl.reshape(x, [M, N >> (i + 1 + LOG_K), 2, 1 << LOG_K]), axis=2), [M, N >> (i + 1)])
+            desc = ((tl.arange(0, N >> (i + 1)) >> LOG_K) & 1)[None, :]  # alternating; a single run is ascending
+            x = _bitonic_merge_runs(x, desc, M, N >> (i + 1), LOG_K)
         return x
 
     @triton.jit
     def _topk_fwd_kernel(
-        hidden_ptr,  # [N, H] bf16/fp16/fp32, row stride stride_hn, unit column stride
-        weight_ptr,  # [V, H] same dtype as hidden, row stride stride_wv, unit column stride
-        bias_ptr,  # [V] float32 (unused unless HAS_BIAS)
+        h_ptr,  # [N, H] bf16/fp16/fp32, row stride stride_hn, unit column stride
+        w_ptr,  # [V, H] same dtype as hidden, row stride stride_wv, unit column stride
+        b_ptr,  # [V] bias (unused unless HAS_BIAS)
         target_ptr,  # [N] int64 target ids (unused unless HAS_TARGET); negative = no target
-        keys_ptr,  # out [N, S, K_PAD] int64: this split's running top-K_PAD keys, sorted descending
+        keys_ptr,  # out [N, S, K_PAD] int64: this split's running top-K_PAD keys, sorted descending (updated in place)
+        scratch_ptr,  # [programs, BLOCK_N, BLOCK_V] fp32: one logits tile per program, staged for the selection
         split_lse_ptr,  # out [N, S] float32: log-sum-exp of z over this split's ids
         target_z_ptr,  # out [N] float32: z[target], written by the split that holds the target
-        N, H, V,  # rows, hidden size, vocabulary size
+        N, V, H,  # rows, vocabulary size, hidden size
         stride_hn, stride_wv,  # row strides of hidden and weight
-        tiles_per_split,  # vocabulary tiles of BLOCK_V ids per split
+        v_per_split,  # vocabulary ids per split, a multiple of BLOCK_V
         num_splits,  # S
-        inv_temperature,  # 1 / temperature
+        inv_temp,  # 1 / temperature
         softcap,  # soft cap (unused unless HAS_SOFTCAP)
         HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr,
@@ -161,87 +170,104 @@ if triton is not None:
         K_PAD: tl.constexpr,  # power of two >= k
         LOG_K: tl.constexpr,  # log2(K_PAD)
         LOG_V: tl.constexpr,  # log2(BLOCK_V)
-        BLOCK_M: tl.constexpr,  # rows per program
+        BLOCK_N: tl.constexpr,  # rows per program (the MMA tile's rows)
         BLOCK_V: tl.constexpr,  # vocabulary ids per tile (a power of two >= K_PAD)
         BLOCK_H: tl.constexpr,  # hidden columns per tl.dot step
-        INPUT_PRECISION: tl.constexpr,  # "ieee": exact float32 products; "tf32" (ignored for bf16/fp16 inputs)
+        SUB_N: tl.constexpr,  # rows per selection step (divides BLOCK_N)
+        DOT_PREC: tl.constexpr,  # tiles.dot_precision
+        UPCAST: tl.constexpr,  # tiles.needs_upcast
     ):
-        # A kernel body: one program = BLOCK_M rows x one vocabulary split, streaming over its tiles.
+        # A kernel body: one program = BLOCK_N rows x one vocabulary split, streaming over its tiles.
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+        rows = pid_m * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         row_ok = rows < N
-        rows64 = rows.to(tl.int64)
-        offs_h = tl.arange(0, BLOCK_H)  # (BLOCK_H,)
-        offs_v = tl.arange(0, BLOCK_V)  # (BLOCK_V,)
+        out_row = rows.to(tl.int64) * num_splits + pid_s  # (BLOCK_N,) row of the [N * S, ...] outputs
+        offs_v = tl.arange(0, BLOCK_V)
+        offs_k = tl.arange(0, K_PAD)
+        scratch = scratch_ptr + (pid_m * num_splits + pid_s).to(tl.int64) * (BLOCK_N * BLOCK_V)
+        for r0 in range(0, BLOCK_N, SUB_N):  # running lists start empty: INT64_MIN everywhere
+            sub = pid_m * BLOCK_N + r0 + tl.arange(0, SUB_N)
+            sub_out = sub.to(tl.int64) * num_splits + pid_s
+            empty = tl.full([SUB_N, K_PAD], -9223372036854775807 - 1, tl.int64)
+            tl.store(keys_ptr + sub_out[:, None] * K_PAD + offs_k[None, :], empty, mask=(sub < N)[:, None])
+        tl.debug_barrier()
 
         if HAS_TARGET:
-            target = tl.load(target_ptr + rows64, mask=row_ok, other=-1)  # (BLOCK_M,)
-        target_z = tl.zeros([BLOCK_M], dtype=tl.float32)
-        run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # online log-sum-exp: running max m
-        run_sum = tl.zeros([BLOCK_M], dtype=tl.float32)  # and sum of exp(z - m)
-        running = tl.full([BLOCK_M, K_PAD], -9223372036854775807 - 1, tl.int64)  # top-K_PAD keys, descending
-
-        num_tiles = tl.cdiv(V, BLOCK_V)
-        tile_begin = pid_s * tiles_per_split
-        tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
-        for tile in range(tile_begin, tile_end):
-            cols = tile * BLOCK_V + offs_v  # (BLOCK_V,) vocabulary ids of this tile
+            target = tl.load(target_ptr + rows, mask=row_ok, other=-1)  # (BLOCK_N,)
+        target_z = tl.zeros([BLOCK_N], dtype=tl.float32)
+        run_max = tl.full([BLOCK_N], float("-inf"), tl.float32)  # online log-sum-exp: running max m
+        run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)  # and sum of exp(z - m)
+        kth_z = tl.full([BLOCK_N], float("-inf"), tl.float32)  # z of each row's current K-th key (-inf: not full)
+        v_start = pid_s * v_per_split
+        v_end = tl.minimum(v_start + v_per_split, V)
+        for v0 in range(v_start, v_end, BLOCK_V):
+            cols = v0 + offs_v  # (BLOCK_V,) vocabulary ids of this tile
             col_ok = cols < V
-            # x = hidden @ weight[cols].T, float32 accumulation over H
-            acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
-            for h0 in range(0, H, BLOCK_H):
-                h_ok = (h0 + offs_h) < H
-                hid = tl.load(
-                    hidden_ptr + rows64[:, None] * stride_hn + (h0 + offs_h)[None, :],
-                    mask=row_ok[:, None] & h_ok[None, :], other=0.0,
-                )  # (BLOCK_M, BLOCK_H)
-                w = tl.load(
-                    weight_ptr + cols.to(tl.int64)[:, None] * stride_wv + (h0 + offs_h)[None, :],
-                    mask=col_ok[:, None] & h_ok[None, :], other=0.0,
-                )  # (BLOCK_V, BLOCK_H)
-                acc = tl.dot(hid, tl.trans(w), acc, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_V)
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
-            if HAS_SOFTCAP:
-                # softcap * tanh(x / softcap), tanh(y) = 1 - 2 / (exp(2y) + 1): saturates cleanly at +-1
-                acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0))
-            z = acc * inv_temperature
+            x = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_hn, stride_wv,
+                            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PREC, UPCAST)  # (BLOCK_N, BLOCK_V)
+            z, _ = transform_tile(x, inv_temp, softcap, HAS_SOFTCAP, False)
             z = tl.where(col_ok[None, :], z, float("-inf"))  # ids past V never count
             z = tl.where(z == 0.0, 0.0, z)  # -0.0 -> +0.0
 
             # online log-sum-exp: m' = max(m, max z); s' = s * exp(m - m') + sum exp(z - m')
-            new_max = tl.maximum(run_max, tl.max(z, axis=1))
+            tile_max = tl.max(z, axis=1)
+            new_max = tl.maximum(run_max, tile_max)
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
             run_max = new_max
             if HAS_TARGET:
                 target_z += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
 
-            # pack (z, id) into keys that sort by z desc, then id asc
-            bits = z.to(tl.int32, bitcast=True)
-            ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-            keys = (ordered << 32) | (0x7FFFFFFF - cols).to(tl.int64)[None, :]  # (BLOCK_M, BLOCK_V)
-            # merge only if some row has a key above its current K-th key (running is sorted: min = K-th)
-            beats = tl.max(keys, axis=1) > tl.min(running, axis=1)  # (BLOCK_M,)
+            # A tile changes a row's list only if its maximum beats the row's K-th value: ids grow along the
+            # split, so an equal value has a higher id and loses the tie. Common late in a peaked distribution.
+            beats = (tile_max > kth_z) & row_ok
             if tl.max(beats.to(tl.int32), axis=0) > 0:
-                tile_top = _topk_ascending(keys, BLOCK_M, BLOCK_V, LOG_V, LOG_K)  # (BLOCK_M, K_PAD) ascending
-                # running is descending, tile_top ascending: their elementwise max is bitonic and holds the
-                # K_PAD largest of both lists; one merge sorts it descending again
-                all_desc = tl.full([1, K_PAD], 1, tl.int32)
-                running = _bitonic_merge_runs(tl.maximum(running, tile_top), all_desc, BLOCK_M, K_PAD, LOG_K)
+                tl.store(scratch + tl.arange(0, BLOCK_N)[:, None] * BLOCK_V + offs_v[None, :], z)
+                tl.debug_barrier()  # the tile is visible to every thread of the program
+                for r0 in range(0, BLOCK_N, SUB_N):
+                    _merge_rows(scratch, keys_ptr, r0, pid_m * BLOCK_N + r0, cols, N, num_splits, pid_s,
+                                K_PAD, LOG_K, LOG_V, BLOCK_V, SUB_N)
+                tl.debug_barrier()
+                kth = tl.load(keys_ptr + out_row * K_PAD + (K_PAD - 1), mask=row_ok, other=0)  # (BLOCK_N,)
+                ordered = (kth >> 32).to(tl.int32)
+                kth_z = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(tl.float32, bitcast=True)
+                kth_z = tl.where(kth == -9223372036854775807 - 1, float("-inf"), kth_z)
 
-        offs_k = tl.arange(0, K_PAD)
-        out_row = rows64 * num_splits + pid_s  # (BLOCK_M,) row of the [N * S, ...] outputs
-        tl.store(keys_ptr + out_row[:, None] * K_PAD + offs_k[None, :], running, mask=row_ok[:, None])
         tl.store(split_lse_ptr + out_row, run_max + tl.log(run_sum), mask=row_ok)
         if HAS_TARGET:
-            mine = (target >= tile_begin * BLOCK_V) & (target < tile_end * BLOCK_V)
-            tl.store(target_z_ptr + rows64, target_z, mask=row_ok & mine)
+            mine = (target >= v_start) & (target < v_end)
+            tl.store(target_z_ptr + rows, target_z, mask=row_ok & mine)
+
+    @triton.jit
+    def _merge_rows(scratch, keys_ptr, r0, first_row, cols, N, num_splits, pid_s,
+                    K_PAD: tl.constexpr, LOG_K: tl.constexpr, LOG_V: tl.constexpr, BLOCK_V: tl.constexpr,
+                    SUB_N: tl.constexpr):
+        # Merge rows r0 .. r0 + SUB_N of the staged tile (SUB_N, BLOCK_V) into their running lists in keys_ptr.
+        offs_v = tl.arange(0, BLOCK_V)
+        offs_k = tl.arange(0, K_PAD)
+        sub = first_row + tl.arange(0, SUB_N)  # (SUB_N,) global rows
+        sub_ok = sub < N
+        z = tl.load(scratch + (r0 + tl.arange(0, SUB_N))[:, None] * BLOCK_V + offs_v[None, :])  # (SUB_N, BV)
+        # pack (z, id) into keys that sort by z desc, then id asc
+        bits = z.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+        keys = (ordered << 32) | (0x7FFFFFFF - cols).to(tl.int64)[None, :]  # (SUB_N, BLOCK_V)
+        where = keys_ptr + (sub.to(tl.int64) * num_splits + pid_s)[:, None] * K_PAD + offs_k[None, :]
+        running = tl.load(where, mask=sub_ok[:, None], other=-9223372036854775807 - 1)  # (SUB_N, K_PAD) desc
+        if tl.max(tl.max(keys, axis=1) > tl.min(running, axis=1), axis=0):
+            tile_top = _topk_ascending(keys, SUB_N, BLOCK_V, LOG_V, LOG_K)  # (SUB_N, K_PAD) ascending
+            # running is descending, tile_top ascending: their elementwise max is bitonic and holds the K_PAD
+            # largest of both lists; one merge sorts it descending again
+            all_desc = tl.full([1, K_PAD], 1, tl.int32)
+            running = _bitonic_merge_runs(tl.maximum(running, tile_top), all_desc, SUB_N, K_PAD, LOG_K)
+            tl.debug_barrier()  # every thread has read the old lists before any is overwritten
+            tl.store(where, running, mask=sub_ok[:, None])
 
 
 @dataclass(frozen=True)
 class TopkLaunch:
-    """Launch sizes of `_topk_fwd_kernel`; `num_splits=None` picks S to fill the device."""
+    """Fixed launch sizes of `_topk_fwd_kernel` (tests); `num_splits=None` picks S to fill the device. Without
+    one, `launch.plan_launch` picks the candidates (autotuned on a GPU)."""
 
     block_m: int
     block_v: int
@@ -250,84 +276,63 @@ class TopkLaunch:
     num_warps: int = 4
     num_stages: int = 2
 
+    def config(self) -> TileConfig:
+        return TileConfig(self.block_m, self.block_v, self.block_h, self.num_warps, self.num_stages,
+                          sub_n=min(self.block_m, 16))
+
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def default_launch(n_rows: int, hidden_size: int, k: int, device: torch.device) -> TopkLaunch:
-    """Untuned defaults: small blocks for the CPU interpreter, register-aware blocks on a GPU."""
+def topk_call(hidden, weight, k: int, bias, targets, temperature: float, softcap, props: DeviceProps,
+              launch: TopkLaunch | None = None, allow_tf32: bool | None = None):
+    """(KernelCall of `_topk_fwd_kernel`, (keys [N, S, K_PAD], split_lse [N, S], target_z [N])). The tensors may
+    live on the meta device (static check)."""
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
     k_pad = _next_pow2(k)
-    block_h = max(16, min(64, _next_pow2(hidden_size)))
-    if device.type != "cuda":  # the interpreter: few, large tiles (its cost is per operation, not per element)
-        block_m = max(16, min(64, _next_pow2(n_rows)))
-        return TopkLaunch(block_m=block_m, block_v=max(256, k_pad), block_h=block_h)
-    # [BLOCK_M, K_PAD] + [BLOCK_M, BLOCK_V] int64 keys and a float32 accumulator must fit in registers
-    block_m = 64 if k_pad <= 64 else 32
-    return TopkLaunch(block_m=block_m, block_v=max(128, k_pad), block_h=block_h, num_warps=8, num_stages=3)
-
-
-def _num_splits(launch: TopkLaunch, n_rows: int, num_tiles: int, device: torch.device) -> int:
-    if launch.num_splits is not None:
-        return max(1, min(launch.num_splits, num_tiles))
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    row_blocks = triton.cdiv(n_rows, launch.block_m)
-    return max(1, min(num_tiles, triton.cdiv(4 * sms, row_blocks)))
+    fixed = launch.config() if launch is not None else None
+    if fixed is not None and (fixed.block_v < k_pad or fixed.block_v & (fixed.block_v - 1)):
+        raise GrpoKdError(f"block_v must be a power of two >= {k_pad}, got {fixed.block_v}")
+    plan = plan_launch("topk", n_rows, hidden_size, vocab, hidden.dtype, props, k=k, launch=fixed,
+                       splits=launch.num_splits if launch is not None else None)
+    dev = hidden.device
+    keys = torch.empty((n_rows, plan.splits, k_pad), device=dev, dtype=torch.int64)
+    split_lse = torch.empty((n_rows, plan.splits), device=dev, dtype=torch.float32)
+    target_z = torch.zeros((n_rows,), device=dev, dtype=torch.float32)
+    scratch_elems = max(triton.cdiv(n_rows, c.block_n) * c.block_n * c.block_v for c in plan.configs) * plan.splits
+    scratch = torch.empty((scratch_elems,), device=dev, dtype=torch.float32)  # one tile per program
+    args = dict(h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else split_lse,
+                target_ptr=targets if targets is not None else keys, keys_ptr=keys, scratch_ptr=scratch,
+                split_lse_ptr=split_lse, target_z_ptr=target_z, N=n_rows, V=vocab, H=hidden_size,
+                stride_hn=hidden.stride(0), stride_wv=weight.stride(0), v_per_split=plan.v_per_split,
+                num_splits=plan.splits, inv_temp=1.0 / temperature, softcap=float(softcap) if softcap else 1.0)
+    flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_TARGET=targets is not None,
+                 K_PAD=k_pad, LOG_K=k_pad.bit_length() - 1,
+                 DOT_PREC=dot_precision(hidden.dtype, not props.interpreter, allow_tf32),
+                 UPCAST=needs_upcast(hidden.dtype, props.interpreter))
+    grid = lambda cfg: (triton.cdiv(n_rows, cfg.block_n), plan.splits)  # noqa: E731
+    return KernelCall(_topk_fwd_kernel, args, flags, plan, grid), (keys, split_lse, target_z)
 
 
 def _topk_triton(hidden, weight, k, bias, targets, temperature, softcap, launch):
     """Host launcher. hidden [N, H], weight [V, H], targets [N] int64 | None -> (keys [N, k], lse [N], target_z)."""
-    n_rows, hidden_size = hidden.shape
-    vocab = weight.shape[0]
-    k_pad = _next_pow2(k)
-    launch = launch or default_launch(n_rows, hidden_size, k, hidden.device)
-    if launch.block_v < k_pad or launch.block_v & (launch.block_v - 1):
-        raise GrpoKdError(f"block_v must be a power of two >= {k_pad}, got {launch.block_v}")
-    num_tiles = triton.cdiv(vocab, launch.block_v)
-    splits = _num_splits(launch, n_rows, num_tiles, hidden.device)
-    tiles_per_split = triton.cdiv(num_tiles, splits)
-    splits = triton.cdiv(num_tiles, tiles_per_split)  # no empty split
-
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
-    if interpreter_on() and hidden.dtype != torch.float32:  # numpy cannot tl.dot half tiles: upcast there
-        hidden, weight = hidden.float(), weight.float()
-    # float32 inputs: exact products unless torch itself allows TF32 matmuls
-    tf32 = hidden.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    precision = "tf32" if hidden.dtype != torch.float32 or tf32 else "ieee"
-    keys = torch.empty((n_rows, splits, k_pad), device=hidden.device, dtype=torch.int64)
-    split_lse = torch.empty((n_rows, splits), device=hidden.device, dtype=torch.float32)
-    target_z = torch.zeros((n_rows,), device=hidden.device, dtype=torch.float32)
-    bias32 = bias.float().contiguous() if bias is not None else split_lse
-    grid = (triton.cdiv(n_rows, launch.block_m), splits)
-    _topk_fwd_kernel[grid](
-        hidden, weight, bias32, targets if targets is not None else keys, keys, split_lse, target_z,
-        n_rows, hidden_size, vocab, hidden.stride(0), weight.stride(0), tiles_per_split, splits,
-        1.0 / temperature, float(softcap) if softcap is not None else 1.0,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_TARGET=targets is not None,
-        K_PAD=k_pad, LOG_K=k_pad.bit_length() - 1, LOG_V=launch.block_v.bit_length() - 1,
-        BLOCK_M=launch.block_m, BLOCK_V=launch.block_v, BLOCK_H=launch.block_h,
-        INPUT_PRECISION=precision,
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
-    )
+    props = device_props(hidden.device)
+    call, (keys, split_lse, target_z) = topk_call(hidden, weight, k, bias, targets, temperature, softcap, props,
+                                                  launch)
+    run_call(call, props)
+    n_rows, splits = split_lse.shape
     if splits == 1:
         top = keys[:, 0, :k]  # (N, k) already sorted
     else:
-        top = torch.topk(keys.view(n_rows, splits * k_pad), k, dim=1, sorted=True).values  # (N, k)
+        top = torch.topk(keys.view(n_rows, -1), k, dim=1, sorted=True).values  # (N, k)
     lse = torch.logsumexp(split_lse, dim=1)  # (N,)
     return top, lse, target_z
 
 
 # ----------------------------------------------------------------------------------------------- torch twin
-
-
-def _mm_f32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Half-precision CUDA matmul with a float32 result (cuBLAS out_dtype; older torch: round once, upcast)."""
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except (RuntimeError, TypeError):
-        return (a @ b).float()
 
 
 def _topk_torch(hidden, weight, k, bias, targets, temperature, softcap, chunk_bytes):
@@ -342,13 +347,10 @@ def _topk_torch(hidden, weight, k, bias, targets, temperature, softcap, chunk_by
     step = rows_per_chunk(vocab, chunk_bytes, _TWIN_BYTES_PER_LOGIT)
     for start in range(0, n_rows, step):
         rows = slice(start, min(start + step, n_rows))
-        if compute:
-            x = hidden[rows].float() @ weight_t  # (rows, V) float32
-        else:  # bf16/fp16 on a GPU: float32 output of the low-precision matmul
-            x = _mm_f32_out(hidden[rows], weight_t)  # (rows, V)
+        x = mm_f32(hidden[rows], weight_t)  # (rows, V) float32
         if bias is not None:
             x += bias.float()
-        z = transform_logits(x, temperature, softcap)  # (rows, V)
+        z = transform_logits(x, temperature, softcap, inplace=True)  # (rows, V), in x's buffer
         lse[rows] = torch.logsumexp(z, dim=1)
         if targets is not None:
             t = targets[rows]
@@ -452,4 +454,4 @@ def linear_topk(
     )
 
 
-__all__ = ["linear_topk", "encode_keys", "decode_keys", "TopkLaunch", "default_launch", "MAX_TRITON_K"]
+__all__ = ["linear_topk", "encode_keys", "decode_keys", "TopkLaunch", "MAX_TRITON_K"]
