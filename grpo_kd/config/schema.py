@@ -142,11 +142,14 @@ class PpoConfig:
 
 @dataclass
 class MiniLLMConfig:
-    """MiniLLM's long-term term and its teacher-mixed importance weights."""
+    """MiniLLM's long-term term and its teacher-mixed importance weights. The defaults are the reference
+    implementation's (microsoft/LMOps minillm; docs/experiments.md, "MiniLLM's long-term return")."""
 
-    gamma: float = 1.0
+    gamma: float = 0.95  # discount of the long-term return (LMOps' default)
     importance_clip: float = 0.2  # clip of the teacher-mixed importance weights (and of the surrogate's ratio)
-    length_normalize: bool = True  # R^Norm
+    length_normalize: bool = True  # divide the return by the number of rewards it sums
+    include_current: bool = True  # the return from t includes r_t (LMOps); false: eq. 7's R_{t+1}, 0 at the end
+    whiten: bool = True  # advantages = the returns whitened over the prepared batch (LMOps); false: the raw returns
 
 
 @dataclass

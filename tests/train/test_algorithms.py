@@ -109,11 +109,14 @@ def reference_loss(name, cfg, batch, module):
         q_old = (batch.student_logprobs if mixed else batch.old_logprobs).double()
         w = (q_old - batch.old_logprobs.double()).exp().clamp(0.8, 1.2) if mixed else torch.ones_like(m)
         r = (batch.teacher_logprobs.double() - q_old) * m
-        adv = torch.zeros_like(r)
+        gamma = cfg.loss.minillm.gamma
+        returns = torch.zeros_like(r)  # LMOps: R_t = 1/(L-t) sum_{u>=t} gamma^(u-t) r_u, then whitened
         for b in range(r.shape[0]):
             L = int(lengths[b])
-            for t in range(L - 1):
-                adv[b, t] = r[b, t + 1 : L].sum() / (L - t - 1)
+            for t in range(L):
+                returns[b, t] = sum(gamma ** (u - t) * r[b, u] for u in range(t, L)) / (L - t)
+        mean = (returns * m).sum() / N
+        adv = (returns - mean) * torch.rsqrt(((returns - mean) ** 2 * m).sum() / N + 1e-8) * m
         long_term = (surrogate(logp, batch, adv, cfg.loss.minillm.importance_clip, cfg.loss.policy.beta) * m).sum() / N
         return long_term + (w * reverse_kl_bucket(logq, batch) * m).sum() / N
     if name == "privileged":
@@ -167,6 +170,32 @@ def test_minillm_teacher_mixed_importance_weights(setup):
     expected = reference_loss("minillm", cfg, mixed, module)
     assert loss == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
     assert loss != pytest.approx(kernel_loss_and_grads("minillm", cfg, batch, module)[0], rel=1e-3)
+
+
+def test_minillm_return_does_not_reward_stopping(setup):
+    """A log-ratio that is the same at every token (the teacher agrees with the student equally everywhere) says
+    nothing about where to stop. Eq. 7 taken literally gives the last token a return of 0 and every other one the
+    negative reward, favouring the end; LMOps' return (current step included, whitened) gives every token the
+    same advantage at gamma = 1, and at its gamma = 0.95 (the count, not the discount weights, divides the sum)
+    the last token the lowest."""
+    cfg, batch = setup
+    cfg.loss.algorithm = "minillm"
+    m = batch.completion_mask.float()
+    constant = batch._replace(old_logprobs=-2.0 * m, teacher_logprobs=-3.5 * m)  # log p_T - log q = -1.5, exactly
+    last = (m * (m.cumsum(1) == m.sum(1, keepdim=True))).bool()  # (B, T) each completion's last token
+    rest = m.bool() & ~last
+
+    def advantages(gamma):
+        cfg.loss.minillm.gamma = gamma
+        try:
+            return algorithms.get("minillm").prepare(constant, cfg, context(student(cfg), cfg, constant)).advantages
+        finally:
+            cfg.loss.minillm.gamma = 0.95
+
+    flat = advantages(1.0)  # (B, T)
+    assert flat[last].abs().max() < 1e-3 and flat[rest].abs().max() < 1e-3, (flat[last].mean(), flat[rest].mean())
+    discounted = advantages(0.95)
+    assert discounted[last].max() < discounted[rest].min()
 
 
 @pytest.mark.parametrize("name,loss_type,level", [
