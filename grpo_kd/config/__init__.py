@@ -6,6 +6,7 @@
 
 from grpo_kd.config.loader import from_dict, load_config, parse_override, read_yaml, save_config, to_dict, to_yaml
 from grpo_kd.config.schema import (
+    ALGORITHM_DEFAULTS,
     ALGORITHM_SECTIONS,
     ALGORITHMS,
     CheckpointConfig,
@@ -31,7 +32,7 @@ from grpo_kd.config.schema import (
 )
 
 __all__ = [
-    "ALGORITHMS", "ALGORITHM_SECTIONS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",
+    "ALGORITHMS", "ALGORITHM_DEFAULTS", "ALGORITHM_SECTIONS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",
     "GrpoConfig", "LossConfig", "MiniLLMConfig", "ModelConfig", "OptimConfig", "PolicyLossConfig", "PpoConfig",
     "PretrainConfig", "RewardConfig", "RolloutConfig", "SlurmConfig", "SlurmPhaseConfig", "TeacherConfig",
     "TeacherKLConfig", "TrackingConfig", "from_dict", "load_config", "parse_override", "read_yaml", "save_config",

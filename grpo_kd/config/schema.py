@@ -182,6 +182,13 @@ ALGORITHM_SECTIONS: dict[str, tuple[str, ...]] = {  # the loss sections each alg
     "privileged": ("teacher_kl", "pt"),
 }
 
+# Defaults that depend on the algorithm, as dotted keys under `loss` (the one place each lives): the loader puts
+# them beneath the file and the overrides, so a config that sets the key keeps its value. The dataclass default
+# holds for every algorithm not named here.
+ALGORITHM_DEFAULTS: dict[str, dict[str, object]] = {
+    "minillm": {"policy.beta": 0.0},  # MiniLLM's objective (reverse KL to the teacher + L_PT) has no KL to a reference
+}
+
 
 @dataclass
 class LossConfig:
