@@ -1,6 +1,6 @@
 """Every algorithm on the tiny Faroese pair, before and after: the experiment of docs/experiments.md.
 
-    python benchmarks/run_experiments.py                      # all 14 runs: ~6 min on 2 shared CPU cores
+    python benchmarks/run_experiments.py                      # all 15 runs: ~7 min on 2 shared CPU cores
     python benchmarks/run_experiments.py --only grpo,minillm --iterations 2      # a quick look
     python benchmarks/run_experiments.py --executor cli       # each phase its own process, as `grpo-kd run`
 
@@ -82,6 +82,8 @@ EXPERIMENTS = [
                ("teacher", "distill", "reverse_kl"), False),
     Experiment("ppo", "PPO (value head, GAE), teacher log-lik. reward", "teacher log-lik. of samples",
                ("teacher", "distill", "teacher_logprob_mean"), True),
+    Experiment("ppo_minillm_reward", "PPO, MiniLLM-style reward (per token) + L_PT", "reverse KL to teacher",
+               ("teacher", "distill", "reverse_kl"), False),
     Experiment("ppo_beta1", "PPO, teacher log-lik. reward, beta 1 (ablation)", "teacher log-lik. of samples",
                ("teacher", "distill", "teacher_logprob_mean"), True, config="ppo", overrides=("loss.policy.beta=1.0",)),
     Experiment("minillm", "MiniLLM reverse-KL PG, teacher-mixed sampling + L_PT", "reverse KL to teacher",

@@ -120,7 +120,9 @@ class RewardConfig:
 
     kind: Literal["teacher_loglik", "minillm"] = "teacher_loglik"
     # {} = the default of the algorithm: {teacher_loglik: 1} (kind teacher_loglik), {log_ratio: 1} (kind minillm),
-    # {inverse_loss: 1} (self_distill); see grpo_kd.train.algorithms.common.reward_weights
+    # {inverse_loss: 1} (self_distill); see grpo_kd.train.algorithms.common.reward_weights. Components: sequence
+    # teacher_loglik, inverse_loss, length (PPO pays them at the last token); per token teacher_logprob, log_ratio
+    # (PPO pays them at every token; GRPO averages them per sequence). grpo_kd/train/rewards.py has the formulas.
     weights: dict[str, float] = field(default_factory=dict)
 
 
@@ -133,11 +135,14 @@ class GrpoConfig:
 
 @dataclass
 class PpoConfig:
-    """The critic and GAE of ppo."""
+    """The critic and GAE of ppo, and where its KL to the reference goes."""
 
     gamma: float = 1.0
     gae_lambda: float = 0.95
     value_coef: float = 0.5
+    # the KL to the reference as a per-token reward penalty -beta (log q_old - log q_ref) (classic RLHF PPO) instead
+    # of the loss's beta * k3 term; beta is loss.policy.beta either way
+    kl_in_reward: bool = False
 
 
 @dataclass
@@ -226,6 +231,11 @@ class LossConfig:
     def reference_beta(self) -> float:
         """The weight of the KL to the reference: `policy.beta` where the algorithm reads it, else 0."""
         return self.policy.beta if "policy" in self.sections else 0.0
+
+    @property
+    def loss_kl_beta(self) -> float:
+        """The weight of the k3 KL term in the loss: `reference_beta`, except 0 where PPO pays it in its reward."""
+        return 0.0 if self.algorithm == "ppo" and self.ppo.kl_in_reward else self.reference_beta
 
 
 @dataclass
