@@ -69,6 +69,9 @@ def test_ints_are_accepted_for_floats_but_not_the_reverse():
         ("model.lora=3", "model.lora: expected bool"),
         ("loss=3", "loss: expected a mapping"),
         ("nokey", "not of the form section.key=value"),
+        ("sft.plain_text=true", "sft.plain_text needs sft.source"),
+        ("sft.enabled=true", "sft.source is empty, so phase 0 trains on data.prompts with their continuation"),
+        ("sft.epochs=0", "sft.epochs must be at least 1"),
     ],
 )
 def test_mistakes_fail_with_one_line_naming_the_key(override, message):

@@ -24,6 +24,7 @@ from grpo_kd.config.schema import (
     PretrainConfig,
     RewardConfig,
     RolloutConfig,
+    SftConfig,
     SlurmConfig,
     SlurmPhaseConfig,
     TeacherConfig,
@@ -34,7 +35,7 @@ from grpo_kd.config.schema import (
 __all__ = [
     "ALGORITHMS", "ALGORITHM_DEFAULTS", "ALGORITHM_SECTIONS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",
     "GrpoConfig", "LossConfig", "MiniLLMConfig", "ModelConfig", "OptimConfig", "PolicyLossConfig", "PpoConfig",
-    "PretrainConfig", "RewardConfig", "RolloutConfig", "SlurmConfig", "SlurmPhaseConfig", "TeacherConfig",
+    "PretrainConfig", "RewardConfig", "RolloutConfig", "SftConfig", "SlurmConfig", "SlurmPhaseConfig", "TeacherConfig",
     "TeacherKLConfig", "TrackingConfig", "from_dict", "load_config", "parse_override", "read_yaml", "save_config",
     "to_dict", "to_yaml",
 ]

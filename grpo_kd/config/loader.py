@@ -38,7 +38,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = from_dict(Config, raw)
     check_loss_sections(raw, cfg)
     check_engines(cfg)
+    check_sft(cfg)
     return cfg
+
+
+# Rules added with phase 0 (issue 18); they belong in rules.check() beside the others.
+def check_sft(cfg: Config) -> None:
+    """What phase 0 (sft) cannot run with, refused from the config alone."""
+    s, d = cfg.sft, cfg.data
+    if s.epochs < 1 or s.max_steps < 0:
+        raise ConfigError(f"sft.epochs must be at least 1 and sft.max_steps at least 0 (0: every epoch), got "
+                          f"{s.epochs} and {s.max_steps}")
+    if s.plain_text and not s.source:
+        raise ConfigError("sft.plain_text needs sft.source (a text, CoNLL-U, JSONL or Parquet file, or a dataset)")
+    if s.enabled and not s.source and not (d.privileged_field or d.prefix_words > 0):
+        raise ConfigError("sft.source is empty, so phase 0 trains on data.prompts with their continuation, which "
+                          "needs data.privileged_field or data.prefix_words; or set sft.source")
 
 
 def add_algorithm_defaults(raw: dict[str, Any]) -> None:

@@ -239,6 +239,28 @@ class LossConfig:
 
 
 @dataclass
+class SftConfig:
+    """Phase 0: supervised fine-tuning of the student before iteration 1 (`grpo-kd sft`; grpo_kd/train/sft.py).
+    Batches, schedule and clipping come from `optim`; its checkpoint, checkpoints/iter_0000, is iteration 1's student."""
+
+    enabled: bool = False  # `grpo-kd run` and `chain submit` run phase 0 before iteration 1
+    # "" = the training prompts (data.*, held-out split excluded), each with its continuation: data.privileged_field,
+    # or with data.prefix_words the rest of the sentence. Else a file or dataset of its own, read as below.
+    source: str = ""
+    format: Literal["auto", "jsonl", "parquet", "text", "conllu", "hf"] = "auto"
+    plain_text: bool = False  # the source is plain text (lines, sentences or text_field): every token is trained
+    prompt_field: str = "prompt"
+    continuation_field: str = "continuation"  # appended to the prompt as written; the loss is on it alone
+    text_field: str = "text"
+    prefix_words: int = 0  # text / CoNLL-U source as pairs: the first N words prompt, the rest the continuation
+    max_examples: int | None = None
+    seq_len: int = 256  # plain text: tokens per block; pairs: the continuation is cut to this many tokens
+    epochs: int = 1
+    max_steps: int = 0  # 0: every step of `epochs`; else at most this many optimizer steps
+    lr: float | None = None  # None: optim.lr
+
+
+@dataclass
 class VllmConfig:
     """vLLM engine settings, for `rollout.engine: vllm` and `teacher.engine: vllm` (grpo_kd/engines/)."""
 
@@ -300,6 +322,7 @@ class SlurmConfig:
     workdir: str | None = None  # the jobs' working directory; None: where `chain submit` runs (saved resolved)
     rendezvous_port: int = 29500  # torchrun c10d rendezvous port on the first node (multi-node update)
     sbatch_args: list[str] = field(default_factory=list)  # extra sbatch options for every job, e.g. --constraint=a100
+    sft: SlurmPhaseConfig = field(default_factory=SlurmPhaseConfig)  # phase 0, when sft.enabled
     rollout: SlurmPhaseConfig = field(default_factory=SlurmPhaseConfig)
     cache_teacher: SlurmPhaseConfig = field(default_factory=SlurmPhaseConfig)
     update: SlurmPhaseConfig = field(default_factory=SlurmPhaseConfig)
@@ -347,6 +370,7 @@ class Config:
     iterations: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     vllm: VllmConfig = field(default_factory=VllmConfig)
