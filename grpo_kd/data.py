@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grpo_kd.config import DataConfig
+from grpo_kd.config import Config, DataConfig
 from grpo_kd.errors import GrpoKdError
 
 log = logging.getLogger(__name__)
@@ -288,3 +288,27 @@ def encode_prompt(tokenizer, text: str, *, chat_template: bool, max_tokens: int 
     from the left to `max_tokens`. The rollout and the teacher pass both encode with this function."""
     ids = tokenizer(text, add_special_tokens=not chat_template)["input_ids"]
     return ids[-max_tokens:] if max_tokens else ids
+
+
+def prompt_token_ids(
+    tokenizer, prompt: Prompt, *, chat_template: bool, privileged_template: str | None = None,
+    max_tokens: int | None = None,
+) -> list[int]:
+    """`render_prompt` then `encode_prompt`: the ids a model with `tokenizer` is conditioned on."""
+    text = render_prompt(tokenizer, prompt, chat_template=chat_template, privileged_template=privileged_template)
+    return encode_prompt(tokenizer, text, chat_template=chat_template, max_tokens=max_tokens)
+
+
+def teacher_chat_template(cfg: Config) -> bool:
+    """Whether the teacher's prompts go through its tokenizer's chat template: `teacher.chat_template`, or
+    `data.chat_template` when that is unset."""
+    return cfg.data.chat_template if cfg.teacher.chat_template is None else cfg.teacher.chat_template
+
+
+def teacher_has_own_prompt(cfg: Config) -> bool:
+    """Whether the teacher must be given a prompt of its own rather than the student's prompt ids: a model
+    teacher that renders a chat template (its own, even with the student's vocabulary), a teacher format other than
+    the student's, or the privileged self-teacher. (A teacher with another vocabulary always has its own.)"""
+    chat = teacher_chat_template(cfg)
+    return (cfg.teacher.kind == "self_privileged" or chat != cfg.data.chat_template
+            or (chat and cfg.teacher.kind == "model"))

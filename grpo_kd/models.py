@@ -29,6 +29,7 @@ from torch import nn
 from grpo_kd.config import ModelConfig, TeacherConfig
 from grpo_kd.device import choose_dtype, infer_device
 from grpo_kd.errors import GrpoKdError
+from grpo_kd.lora import add_lora, disable_dropout
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +104,45 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
-def _check_4bit() -> None:
+def tokenizer_length(path: str, *, trust_remote_code: bool = False) -> int:
+    """len() of the tokenizer at `path`: the ids a model with it can emit (its embedding may have more rows)."""
+    return len(load_tokenizer(path, trust_remote_code=trust_remote_code))
+
+
+def _check_4bit(device: torch.device) -> None:
+    """bitsandbytes is installed and quantises on `device` (a GPU, or the CPU through its CPU backend, measured with
+    0.50.2); else one line naming why."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise GrpoKdError("4-bit loading needs bitsandbytes: pip install 'grpo-kd[quant]'")
-    if not torch.cuda.is_available():
-        raise GrpoKdError("4-bit loading (bitsandbytes) needs a CUDA GPU; none is available here")
+    if device.type == "cuda":
+        return
+    import bitsandbytes
+    import bitsandbytes.functional as bnbf
+
+    try:
+        bnbf.quantize_4bit(torch.ones(64, 64, device=device), quant_type="nf4")
+    except Exception as exc:  # bitsandbytes raises several types for a backend it lacks
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise GrpoKdError(f"bitsandbytes {bitsandbytes.__version__} cannot quantise to 4 bits on {device}: {first}") from None
+
+
+def _check_cpu_4bit_widths(source: str, path: str, trust_remote_code: bool) -> None:
+    """bitsandbytes' CPU 4-bit kernels pack each linear layer's input in blocks of 64: a width that is not a
+    multiple of 64 (only tiny models have one) fails at the first forward, so it is refused here."""
+    from transformers import AutoConfig
+
+    from grpo_kd.arch import arch_facts
+
+    try:
+        facts = arch_facts(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))
+    except GrpoKdError:
+        return  # an architecture arch_facts does not read: let bitsandbytes judge
+    widths = {"hidden_size": facts.hidden_size, "intermediate_size": facts.intermediate_size,
+              "attention width": facts.num_heads * facts.head_dim}
+    odd = {name: width for name, width in widths.items() if width % 64}
+    if odd:
+        raise GrpoKdError(f"bitsandbytes' CPU 4-bit kernels need layer widths that are multiples of 64; {path!r} has "
+                          + ", ".join(f"{name} {width}" for name, width in odd.items()))
 
 
 def load_causal_lm(
@@ -119,12 +154,15 @@ def load_causal_lm(
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    vocab_size: int | None = None,
 ):
     """Any causal LM from a local directory or a hub id, in the dtype and on the device chosen (and logged) here.
 
     With `device_map` (e.g. "auto" for a teacher spread over a node's GPUs) accelerate places the weights and
-    `device` is only used to choose the dtype. `load_in_4bit` quantises with bitsandbytes (NF4, compute in
-    the chosen dtype).
+    `device` is only used to choose the dtype. `load_in_4bit` quantises the linear layers with bitsandbytes (NF4,
+    compute in the chosen dtype; the LM head and embeddings stay unquantised), on a GPU or on the CPU.
+    `vocab_size` is the tokenizer's length: LM-head rows beyond it (vocabulary padding) are left out of every
+    distribution (`lm_head`, `limit_vocabulary`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -137,13 +175,15 @@ def load_causal_lm(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if load_in_4bit:
-        _check_4bit()
+        _check_4bit(target)
+        if target.type == "cpu":
+            _check_cpu_4bit_widths(source, path, trust_remote_code)
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype
         )
-        device_map = device_map or {"": target.index or 0}
+        device_map = device_map or {"": (target.index or 0) if target.type == "cuda" else str(target)}
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
@@ -152,36 +192,11 @@ def load_causal_lm(
         raise _load_failure(path, source, "model", exc) from None
     if device_map is None:
         model.to(target)
+    if vocab_size is not None:
+        limit_vocabulary(model, vocab_size)
     where = f"device_map={device_map!r}" if device_map is not None else f"device {target}"
     log.info("loaded %s on %s, %s (%s)%s", path, where, torch_dtype, reason, ", 4-bit" if load_in_4bit else "")
     return model
-
-
-def _present_targets(model: nn.Module, wanted: list[str]) -> list[str]:
-    """The LoRA target names of `wanted` that name linear layers of `model`; an error if none does."""
-    linear_names = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)})
-    present = [name for name in wanted if name in linear_names]
-    if not present:
-        raise GrpoKdError(
-            f"none of the LoRA target modules {wanted} is in the model; its linear layers are: {', '.join(linear_names)}"
-        )
-    missing = [name for name in wanted if name not in linear_names]
-    if missing:
-        log.info("LoRA: target modules %s are not in this model and are skipped", missing)
-    return present
-
-
-def _add_lora(model, cfg: ModelConfig):
-    from peft import LoraConfig, get_peft_model  # 2.6-4.0 s after transformers: only with LoRA
-
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=_present_targets(model, cfg.lora_target_modules),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
 
 
 def _is_adapter_dir(path: Path) -> bool:
@@ -213,12 +228,16 @@ def load_student(cfg: ModelConfig, *, checkpoint: str | None = None, trainable: 
     `trainable=False` gives an eval-mode model with no parameter requiring grad.
     """
     base_path, adapter_dir = student_weights(cfg, checkpoint)
+    if cfg.load_in_4bit and not cfg.lora and trainable:
+        raise GrpoKdError("model.load_in_4bit trains LoRA adapters on a frozen 4-bit base (QLoRA): set model.lora=true")
     model = load_causal_lm(
         base_path,
         dtype=cfg.dtype,
         device=cfg.device,
+        load_in_4bit=cfg.load_in_4bit,
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation,
+        vocab_size=tokenizer_length(_student_tokenizer_source(cfg, base_path), trust_remote_code=cfg.trust_remote_code),
     )
     if adapter_dir is not None:
         from peft import PeftModel  # 2.6-4.0 s after transformers: only for an adapter checkpoint
@@ -226,8 +245,9 @@ def load_student(cfg: ModelConfig, *, checkpoint: str | None = None, trainable: 
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
         log.info("student adapter loaded from %s", adapter_dir)
     elif cfg.lora:
-        model = _add_lora(model, cfg)
+        model = add_lora(model, cfg)
     if trainable:
+        disable_dropout(model)
         if cfg.gradient_checkpointing:
             hf = _hf_model(model)
             if hasattr(hf, "activation_checkpointing_enable"):  # transformers 5 name; the old one warns
@@ -241,6 +261,16 @@ def load_student(cfg: ModelConfig, *, checkpoint: str | None = None, trainable: 
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+def _student_tokenizer_source(cfg: ModelConfig, base_path: str) -> str:
+    """`model.tokenizer`, else the weights' directory when a tokenizer is saved there (checkpoints hold one), else
+    `model.path`."""
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    if not _is_local(base_path) or any((Path(base_path) / name).is_file() for name in _TOKENIZER_FILES):
+        return base_path
+    return cfg.path
 
 
 def load_teacher(teacher_cfg: TeacherConfig, student_cfg: ModelConfig, *, checkpoint: str | None = None):
@@ -259,6 +289,7 @@ def load_teacher(teacher_cfg: TeacherConfig, student_cfg: ModelConfig, *, checkp
             device_map=teacher_cfg.device_map,
             trust_remote_code=teacher_cfg.trust_remote_code,
             attn_implementation=student_cfg.attn_implementation,
+            vocab_size=tokenizer_length(teacher_cfg.path, trust_remote_code=teacher_cfg.trust_remote_code),
         )
     else:
         use_ckpt = checkpoint if teacher_cfg.adapter else None
@@ -368,8 +399,30 @@ def final_hidden_states(
     return out.last_hidden_state  # (B, T, H)
 
 
+_VOCAB_ATTR = "grpo_kd_vocab_size"  # set on the transformers model by limit_vocabulary
+
+
+def limit_vocabulary(model, vocab_size: int) -> None:
+    """Let `lm_head` give only the first `vocab_size` rows (the tokenizer's ids) when the head has more.
+
+    Checkpoints pad their embedding rows for speed (Gemma-3: 262,208 rows for 262,145 tokens). Those rows are
+    no tokens: no sampler may draw them, no cache may list them and no loss may spread mass onto them, so every
+    distribution of the project is the softmax over the tokenizer's ids, which the loaders fix here once.
+    """
+    hf = _hf_model(model)
+    rows = hf.get_output_embeddings().weight.shape[0]
+    if vocab_size > rows:
+        raise GrpoKdError(f"the tokenizer has {vocab_size} tokens but the LM head of {hf.name_or_path!r} only "
+                          f"{rows} rows; are the model and its tokenizer from one checkpoint?")
+    if vocab_size < rows:
+        setattr(hf, _VOCAB_ATTR, int(vocab_size))
+        log.info("vocabulary: %d tokens, %d LM-head rows; the %d padding rows are left out", vocab_size, rows,
+                 rows - vocab_size)
+
+
 def lm_head(model) -> LMHead:
-    """The output layer as (weight (V, H), bias (V,) | None, softcap | None), for the fused kernels."""
+    """The output layer as (weight (V, H), bias (V,) | None, softcap | None), for the fused kernels; V is the
+    tokenizer's length when the loader was given it (`limit_vocabulary`), else the head's rows."""
     hf = _hf_model(model)
     head = hf.get_output_embeddings()
     if not isinstance(head, nn.Linear):
@@ -381,8 +434,16 @@ def lm_head(model) -> LMHead:
     for name in ("logit_scale", "logits_scaling"):
         if getattr(config, name, None) not in (None, 1, 1.0):
             raise GrpoKdError(f"{hf.name_or_path!r} scales its logits ({name}); the fused kernels do not support it")
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return LMHead(weight=head.weight, bias=head.bias, softcap=float(softcap) if softcap else None)
+    # The cap the model's own forward applies: Gemma2/3ForCausalLM read final_logit_softcapping from their config;
+    # the multimodal Gemma3ForConditionalGeneration applies none (its text config's value is not read).
+    softcap = getattr(hf.config, "final_logit_softcapping", None)
+    rows = getattr(hf, _VOCAB_ATTR, None)
+    weight, bias = (head.weight, head.bias) if rows is None else (head.weight[:rows], _rows(head.bias, rows))
+    return LMHead(weight=weight, bias=bias, softcap=float(softcap) if softcap else None)  # (V, H), (V,)
+
+
+def _rows(bias: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    return None if bias is None else bias[:rows]
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

@@ -1,13 +1,15 @@
 """Tiny teacher and student models for the tests and the demo, built in seconds on a CPU from local text.
 
-A byte-level BPE tokenizer (the `tokenizers` library) is trained on the text, then a teacher and a smaller
-student of a real architecture (LlamaForCausalLM) are written as ordinary `save_pretrained` directories with the
-tokenizer beside them. Key design choice: nothing here is special to tiny models downstream; the directories
+A tokenizer is trained on the text, then a teacher and a smaller student of a real architecture are written as
+ordinary `save_pretrained` directories with the tokenizer beside them: by default Llama (LlamaForCausalLM with a
+byte-level BPE), or with `arch=` another family of the experiments (`grpo_kd.tiny_families`: Mistral, Gemma-3,
+GPT-2/GPT-SW3, each with its own tokenizer type, special tokens, chat template and LM-head layout). Key design choice: nothing here is special to tiny models downstream; the directories
 load through `grpo_kd.models.load_causal_lm` exactly like a 7B checkpoint, so the tests exercise the real path.
 The teacher is bigger and pre-trained longer than the student, so it is clearly the better model; the held-out
 perplexities of both are written to `OUT/build.json`.
 
     paths = build_tiny_models("runs/tiny-models")                  # built-in corpus, deterministic in `seed`
+    gemma = build_tiny_models("runs/tiny-gemma3", arch="gemma3")    # the Gemma-3 family in miniature
     paths.teacher, paths.student, paths.tokenizer                  # three directories
     other = build_tiny_student("runs/other-vocab", vocab_size=384)  # a student with a different vocabulary
 """
@@ -19,6 +21,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,16 +31,20 @@ import torch
 
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.fsutil import atomic_path, atomic_write_json
+from grpo_kd.tiny_families import (  # noqa: F401 (CHAT_TEMPLATE, SPECIAL_TOKENS, *_ARCH: the Llama family's)
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    STUDENT_ARCH,
+    TEACHER_ARCH,
+    TinyArch,
+    family,
+    make_family_model,
+    train_family_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
 BUILTIN_CORPUS = Path(__file__).resolve().parent / "assets" / "builtin_corpus.txt"
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
-# One turn: "<|role|>\n content </s>\n"; the generation prompt opens the assistant's turn.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 
 
 class TinyModels(NamedTuple):
@@ -46,21 +53,6 @@ class TinyModels(NamedTuple):
     tokenizer: Path
 
 
-@dataclass(frozen=True)
-class TinyArch:
-    """The shape of one tiny Llama."""
-
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    intermediate_size: int
-    tie_embeddings: bool
-    head_dim: int | None = None  # None: hidden_size // num_heads; vLLM's CPU attention needs one of 32, 64, ...
-
-
-TEACHER_ARCH = TinyArch(hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=256, tie_embeddings=False)
-STUDENT_ARCH = TinyArch(hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, tie_embeddings=True)
 MAX_POSITIONS = 512
 
 
@@ -248,43 +240,49 @@ def build_tiny_models(
     batch_size: int = 16,
     seed: int = 0,
     force: bool = False,
-    teacher_arch: TinyArch = TEACHER_ARCH,
-    student_arch: TinyArch = STUDENT_ARCH,
+    teacher_arch: TinyArch | None = None,
+    student_arch: TinyArch | None = None,
+    arch: str = "llama",
 ) -> TinyModels:
     """Write OUT/{tokenizer,teacher,student} and OUT/build.json; deterministic given the arguments.
 
-    `pretrain_steps` trains the teacher; the student gets `student_pretrain_steps` (default a quarter of the
-    teacher's). A finished build with the same arguments is reused unless `force`. Other shapes than the tiny
-    defaults (`teacher_arch`, `student_arch`) serve benchmarks at a larger scale.
+    `arch` is the family (`grpo_kd.tiny_families.FAMILIES`); `pretrain_steps` trains the teacher; the student
+    gets `student_pretrain_steps` (default a quarter of the teacher's). A finished build with the same arguments
+    is reused unless `force`. Other shapes than the family's tiny defaults (`teacher_arch`, `student_arch`)
+    serve benchmarks at a larger scale.
     """
     out = Path(out_dir)
+    fam = family(arch)
+    teacher_arch, student_arch = teacher_arch or fam.teacher_arch, student_arch or fam.student_arch
     student_steps = pretrain_steps // 4 if student_pretrain_steps is None else student_pretrain_steps
-    params = _BuildParams(
+    params = asdict(_BuildParams(
         [str(Path(p).resolve()) for p in corpus or []], vocab_size, pretrain_steps, student_steps,
         seq_len, batch_size, seed, _arch_params(teacher_arch), _arch_params(student_arch),
-    )  # fmt: skip
+    ))  # fmt: skip
+    if arch != "llama":  # a Llama build's build.json stays what it was before the families
+        params["family"] = arch
     paths = TinyModels(teacher=out / "teacher", student=out / "student", tokenizer=out / "tokenizer")
     report_path = out / "build.json"
-    if not force and report_path.is_file() and json.loads(report_path.read_text())["params"] == asdict(params):
+    if not force and report_path.is_file() and json.loads(report_path.read_text())["params"] == params:
         log.info("tiny models in %s are already built with these settings", out)
         return paths
     report_path.unlink(missing_ok=True)
     started = time.perf_counter()
     train_texts, heldout_texts = _split_texts(corpus_texts(corpus), seed)
-    tokenizer = train_tokenizer(train_texts, vocab_size)
+    tokenizer = _train_tokenizer(arch, train_texts, vocab_size, out)
     train_blocks = _blocks(_token_stream(tokenizer, train_texts), seq_len)  # (N, T)
     heldout_blocks = _blocks(_token_stream(tokenizer, heldout_texts), seq_len)  # (M, T)
-    report: dict = {"params": asdict(params), "vocab_size": len(tokenizer), "train_tokens": train_blocks.numel()}
+    report: dict = {"params": params, "vocab_size": len(tokenizer), "train_tokens": train_blocks.numel()}
     _save_dir(paths.tokenizer, tokenizer)
-    for role, arch, steps, lr in (("teacher", teacher_arch, pretrain_steps, 3e-3), ("student", student_arch, student_steps, 3e-3)):
+    for role, shape, steps, lr in (("teacher", teacher_arch, pretrain_steps, 3e-3), ("student", student_arch, student_steps, 3e-3)):
         t0 = time.perf_counter()
-        model = _make_llama(arch, tokenizer, seed + (1 if role == "student" else 0))
+        model = _make_model(arch, shape, tokenizer, seed + (1 if role == "student" else 0))
         with _torch_threads(1):
             last_loss = pretrain(model, train_blocks, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
             ppl = perplexity(model, heldout_blocks)
         _save_dir(getattr(paths, role), model, tokenizer)
         report[role] = {
-            "arch": _arch_params(arch),
+            "arch": _arch_params(shape),
             "parameters": sum(p.numel() for p in model.parameters()),
             "pretrain_steps": steps,
             "last_train_loss": last_loss,
@@ -292,9 +290,25 @@ def build_tiny_models(
             "seconds": round(time.perf_counter() - t0, 2),
         }
         log.info("tiny %s: %d steps, held-out perplexity %.2f", role, steps, ppl)
+    shutil.rmtree(out / _SPM_WORK, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - started, 2)
     atomic_write_json(report_path, report)
     return paths
+
+
+_SPM_WORK = "sentencepiece.tmp"  # where the GPT-SW3 family's SentencePiece model is trained, removed after the build
+
+
+def _train_tokenizer(arch: str, texts: list[str], vocab_size: int, out: Path):
+    if arch == "llama":
+        return train_tokenizer(texts, vocab_size)
+    return train_family_tokenizer(arch, texts, vocab_size, out / _SPM_WORK)
+
+
+def _make_model(arch: str, shape: TinyArch, tokenizer, seed: int):
+    if arch == "llama":
+        return _make_llama(shape, tokenizer, seed)
+    return make_family_model(arch, shape, tokenizer, seed, MAX_POSITIONS)
 
 
 def build_tiny_student(

@@ -9,6 +9,9 @@ Fixtures (keep the names: tests all over the project use them):
   that only need shapes and plumbing.
 - `tiny_student_other_vocab` -> `Path` of a student whose tokenizer has 512 tokens: a vocabulary different from
   `tiny_models`' (for the mismatched-tokenizer tests of the cache and the losses).
+- `tiny_family` -> a function `arch -> TinyModels`: the teacher and student of one model family
+  (`grpo_kd.tiny_families`: "mistral", "gemma3", "gpt2"; "llama" gives `tiny_models`), built once per session
+  with a short pre-training (teacher 8 steps, student 2): the family tests need structure, not skill.
 - `faroese_dir` -> `Path` of ../shared/data/faroese (CoNLL-U files); skips the test when it is absent.
 
 The environment is set before anything imports transformers or Triton: `TRITON_INTERPRET=1` (kernels run on
@@ -51,6 +54,23 @@ def tiny_student_other_vocab(tmp_path_factory) -> Path:
     from grpo_kd.tiny import build_tiny_student
 
     return build_tiny_student(tmp_path_factory.mktemp("tiny-other-vocab") / "student", vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory, request):
+    from grpo_kd.tiny import build_tiny_models
+
+    built = {}
+
+    def build(arch: str):
+        if arch == "llama":
+            return request.getfixturevalue("tiny_models")
+        if arch not in built:
+            out = tmp_path_factory.mktemp(f"tiny-{arch}")
+            built[arch] = build_tiny_models(out, arch=arch, pretrain_steps=8, student_pretrain_steps=2)
+        return built[arch]
+
+    return build
 
 
 @pytest.fixture(scope="session")

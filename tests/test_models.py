@@ -1,6 +1,7 @@
 """Model loading: local and hub errors, LoRA, adapters off, checkpoints, fingerprints, hidden states + head = logits."""
 
 import hashlib
+import importlib.util
 import json
 
 import pytest
@@ -90,10 +91,37 @@ def test_directory_without_model_files_is_error(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
-def test_4bit_without_cuda_is_clear_error(tiny_models):
-    with pytest.raises(GrpoKdError, match="bitsandbytes|CUDA") as exc_info:
+def test_4bit_without_bitsandbytes_is_clear_error(tiny_models, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    with pytest.raises(GrpoKdError, match=r"pip install 'grpo-kd\[quant\]'") as exc_info:
         load_causal_lm(str(tiny_models.teacher), load_in_4bit=True)
     _assert_one_line(exc_info)
+
+
+def test_4bit_student_needs_lora(tiny_models):
+    with pytest.raises(GrpoKdError, match="set model.lora=true") as exc_info:
+        load_student(ModelConfig(path=str(tiny_models.student), load_in_4bit=True))
+    _assert_one_line(exc_info)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_4bit_on_the_cpu(tiny_models, tiny_family):
+    """bitsandbytes' CPU backend: NF4 linear layers, the LM head kept in float32, logits near the float model's;
+    widths its CPU kernels cannot pack (the tiny Llama's 96) are refused in one line before loading."""
+    with pytest.raises(GrpoKdError, match="multiples of 64") as exc_info:
+        load_causal_lm(str(tiny_models.teacher), load_in_4bit=True)
+    _assert_one_line(exc_info)
+    path = str(tiny_family("mistral").teacher)
+    model, full = load_causal_lm(path, load_in_4bit=True), load_causal_lm(path)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert model.lm_head.weight.dtype == torch.float32 and torch.equal(model.lm_head.weight, full.lm_head.weight)
+    ids = torch.tensor([[1, 40, 50, 60, 70]])
+    with torch.no_grad():
+        q, f = model(ids).logits.log_softmax(-1), full(ids).logits.log_softmax(-1)
+    assert 0 < (q - f).abs().max() < 1.0  # quantised, and close
 
 
 # ---------------------------------------------------------------------------------------------- student, LoRA

@@ -35,3 +35,6 @@ def fail(message: str, code: int = 1) -> None:
 def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose or os.environ.get("GRPO_KD_DEBUG") else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # bitsandbytes (imported by peft when installed) warns at import, on every CPU, that an optional faster 4-bit
+    # kernel package is absent; its own CPU kernels run without it
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -23,7 +23,11 @@ def tiny_models(
     student_pretrain_steps: Optional[int] = typer.Option(
         None, min=0, help="Student pre-training steps; default a quarter of the teacher's."
     ),
-    vocab_size: int = typer.Option(1024, min=288, help="Byte-level BPE vocabulary size."),
+    vocab_size: int = typer.Option(1024, min=288, help="Tokenizer vocabulary size (trained pieces and specials)."),
+    arch: str = typer.Option(
+        "llama", "--arch", help="Model family: llama (byte-level BPE), mistral, gemma3 (Gemma-3 -it, multimodal "
+        "class) or gpt2 (GPT-SW3); see grpo_kd/tiny_families.py."
+    ),
     other_vocab_size: int = typer.Option(
         0, min=0, help="Also write OUT/student-other-vocab/, a student with a tokenizer of this size (0: none)."
     ),
@@ -34,23 +38,26 @@ def tiny_models(
     seed: int = typer.Option(0, help="Seed of the tokenizer split, the weights and the batches."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if OUT holds a build with these settings."),
 ) -> None:
-    """Train a byte-level BPE tokenizer on local text and write a tiny teacher and student (Llama).
+    """Train a tokenizer on local text and write a tiny teacher and student of one model family (default Llama).
 
     Also splits the text's distinct lines into OUT/prompts.txt and OUT/heldout.txt (every tenth line), the data
     that configs/tiny.yaml and the demo use."""
     from dataclasses import replace
 
     from grpo_kd.demo import write_demo_data
-    from grpo_kd.tiny import STUDENT_ARCH, TEACHER_ARCH, build_tiny_models, build_tiny_student
+    from grpo_kd.tiny import build_tiny_models, build_tiny_student
+    from grpo_kd.tiny_families import family
 
     setup_logging()
+    fam = family(arch)  # an unknown family: one line naming the known ones
     for file in corpus or []:
         if not file.is_file():
             raise GrpoKdError(f"corpus file not found: {file}")
     paths = build_tiny_models(
         out, corpus, vocab_size=vocab_size, pretrain_steps=pretrain_steps,
-        student_pretrain_steps=student_pretrain_steps, seed=seed, force=force,
-        teacher_arch=replace(TEACHER_ARCH, head_dim=head_dim), student_arch=replace(STUDENT_ARCH, head_dim=head_dim),
+        student_pretrain_steps=student_pretrain_steps, seed=seed, force=force, arch=arch,
+        teacher_arch=None if head_dim is None else replace(fam.teacher_arch, head_dim=head_dim),
+        student_arch=None if head_dim is None else replace(fam.student_arch, head_dim=head_dim),
     )  # fmt: skip
     report = json.loads((out / "build.json").read_text(encoding="utf-8"))
     for role in ("teacher", "student"):

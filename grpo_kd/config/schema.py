@@ -30,6 +30,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"
     gradient_checkpointing: bool = False
+    load_in_4bit: bool = False  # QLoRA: a frozen NF4 base (bitsandbytes, GPU or CPU) under LoRA adapters
     lora: bool = False  # train LoRA adapters instead of the full model
     lora_r: int = 16
     lora_alpha: int = 32
@@ -72,6 +73,10 @@ class RolloutConfig:
     teacher_mix_alpha: float = 0.0  # MiniLLM: draw from alpha * p_teacher + (1 - alpha) * q_student
     num_shards: int = 1
     engine: Literal["hf", "vllm"] = "hf"  # vllm: sample with vLLM (settings in `vllm`); see grpo_kd/engines
+    # true: old_logprobs from one full forward after sampling (the update's own computation); false: the sampling
+    # loop's own values (equal up to float rounding in float32; saves that forward; not with teacher mixing);
+    # None: recompute where the two differ by more than rounding: a 16-bit student, or teacher mixing
+    recompute_logprobs: bool | None = None
 
 
 @dataclass
@@ -82,6 +87,9 @@ class TeacherConfig:
     path: str = "runs/tiny-models/teacher"  # ignored for the self-teachers, which use the student
     adapter: bool = False  # self-teachers: the current student (its checkpoint) if True, else its initial model
     prompt_template: str = "{privileged}\n\n{prompt}"  # self_privileged: how the privileged info is placed
+    # the teacher's prompt through its own tokenizer's chat template (its format, not the student's); None: as
+    # data.chat_template. The completion is the student's either way.
+    chat_template: bool | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     load_in_4bit: bool = False
     device_map: str | None = None  # "auto" spreads a large teacher over the GPUs of a node

@@ -117,6 +117,9 @@ def _generate_batch(model, tokenizer, encoded, device, eos_ids, stop_ids, max_ne
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if eos_ids:
         kwargs["eos_token_id"] = sorted(eos_ids)
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows > len(tokenizer):  # vocabulary padding (Gemma-3): rows that are no token are never drawn
+        kwargs["suppress_tokens"] = list(range(len(tokenizer), rows))
     if stop_ids:
         from transformers import StoppingCriteriaList
 

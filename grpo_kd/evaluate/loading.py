@@ -21,10 +21,11 @@ def checkpoint_tokenizer(checkpoint: str, cfg: Config):
 
 def load_checkpoint(checkpoint: str, cfg: Config):
     """A checkpoint directory (full weights or adapters on cfg.model.path) or a hub id, in eval mode."""
-    from grpo_kd.models import load_causal_lm, load_student
+    from grpo_kd.models import load_causal_lm, load_student, tokenizer_length
 
     if Path(checkpoint).expanduser().is_dir():
         return load_student(cfg.model, checkpoint=str(checkpoint), trainable=False)
     model = load_causal_lm(checkpoint, dtype=cfg.model.dtype, device=cfg.model.device,
-                           trust_remote_code=cfg.model.trust_remote_code)
+                           trust_remote_code=cfg.model.trust_remote_code,
+                           vocab_size=tokenizer_length(checkpoint, trust_remote_code=cfg.model.trust_remote_code))
     return model.eval().requires_grad_(False)

@@ -258,11 +258,12 @@ def _diversity(samples, baseline: dict | None, cfg: Config, warnings: list[str])
 
 def _distill(student, inputs: SuiteInputs, cfg: Config, student_tokenizer) -> dict:
     from grpo_kd.evaluate.distill import cross_tokenizer_score, distill_metrics
-    from grpo_kd.models import load_causal_lm, load_tokenizer
+    from grpo_kd.models import load_causal_lm, load_tokenizer, tokenizer_length
 
     t = cfg.teacher
     teacher_model = load_causal_lm(inputs.teacher, dtype=t.dtype, device=cfg.model.device, load_in_4bit=t.load_in_4bit,
-                                   device_map=t.device_map, trust_remote_code=t.trust_remote_code)
+                                   device_map=t.device_map, trust_remote_code=t.trust_remote_code,
+                                   vocab_size=tokenizer_length(inputs.teacher, trust_remote_code=t.trust_remote_code))
     teacher_model.eval().requires_grad_(False)
     try:
         if inputs.same_vocabulary:

@@ -24,11 +24,14 @@ q_S(y))` of the two recomputed terms and `student_logprobs = log q_S(y)`, both a
 (the teacher cache scores at `teacher.temperature`, which may differ; importance weights q_S / mixture need
 these). The manifest records the largest difference between the stored values and those of the KV-cache
 sampling loop (`logprob_drift`: mean and max |delta| per token; `logprob_drift_max`): float rounding in
-float32, bf16 noise on a GPU.
+float32, bf16 noise on a GPU. `rollout.recompute_logprobs` decides (default: recompute only where the two differ by
+more than float rounding, a 16-bit student or teacher-mixed sampling); otherwise the loop's own values are stored
+(no second forward; the drift is 0).
 
 Engines (`rollout.engine`): "hf" samples with the KV-cache loop of `grpo_kd.train.sampling`; "vllm" samples with
-vLLM (`grpo_kd.engines.vllm_rollout`) and then recomputes `old_logprobs` the same way, storing vLLM's own log-probs
-as `sampler_logprobs`; its `logprob_drift` is the vLLM-vs-trainer mismatch that `loss.tis_cap` corrects.
+vLLM (`grpo_kd.engines.vllm_rollout`) and then always recomputes `old_logprobs` the same way, storing vLLM's own
+log-probs as `sampler_logprobs`; its `logprob_drift` is the vLLM-vs-trainer mismatch that `loss.policy.tis_cap`
+corrects.
 
 Randomness is per completion (see `grpo_kd.train.sampling`): a completion depends on the seed, the iteration,
 its group id and sample index, not on the batch size or the shard layout, so 1 shard and n shards write the
@@ -66,10 +69,18 @@ from grpo_kd.cache.manifest import (
 )
 from grpo_kd.cache.rollouts import ROLLOUT_KIND, ROLLOUT_SUFFIX, RolloutRecord, write_rollout_shard
 from grpo_kd.config import Config
-from grpo_kd.data import Prompt, encode_prompt, prompts_from_config, render_prompt, split_heldout
+from grpo_kd.data import (
+    Prompt,
+    prompt_token_ids,
+    prompts_from_config,
+    split_heldout,
+    teacher_chat_template,
+    teacher_has_own_prompt,
+)
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.models import (
     eos_token_ids,
+    lm_head,
     load_student,
     load_teacher,
     load_tokenizer,
@@ -158,11 +169,19 @@ def sample_seed(seed: int, iteration: int, group_id: int, sample_index: int) -> 
 
 def prompt_ids(tokenizer, prompt: Prompt, cfg: Config) -> list[int]:
     """The prompt's token ids as the student sees them, keeping the last `data.max_prompt_tokens`."""
-    text = render_prompt(tokenizer, prompt, chat_template=cfg.data.chat_template)
-    ids = encode_prompt(tokenizer, text, chat_template=cfg.data.chat_template, max_tokens=cfg.data.max_prompt_tokens)
+    ids = prompt_token_ids(tokenizer, prompt, chat_template=cfg.data.chat_template,
+                           max_tokens=cfg.data.max_prompt_tokens)
     if not ids:
         raise GrpoKdError(f"prompt {prompt.id!r} is empty after tokenization")
     return list(ids)
+
+
+def teacher_prompt_ids(teacher_tokenizer, prompt: Prompt, cfg: Config) -> list[int]:
+    """The prompt's ids as a mixing teacher with a format of its own sees them (`teacher_has_own_prompt`)."""
+    ids = prompt_token_ids(teacher_tokenizer, prompt, chat_template=teacher_chat_template(cfg))
+    if not ids:
+        raise GrpoKdError(f"prompt {prompt.id!r} is empty after the teacher's tokenization")
+    return ids
 
 
 def sampling_params(cfg: Config) -> SamplingParams:
@@ -172,6 +191,9 @@ def sampling_params(cfg: Config) -> SamplingParams:
     for name in ("prompts_per_iteration", "group_size", "batch_size"):
         if getattr(r, name) < 1:
             raise GrpoKdError(f"rollout.{name} must be at least 1, got {getattr(r, name)}")
+    if r.teacher_mix_alpha > 0 and r.recompute_logprobs is False:
+        raise GrpoKdError("rollout.recompute_logprobs=false is not available with rollout.teacher_mix_alpha > 0: the "
+                          "mixture's and the student's log-probs are both recorded by the recompute")
     if r.teacher_mix_alpha > 0 and cfg.teacher.kind == "self_privileged":
         raise GrpoKdError("rollout.teacher_mix_alpha > 0 is not supported with teacher.kind=self_privileged "
                           "(the teacher would need another prompt); use kind model or self_base")
@@ -194,13 +216,16 @@ def plan_meta(cfg: Config, iteration: int, shard: int, num_shards: int) -> dict[
             "prompts_per_iteration": r.prompts_per_iteration,
             "chat_template": cfg.data.chat_template,
             "max_prompt_tokens": cfg.data.max_prompt_tokens,
+            **({"teacher_chat_template": teacher_chat_template(cfg)}  # the mixing teacher reads its own format
+               if r.teacher_mix_alpha > 0 and teacher_has_own_prompt(cfg) else {}),
         },
         "sampling": {
             **sampling_params(cfg).as_dict(),
             "engine": r.engine,
             "group_size": r.group_size,
             "rng": RNG_SCHEME if r.engine == "hf" else VLLM_RNG_SCHEME,
-            "logprobs": "completion_logprobs at the sampling temperature, untruncated (top-k/top-p not applied)",
+            "logprobs": {"recompute": True if r.engine == "vllm" else r.recompute_logprobs,
+                         "values": "at the sampling temperature, untruncated (top-k/top-p not applied)"},
         },
     }
 
@@ -208,10 +233,10 @@ def plan_meta(cfg: Config, iteration: int, shard: int, num_shards: int) -> dict[
 # ---------------------------------------------------------------------------------------------- models
 
 
-def _check_teacher_vocabulary(cfg: Config, student_fp: dict[str, Any]) -> dict[str, Any]:
-    """The teacher's tokenizer fingerprint; a one-line error naming both when it is not the student's."""
+def _check_teacher_vocabulary(cfg: Config, student_tok, student_fp: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The teacher's tokenizer and its fingerprint; a one-line error naming both when it is not the student's."""
     if cfg.teacher.kind != "model":
-        return student_fp  # the self-teachers are the student's own base
+        return student_tok, student_fp  # the self-teachers are the student's own base
     teacher_tok = load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
     teacher_fp = tokenizer_fingerprint(teacher_tok)
     if not same_vocabulary(student_fp, teacher_fp):
@@ -220,32 +245,69 @@ def _check_teacher_vocabulary(cfg: Config, student_fp: dict[str, Any]) -> dict[s
             f"{describe_vocab(teacher_fp)} but the student {cfg.model.path} has {describe_vocab(student_fp)}; "
             "set rollout.teacher_mix_alpha=0"
         )
-    return teacher_fp
+    return teacher_tok, teacher_fp
 
 
 # ---------------------------------------------------------------------------------------------- recording
 
 
+RECOMPUTE_TOKENS = 8192  # padded tokens per forward of the log-prob recompute (its rows batched by length)
+
+
 def recorded_logprobs(
     student, teacher, prompt_ids: Sequence[Sequence[int]], samples: Sequence[Sample], params: SamplingParams,
-    pad_id: int,
+    pad_id: int, teacher_prompt_ids: Sequence[Sequence[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(old_logprobs (R, T), student_logprobs (R, T) | None, completion_mask (R, T)) recomputed on CPU tensors.
 
-    Without a teacher old = student and the second is None; with one, old = log(alpha p_T + (1 - alpha) q_S).
+    Without a teacher old = student and the second is None; with one, old = log(alpha p_T + (1 - alpha) q_S),
+    the teacher conditioned on `teacher_prompt_ids` (its own format) when given, else on the student's prompt.
+    The rows are scored in length-sorted chunks of at most `RECOMPUTE_TOKENS` padded tokens, so the padding of
+    short completions beside long ones costs no forward (a row's values do not depend on its chunk).
     """
-    batch = collate(prompt_ids, [s.completion_ids for s in samples], pad_id=pad_id)
-    device = next(student.parameters()).device
+    completions = [s.completion_ids for s in samples]
+    width = max(1, max((len(c) for c in completions), default=0))
+    mask = torch.zeros((len(completions), width), dtype=torch.float32)  # (R, T) 1 on real completion tokens
+    for r, completion in enumerate(completions):
+        mask[r, : len(completion)] = 1.0
     with torch.no_grad():
-        student_lp, _ = completion_logprobs(student, batch.to(device), temperature=params.temperature)  # (R, T)
-        student_lp = student_lp.float().cpu()
+        student_lp = _chunked_logprobs(student, prompt_ids, completions, width, params.temperature, pad_id)
         alpha = params.teacher_mix_alpha
         if alpha == 0:
-            return student_lp, None, batch.completion_mask
-        teacher_device = next(teacher.parameters()).device
-        teacher_lp, _ = completion_logprobs(teacher, batch.to(teacher_device), temperature=params.temperature)
-        teacher_lp = teacher_lp.float().cpu()  # (R, T)
-    return mixture_logprobs(teacher_lp, student_lp, alpha) * batch.completion_mask, student_lp, batch.completion_mask
+            return student_lp, None, mask
+        teacher_lp = _chunked_logprobs(teacher, teacher_prompt_ids or prompt_ids, completions, width,
+                                       params.temperature, pad_id)
+    return mixture_logprobs(teacher_lp, student_lp, alpha) * mask, student_lp, mask
+
+
+def _chunked_logprobs(model, prompts, completions, width: int, temperature: float, pad_id: int) -> torch.Tensor:
+    """`completion_logprobs` of every row, (R, width) float32 on the CPU, over length-sorted chunks."""
+    device = next(model.parameters()).device
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    out = torch.zeros((len(completions), width), dtype=torch.float32)  # (R, T)
+    for rows in _length_chunks(lengths, RECOMPUTE_TOKENS):
+        batch = collate([prompts[r] for r in rows], [completions[r] for r in rows], pad_id=pad_id)
+        logprobs, _ = completion_logprobs(model, batch.to(device), temperature=temperature)  # (b, t)
+        out[rows, : logprobs.shape[1]] = logprobs.float().cpu()
+    return out
+
+
+def _length_chunks(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Row indices, longest first, cut into chunks of at most `budget` padded tokens (one row at least)."""
+    chunks: list[list[int]] = []
+    for r in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if not chunks or (len(chunks[-1]) + 1) * lengths[chunks[-1][0]] > budget:
+            chunks.append([])
+        chunks[-1].append(r)
+    return chunks
+
+
+def collate_logprobs(rows: Sequence[Sequence[float]]) -> torch.Tensor:
+    """Per-row log-prob lists as one float32 (R, max length) tensor, zero-padded."""
+    out = torch.zeros((len(rows), max(map(len, rows), default=0)), dtype=torch.float32)  # (R, T)
+    for r, values in enumerate(rows):
+        out[r, : len(values)] = torch.tensor(values, dtype=torch.float32)
+    return out
 
 
 def mixture_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -320,11 +382,12 @@ def _write_index_if_all_done(directory: Path, num_shards: int) -> None:
 
 
 def load_models(cfg: Config, params: SamplingParams, checkpoint: Path | None):
-    """(tokenizer, student, teacher | None, their fingerprints for the manifest); the vocabulary is checked first."""
+    """(tokenizer, student, teacher | None, the teacher's tokenizer | None, their fingerprints for the manifest);
+    the vocabulary is checked first."""
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     student_fp = tokenizer_fingerprint(tokenizer)
     mixed = params.teacher_mix_alpha > 0
-    teacher_fp = _check_teacher_vocabulary(cfg, student_fp) if mixed else None
+    teacher_tok, teacher_fp = _check_teacher_vocabulary(cfg, tokenizer, student_fp) if mixed else (None, None)
     ckpt = None if checkpoint is None else str(checkpoint)
     student = load_student(cfg.model, checkpoint=ckpt, trainable=False)
     teacher = load_teacher(cfg.teacher, cfg.model, checkpoint=ckpt) if mixed else None
@@ -333,7 +396,7 @@ def load_models(cfg: Config, params: SamplingParams, checkpoint: Path | None):
         fingerprints["teacher"] = {
             "tokenizer": teacher_fp, "model": model_fingerprint(teacher), "kind": cfg.teacher.kind
         }
-    return tokenizer, student, teacher, fingerprints
+    return tokenizer, student, teacher, teacher_tok, fingerprints
 
 
 def _sample_shard(cfg: Config, paths: RunPaths, iteration: int, plan: dict[str, Any], show_progress: bool):
@@ -343,8 +406,11 @@ def _sample_shard(cfg: Config, paths: RunPaths, iteration: int, plan: dict[str, 
     prompts = iteration_prompts(training_prompts(cfg), cfg.rollout.prompts_per_iteration, iteration, cfg.seed)
     if cfg.rollout.engine == "vllm":
         return _sample_shard_vllm(cfg, iteration, plan, prompts, params, checkpoint, show_progress)
-    tokenizer, student, teacher, fingerprints = load_models(cfg, params, checkpoint)
-    groups = [(g, prompts[g], prompt_ids(tokenizer, prompts[g], cfg)) for g in range(*plan["group_range"])]
+    tokenizer, student, teacher, teacher_tok, fingerprints = load_models(cfg, params, checkpoint)
+    own = teacher is not None and teacher_has_own_prompt(cfg)  # the mixing teacher reads its own format
+    groups = [(g, prompts[g], prompt_ids(tokenizer, prompts[g], cfg),
+               teacher_prompt_ids(teacher_tok, prompts[g], cfg) if own else None)
+              for g in range(*plan["group_range"])]
     if not groups:
         log.warning("this rollout shard has no groups (%d shards for %d prompts per iteration); it is written empty",
                     plan["num_shards"], cfg.rollout.prompts_per_iteration)
@@ -362,8 +428,8 @@ def _sample_shard_vllm(cfg: Config, iteration: int, plan: dict[str, Any], prompt
     from grpo_kd.engines.vllm_rollout import sample_with_vllm  # vLLM is optional: imported only when used
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    groups = [(g, prompts[g], prompt_ids(tokenizer, prompts[g], cfg)) for g in range(*plan["group_range"])]
-    rows = [(g, ids, s) for g, _, ids in groups for s in range(cfg.rollout.group_size)]
+    groups = [(g, prompts[g], prompt_ids(tokenizer, prompts[g], cfg), None) for g in range(*plan["group_range"])]
+    rows = [(g, ids, s) for g, _, ids, _ in groups for s in range(cfg.rollout.group_size)]
     seeds = [sample_seed(cfg.seed, iteration, g, s) for g, _, s in rows]
     samples, engine = sample_with_vllm(cfg, checkpoint, [ids for _, ids, _ in rows], seeds, params, tokenizer,
                                        show_progress=show_progress)
@@ -372,10 +438,10 @@ def _sample_shard_vllm(cfg: Config, iteration: int, plan: dict[str, Any], prompt
     def replay(student, prompt_ids, row_seeds, params, **_) -> list[Sample]:  # noqa: ARG001 (sample_batch's form)
         return [by_seed[int(seed)] for seed in row_seeds]
 
-    tokenizer, student, _, fingerprints = load_models(cfg, params, checkpoint)
+    tokenizer, student, _, _, fingerprints = load_models(cfg, params, checkpoint)
     started = time.perf_counter()
     records, drift = sample_groups(cfg, iteration, groups, params, student, None, tokenizer, show_progress,
-                                   sampler=replay, keep_sampler_logprobs=True)
+                                   sampler=replay, keep_sampler_logprobs=True, recompute=True)
     recompute_seconds = time.perf_counter() - started
     generate_seconds = engine.pop("sampling_seconds")
     log.info("vLLM rollout: %d completions sampled in %.1f s, log-probs recomputed in %.1f s; |vLLM - trainer| "
@@ -387,12 +453,15 @@ def _sample_shard_vllm(cfg: Config, iteration: int, plan: dict[str, Any], prompt
 
 
 def sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, show_progress, *,
-                  sampler=sample_batch, keep_sampler_logprobs: bool = False):
-    """Sample G completions for each (group_id, prompt, prompt_ids), `rollout.batch_size` prompts at a time.
+                  sampler=sample_batch, keep_sampler_logprobs: bool = False, recompute: bool | None = None):
+    """Sample G completions for each (group_id, prompt, prompt_ids, teacher prompt ids | None), `rollout.batch_size`
+    prompts at a time, the prompts batched by length (less padding; the seeds make a row's tokens independent of
+    its batch) and the records returned in group order.
 
     `sampler` has `sample_batch`'s form (the vLLM path passes completions it sampled already); with
-    `keep_sampler_logprobs` the sampler's own log-probs are stored beside the recomputed ones. Returns (records,
-    {"logprob_drift": {mean_abs, max_abs}, "logprob_drift_max"}) of |sampler log-prob - old_logprobs| per token.
+    `keep_sampler_logprobs` the sampler's own log-probs are stored beside the recomputed ones; `recompute` (default
+    `rollout.recompute_logprobs`) recomputes `old_logprobs` with one forward. Returns (records, {"logprob_drift":
+    {mean_abs, max_abs}, "logprob_drift_max"}) of |sampler log-prob - old_logprobs| per token.
     """
     from grpo_kd.progress import progress
 
@@ -401,13 +470,22 @@ def sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, s
     size = cfg.rollout.group_size
     records: list[RolloutRecord] = []
     drift, drift_sum, tokens = 0.0, 0.0, 0
-    batches = list(_batches(groups, cfg.rollout.batch_size))
+    if recompute is None:
+        recompute = cfg.rollout.recompute_logprobs
+    if recompute is None:  # where the loop's values and a full forward's differ by more than float rounding
+        recompute = teacher is not None or lm_head(student).weight.dtype in (torch.bfloat16, torch.float16)
+    batches = list(_batches(sorted(groups, key=lambda group: len(group[2])), cfg.rollout.batch_size))
     for batch in (progress(batches, "rollout") if show_progress else batches):
-        rows = [(g, prompt, ids, s) for g, prompt, ids in batch for s in range(size)]
+        rows = [(g, prompt, ids, s) for g, prompt, ids, _ in batch for s in range(size)]
         prompt_ids = [ids for _, _, ids, _ in rows]
+        teacher_ids = None if batch[0][3] is None else [t_ids for _, _, _, t_ids in batch for _ in range(size)]
         seeds = [sample_seed(cfg.seed, iteration, g, s) for g, _, _, s in rows]
-        samples = sampler(student, prompt_ids, seeds, params, eos_ids=eos_ids, pad_id=pad_id, teacher=teacher)
-        old, student_lp, _ = recorded_logprobs(student, teacher, prompt_ids, samples, params, pad_id)
+        samples = sampler(student, prompt_ids, seeds, params, eos_ids=eos_ids, pad_id=pad_id, teacher=teacher,
+                          teacher_prompts=teacher_ids)
+        if recompute:
+            old, student_lp, _ = recorded_logprobs(student, teacher, prompt_ids, samples, params, pad_id, teacher_ids)
+        else:  # the sampling loop's values, (R, N) zero-padded
+            old, student_lp = collate_logprobs([s.sampling_logprobs for s in samples]), None
         for r, ((g, prompt, ids, s), sample) in enumerate(zip(rows, samples)):
             n = len(sample.completion_ids)
             delta = (old[r, :n] - torch.tensor(sample.sampling_logprobs)).abs()  # (C,)
@@ -421,5 +499,6 @@ def sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, s
                 student_logprobs=None if student_lp is None else student_lp[r, :n].numpy(),
                 sampler_logprobs=sample.sampling_logprobs if keep_sampler_logprobs else None,
             ))  # fmt: skip
+    records.sort(key=lambda record: (record.group_id, record.sample_index))
     stats = {"mean_abs": drift_sum / max(tokens, 1), "max_abs": drift}
     return records, {"logprob_drift": stats, "logprob_drift_max": drift}

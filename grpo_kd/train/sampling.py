@@ -3,8 +3,9 @@
 One call samples one batch of rows (a row is one prompt's copy for one completion; the rollout phase lays out
 `batch_size` prompts x `G` samples). Prompts are left-padded, so every row's next token sits in the last
 column; `position_ids` count real tokens only, so a padded row sees the positions it would see alone; each
-model keeps its own KV cache (`past_key_values`) and every step computes only the last position's logits,
-`(R, V)`, never `(R, T, V)`.
+model keeps its own KV cache and every step computes only the last position's logits,
+`(R, V)`, never `(R, T, V)`. Rows that have finished leave the batch (every model's KV cache is cut down to the
+rows still sampling), so a batch costs what its unfinished rows cost.
 
 Key design choice: **counter-based randomness per row.** Each row carries its own seed (the rollout phase
 derives it from the run seed, the iteration, the group id and the sample index) and draws its `max_new_tokens`
@@ -30,6 +31,7 @@ forward in TRL).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Sequence
 
@@ -96,6 +98,8 @@ class _Stepper:
         positions = position_ids_from_mask(self.mask)  # (R, P) counts real tokens only, pads at 0
         self.next_position = positions[:, -1:] + 1  # (R, 1)
         self.past = None
+        # transformers 5 names the KV cache `cache` (the old name `past_key_values` warns, then goes)
+        self.cache_name = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
         self.logits = self._forward(input_ids.to(device), positions)  # (R, V)
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -103,11 +107,11 @@ class _Stepper:
             input_ids=input_ids,
             attention_mask=self.mask,
             position_ids=position_ids,
-            past_key_values=self.past,
             use_cache=True,
             return_dict=True,
+            **{self.cache_name: self.past},
         )
-        self.past = out.past_key_values
+        self.past = out[self.cache_name] if self.cache_name in out else out.past_key_values
         hidden = out.last_hidden_state[:, -1].to(self.head.weight.device)  # (R, H) last position only
         logits = F.linear(hidden, self.head.weight, self.head.bias).float()  # (R, V)
         if self.head.softcap is not None:
@@ -121,6 +125,16 @@ class _Stepper:
         self.logits = self._forward(tokens.to(device).unsqueeze(1), self.next_position)  # (R, V)
         self.next_position = self.next_position + 1
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (R',) of the batch: the KV cache, mask, positions and logits lose the others."""
+        index = rows.to(self.mask.device)
+        self.mask, self.next_position = self.mask[index], self.next_position[index]  # (R', P + t), (R', 1)
+        self.logits = self.logits[rows.to(self.logits.device)]  # (R', V)
+        if hasattr(self.past, "reorder_cache"):  # a transformers Cache: each layer's keys and values, by batch row
+            self.past.reorder_cache(index)
+        else:  # the legacy tuple of (keys, values) per layer
+            self.past = tuple(tuple(t.index_select(0, index.to(t.device)) for t in layer) for layer in self.past)
+
 
 # ---------------------------------------------------------------------------------------------- distributions
 
@@ -129,10 +143,11 @@ def mixture_probs(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, temperature: float, alpha: float
 ) -> torch.Tensor:
     """pi = alpha * softmax(teacher / T) + (1 - alpha) * softmax(student / T), float32 `(R, V)`."""
-    probs = torch.softmax(student_logits / temperature, dim=-1)  # (R, V)
+    scale = (lambda z: z) if temperature == 1.0 else (lambda z: z / temperature)  # x / 1.0 == x: one pass saved
+    probs = torch.softmax(scale(student_logits), dim=-1)  # (R, V)
     if teacher_logits is None or alpha == 0:
         return probs
-    teacher_probs = torch.softmax(teacher_logits.to(probs.device) / temperature, dim=-1)  # (R, V)
+    teacher_probs = torch.softmax(scale(teacher_logits.to(probs.device)), dim=-1)  # (R, V)
     return alpha * teacher_probs + (1 - alpha) * probs
 
 
@@ -158,7 +173,7 @@ def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
     The CDF is accumulated in float64; a token of weight 0 is never chosen.
     """
-    cdf = weights.double().cumsum(-1)  # (R, V)
+    cdf = torch.cumsum(weights, -1, dtype=torch.float64)  # (R, V), each weight widened before the sum
     target = uniforms.to(cdf) * cdf[:, -1]  # (R,)
     tokens = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1)  # (R,)
     return tokens.clamp_(max=weights.shape[-1] - 1)
@@ -186,6 +201,12 @@ def row_uniforms(seeds: Sequence[int], steps: int) -> torch.Tensor:
     return torch.stack(rows)  # (R, steps)
 
 
+# A finished row stays in the batch (fed padding, its outputs ignored) until this share of the rows has finished;
+# then the finished rows are cut out of every model's KV cache. Cutting copies each cache once, about what one
+# decoding step reads, so it waits for a few rows rather than paying that for every single one.
+COMPACT_FRACTION = 0.125
+
+
 @torch.no_grad()
 def sample_batch(
     student,
@@ -196,12 +217,16 @@ def sample_batch(
     eos_ids: set[int],
     pad_id: int,
     teacher=None,
+    teacher_prompts: Sequence[Sequence[int]] | None = None,
 ) -> list[Sample]:
     """Sample one completion per row of `prompts` (token id lists), row r with randomness from `seeds[r]`.
 
     With `params.teacher_mix_alpha > 0`, `teacher` (same vocabulary) runs beside the student with its own KV
-    cache and tokens are drawn from the mixture. This is the main loop of the phase: one prefill, then one
-    single-token step per new token until every row has sampled an eos or `max_new_tokens` tokens.
+    cache and tokens are drawn from the mixture; `teacher_prompts` are the teacher's own prompt ids of each row
+    (its chat format), else it reads the student's. This is the main loop of the phase: one prefill, then one
+    single-token step per new token until every row has sampled an eos or `max_new_tokens` tokens. Rows that
+    have finished are dropped from the batch (`COMPACT_FRACTION`), which changes no row's tokens: each row
+    draws from its own uniforms and sees only its own cache.
     """
     params.check()
     if len(prompts) != len(seeds):
@@ -213,7 +238,10 @@ def sample_batch(
     uniforms = row_uniforms(seeds, params.max_new_tokens)  # (R, N)
     models = [_Stepper(student, input_ids, attention_mask)]
     if alpha > 0:
-        models.append(_Stepper(teacher, input_ids, attention_mask))
+        if teacher_prompts is not None and len(teacher_prompts) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(teacher_prompts)} teacher prompts")
+        models.append(_Stepper(teacher, *(left_pad(teacher_prompts, pad_id) if teacher_prompts is not None
+                                          else (input_ids, attention_mask))))
         if models[1].logits.shape[-1] != models[0].logits.shape[-1]:
             raise GrpoKdError(f"teacher-mixed sampling: the teacher has {models[1].logits.shape[-1]} logits per token "
                               f"but the student {models[0].logits.shape[-1]}")
@@ -223,22 +251,31 @@ def sample_batch(
     tokens_out = torch.full((rows, params.max_new_tokens), pad_id, dtype=torch.long, device=device)  # (R, N)
     logprobs_out = torch.zeros((rows, params.max_new_tokens), dtype=torch.float32, device=device)  # (R, N)
     lengths = torch.full((rows,), params.max_new_tokens, dtype=torch.long, device=device)  # (R,)
-    done = torch.zeros(rows, dtype=torch.bool, device=device)  # (R,)
+    stopped_rows = torch.zeros(rows, dtype=torch.bool, device=device)  # (R,) an eos was sampled
+    uniforms = uniforms.to(device)
+    active = torch.arange(rows, device=device)  # (A,) the row of `prompts` each batch row is
+    done = torch.zeros(rows, dtype=torch.bool, device=device)  # (A,) finished, still in the batch
     for step in range(params.max_new_tokens):
         teacher_logits = models[1].logits if alpha > 0 else None
-        probs = mixture_probs(models[0].logits, teacher_logits, params.temperature, alpha)  # (R, V)
-        tokens = inverse_cdf(truncate(probs, params.top_k, params.top_p), uniforms[:, step])  # (R,)
-        tokens = torch.where(done, pad_id, tokens)  # (R,) finished rows only carry padding
-        tokens_out[:, step] = tokens
-        logprobs_out[:, step] = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log()
-        stopped = ~done & torch.isin(tokens, eos)  # (R,) rows whose eos is this token
-        lengths = torch.where(stopped, step + 1, lengths)
+        probs = mixture_probs(models[0].logits, teacher_logits, params.temperature, alpha)  # (A, V)
+        tokens = inverse_cdf(truncate(probs, params.top_k, params.top_p), uniforms[active, step])  # (A,)
+        tokens = torch.where(done, pad_id, tokens)  # (A,) finished rows only carry padding
+        tokens_out[active, step] = tokens
+        logprobs_out[active, step] = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log()
+        stopped = ~done & torch.isin(tokens, eos)  # (A,) rows whose eos is this token
+        lengths[active[stopped]] = step + 1
+        stopped_rows[active[stopped]] = True
         done = done | stopped
         if bool(done.all()) or step == params.max_new_tokens - 1:
             break
+        if int(done.sum()) >= max(1, COMPACT_FRACTION * len(done)):
+            keep = (~done).nonzero().squeeze(1)  # (A',) rows still sampling
+            active, done, tokens = active[keep], done[keep], tokens[keep]
+            for model in models:
+                model.keep(keep)
         for model in models:
             model.step(tokens)
-    return _samples(tokens_out.cpu(), logprobs_out.cpu(), lengths.cpu(), done.cpu())
+    return _samples(tokens_out.cpu(), logprobs_out.cpu(), lengths.cpu(), stopped_rows.cpu())
 
 
 def _samples(

@@ -13,6 +13,9 @@ the prompt and completion texts and scores whole sequences only), "self_base" (t
 with `teacher.adapter` the current student: the checkpoint that sampled the rollouts, weights or adapters) and
 "self_privileged" (either of the two, with the prompt rebuilt by
 `render_prompt(..., privileged_template=teacher.prompt_template)`; the completion tokens are unchanged).
+Prompts: each model is conditioned on the prompt in its own format. A teacher with a chat template
+(`teacher.chat_template`, by default `data.chat_template`) renders the prompt text through its own tokenizer's
+template, even with the student's vocabulary, and scores the student's completion tokens after it.
 The reference log-probs (`teacher.reference`) come from the student's initial model with adapters off, in a
 first pass whose [C] float32 results are kept in memory, so that two models are never loaded at once.
 
@@ -40,6 +43,7 @@ from grpo_kd.cache.rollouts import RolloutShard, RolloutStore
 from grpo_kd.cache.spec import CacheSpec
 from grpo_kd.cache.teacher import TeacherShardSink
 from grpo_kd.config import Config
+from grpo_kd.data import teacher_chat_template
 from grpo_kd.device import release_memory
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.models import (
@@ -175,6 +179,7 @@ def _params(cfg: Config, spec: CacheSpec) -> dict[str, Any]:
     return {"spec": spec.__dict__, "fields": sorted(spec.token_fields()),  # a cache of an older layout is redone
             "kind": t.kind, "path": t.path if t.kind == "model" else cfg.model.path,
             "adapter": t.adapter, "prompt_template": t.prompt_template if t.kind == "self_privileged" else None,
+            "chat_template": teacher_chat_template(cfg),
             "temperature": t.temperature, "softcap": t.softcap, "token_budget": t.token_budget, "seed": cfg.seed,
             "engine": t.engine,
             "cross_tokenizer_norm": t.cross_tokenizer_norm if spec.cross_tokenizer else None}

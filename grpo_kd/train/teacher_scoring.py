@@ -25,7 +25,7 @@ from grpo_kd.cache.reader import completion_hidden
 from grpo_kd.cache.rollouts import RolloutShard
 from grpo_kd.cache.spec import CacheSpec, ScoredRows, bf16_bits
 from grpo_kd.config import Config
-from grpo_kd.data import Prompt, encode_prompt, render_prompt
+from grpo_kd.data import Prompt, prompt_token_ids, teacher_chat_template, teacher_has_own_prompt
 from grpo_kd.kernels import linear_logprobs, linear_topk
 from grpo_kd.models import (
     final_hidden_states,
@@ -49,22 +49,22 @@ class Scorer:
         self.softcap = cap if cap is not None else self.head.softcap
         self.device = model.get_input_embeddings().weight.device
         self.privileged = (not reference) and cfg.teacher.kind == "self_privileged"
+        self.chat = teacher_chat_template(cfg)
+        self.own_prompt = (not reference) and (teacher_has_own_prompt(cfg) or spec.cross_tokenizer)
 
     # -- inputs
     def _prompts(self, shard: RolloutShard) -> list[np.ndarray]:
-        """Prompt ids the model is conditioned on, per row (rebuilt for the privileged or another tokenizer)."""
+        """Prompt ids the model is conditioned on, per row: the student's, or rebuilt from the prompt text in the
+        teacher's own format (`grpo_kd.data.teacher_has_own_prompt`, or another tokenizer)."""
         offsets, values = shard.list_column("prompt_ids")
-        if not (self.privileged or self.spec.cross_tokenizer):
+        if not self.own_prompt:
             return [values[offsets[i]:offsets[i + 1]] for i in range(shard.num_rows)]
         texts = shard.table.column("prompt_text").to_pylist()
         privileged = shard.table.column("privileged").to_pylist()
         ids = shard.table.column("prompt_id").to_pylist()
         template = self.cfg.teacher.prompt_template if self.privileged else None
-        chat = self.cfg.data.chat_template
-        return [np.asarray(encode_prompt(self.tokenizer, render_prompt(self.tokenizer, Prompt(pid, text, priv),
-                                                                       chat_template=chat,
-                                                                       privileged_template=template),
-                                         chat_template=chat), np.int64)
+        return [np.asarray(prompt_token_ids(self.tokenizer, Prompt(pid, text, priv), chat_template=self.chat,
+                                            privileged_template=template), np.int64)
                 for pid, text, priv in zip(ids, texts, privileged)]
 
     def _completions(self, shard: RolloutShard) -> list[np.ndarray]:
@@ -214,7 +214,7 @@ class Scorer:
 
 
 def _row_sums(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Per-row sums (float64) of a flat per-token array."""
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    sums = np.add.reduceat(values.astype(np.float64), starts) if len(values) else np.zeros(len(counts))
-    return np.where(counts > 0, sums, 0.0)
+    """Per-row sums (float64) of a flat per-token array; 0 for a row without tokens (a completion that is empty
+    in the teacher's tokens, e.g. only an end-of-sequence token)."""
+    rows = np.repeat(np.arange(len(counts)), counts)  # (N,) the row of each token
+    return np.bincount(rows, weights=values.astype(np.float64), minlength=len(counts))

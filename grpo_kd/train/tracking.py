@@ -12,8 +12,11 @@ Key design choices:
   written (MetricsLog) and add each phase's summary (`log_phase`): rollout throughput and completion length,
   the teacher pass's tokens and time. A rollout or teacher summary of iteration i sits at the step where
   iteration i's update starts from (the last step of iteration i-1; 0 for the first).
-- Every phase process writes its own event file in the one directory (TensorBoard merges them); a resumed update
-  that dropped metric lines hides the events from that step on (SummaryWriter's purge_step), as the log does.
+- Every phase process writes its own event file in the one directory (TensorBoard merges them), and phases run
+  in one process (`grpo-kd run --in-process`) share that process's file: TensorBoard reads a directory's files
+  in name order, and names made within one second sort by a per-process counter, not by time. A resumed update
+  that dropped metric lines hides the events from that step on (a SessionLog START event at that step, which is
+  what SummaryWriter's purge_step writes), as the log does.
 - W&B: one W&B run per grpo-kd run, resumed by every phase process under an id made from the run directory;
   offline by default (files under RUN/logs/wandb; `wandb sync` uploads them). Online, a SLURM array of phase
   tasks would resume the run concurrently, which W&B does not promise to merge: keep those offline.
@@ -24,6 +27,7 @@ Key design choices:
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.util
 import re
@@ -35,6 +39,7 @@ from grpo_kd.errors import GrpoKdError
 from grpo_kd.train.metrics import MetricsLog, iteration_offsets, offset_of
 
 TENSORBOARD_DIR = "tensorboard"  # under RUN/logs/
+_EVENT_WRITERS: dict[Path, Any] = {}  # one TensorBoard event file per directory and process (module doc)
 WANDB_HINT = "tracking.wandb needs the wandb package: pip install 'grpo-kd[wandb]' (or set tracking.wandb=false)"
 TENSORBOARD_HINT = ("tracking.tensorboard needs the tensorboard package: pip install tensorboard "
                     "(or set tracking.tensorboard=false)")
@@ -92,7 +97,7 @@ class Tracker:
 
     def close(self) -> None:
         if self._tensorboard is not None:
-            self._tensorboard.close()
+            self._tensorboard.flush()  # the process's shared writer stays open for the next phase (module doc)
             self._tensorboard = None
         if self._wandb is not None:
             import wandb
@@ -103,9 +108,12 @@ class Tracker:
 
     def _tensorboard_writer(self):
         if self._tensorboard is None:
-            from torch.utils.tensorboard import SummaryWriter  # 0.2-0.5 s (tensorboard, protobuf): only when logging
+            self._tensorboard = _event_writer(self.tensorboard_dir)
+            if self._purge_step is not None:
+                from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
-            self._tensorboard = SummaryWriter(str(self.tensorboard_dir), purge_step=self._purge_step)
+                start = Event(step=self._purge_step, session_log=SessionLog(status=SessionLog.START))
+                self._tensorboard._get_file_writer().add_event(start)
         return self._tensorboard
 
     def _wandb_run(self):
@@ -122,6 +130,24 @@ class Tracker:
             self._wandb.define_metric("global_step")
             self._wandb.define_metric("*", step_metric="global_step")
         return self._wandb
+
+
+def _event_writer(directory: Path):
+    """This process's TensorBoard writer of `directory`, opened once and closed when the process exits."""
+    key = directory.resolve()
+    if key not in _EVENT_WRITERS:
+        from torch.utils.tensorboard import SummaryWriter  # 0.2-0.5 s (tensorboard, protobuf): only when logging
+
+        if not _EVENT_WRITERS:
+            atexit.register(_close_event_writers)
+        _EVENT_WRITERS[key] = SummaryWriter(str(directory))
+    return _EVENT_WRITERS[key]
+
+
+def _close_event_writers() -> None:
+    for writer in _EVENT_WRITERS.values():
+        writer.close()
+    _EVENT_WRITERS.clear()
 
 
 def phase_numbers(phase: str, summary: Any, seconds: float) -> dict[str, float]:

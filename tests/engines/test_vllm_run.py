@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from grpo_kd.cache.rollouts import RolloutStore
-from grpo_kd.cache.teacher import logprobs_to_float, open_teacher_shards
+from grpo_kd.cache.spec import stored_logprobs_as_float32
+from grpo_kd.cache.teacher import open_teacher_shards
 from grpo_kd.config import load_config
 from grpo_kd.paths import RunPaths
 
@@ -105,7 +106,7 @@ def test_run_with_vllm_engines_trains_and_caches_what_transformers_caches(vllm_m
     a, b = _flat(ours.reader, names), _flat(theirs.reader, names)
     for name in ("target_logprobs", "ref_logprobs"):
         assert np.abs(a[name] - b[name]).max() < FLOAT_TOL, name
-    a_top, b_top = logprobs_to_float(a["topk_logprobs"]).numpy(), logprobs_to_float(b["topk_logprobs"]).numpy()
+    a_top, b_top = stored_logprobs_as_float32(a["topk_logprobs"]), stored_logprobs_as_float32(b["topk_logprobs"])
     step = np.spacing(np.abs(b_top).astype(np.float16)).astype(np.float32)
     assert (np.abs(a_top - b_top) <= step + FLOAT_TOL).all()
     differ = a["topk_ids"] != b["topk_ids"]

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from grpo_kd.cache.manifest import shard_manifest_path
+from grpo_kd.cache.manifest import read_json, shard_manifest_path
 from grpo_kd.cache.rollouts import RolloutStore
 from grpo_kd.config import load_config
 from grpo_kd.data import Prompt
@@ -142,7 +142,7 @@ def test_two_shards_cover_all_groups_once_and_equal_one_shard(tiny, prompts_file
 
 
 def test_old_logprobs_equal_a_fresh_recompute(tiny, prompts_file, tmp_path):
-    cfg = _config(tiny, prompts_file, tmp_path, **{"rollout.top_k": 50})
+    cfg = _config(tiny, prompts_file, tmp_path, **{"rollout.top_k": 50, "rollout.recompute_logprobs": True})
     store = RolloutStore.open(run_rollout(cfg, 1).parent)
     records = list(store)
     batch = collate([r.prompt_ids for r in records], [r.completion_ids for r in records], pad_id=0)
@@ -153,6 +153,46 @@ def test_old_logprobs_equal_a_fresh_recompute(tiny, prompts_file, tmp_path):
         n = len(record.completion_ids)
         torch.testing.assert_close(torch.tensor(record.old_logprobs), fresh[r, :n], rtol=0, atol=2e-6)
         assert record.prompt_text.startswith("Spurningur")
+
+
+def test_recompute_in_length_chunks_equals_one_batch(tiny, prompts_file, tmp_path, monkeypatch):
+    """The recompute scores rows in length-sorted chunks: the same values as one padded batch (float rounding)."""
+    from grpo_kd.train import rollout
+
+    recompute = {"rollout.recompute_logprobs": True}
+    one = list(RolloutStore.open(run_rollout(_config(tiny, prompts_file, tmp_path / "a", **recompute), 1).parent))
+    monkeypatch.setattr(rollout, "RECOMPUTE_TOKENS", 16)  # a chunk per row or two
+    assert rollout._length_chunks([9, 3, 12, 5], 16) == [[2], [0], [3, 1]]  # longest first, <= 16 padded tokens
+    chunked_cfg = _config(tiny, prompts_file, tmp_path / "b", **recompute)
+    chunked = list(RolloutStore.open(run_rollout(chunked_cfg, 1).parent))
+    for a, b in zip(chunked, one):
+        assert list(a.completion_ids) == list(b.completion_ids)
+        torch.testing.assert_close(torch.tensor(a.old_logprobs), torch.tensor(b.old_logprobs), rtol=0, atol=2e-6)
+
+
+def test_sampling_loop_logprobs_without_the_recompute(tiny, prompts_file, tmp_path):
+    """rollout.recompute_logprobs=false: the same tokens, and the loop's log-probs, within float rounding of the
+    recomputed ones; refused with teacher mixing, whose two log-probs come from the recompute."""
+    recompute = _config(tiny, prompts_file, tmp_path / "a", **{"rollout.recompute_logprobs": True})
+    recomputed = list(RolloutStore.open(run_rollout(recompute, 1).parent))
+    cfg = _config(tiny, prompts_file, tmp_path / "b", **{"rollout.recompute_logprobs": False})
+    from_loop = list(RolloutStore.open(run_rollout(cfg, 1).parent))
+    assert [list(r.completion_ids) for r in from_loop] == [list(r.completion_ids) for r in recomputed]
+    for a, b in zip(from_loop, recomputed):
+        torch.testing.assert_close(torch.tensor(a.old_logprobs), torch.tensor(b.old_logprobs), rtol=0, atol=2e-5)
+    mixed = _config(tiny, prompts_file, tmp_path / "c", **{"rollout.recompute_logprobs": False,
+                                                           "rollout.teacher_mix_alpha": 0.5})
+    with pytest.raises(GrpoKdError, match="recompute_logprobs=false is not available"):
+        run_rollout(mixed, 1)
+
+
+@pytest.mark.parametrize("dtype, recomputed", [("float32", False), ("bfloat16", True)])
+def test_the_default_recomputes_where_the_loop_and_a_forward_differ(tiny, prompts_file, tmp_path, dtype, recomputed):
+    """recompute_logprobs unset: a float32 student stores the loop's log-probs (drift 0: nothing recomputed), a
+    bfloat16 one recomputes them (drift > 0: the loop's and a full forward's bf16 rounding differ)."""
+    cfg = _config(tiny, prompts_file, tmp_path, **{"model.dtype": dtype})
+    meta = read_json(shard_manifest_path(run_rollout(cfg, 1).parent, 0))["meta"]
+    assert (meta["logprob_drift_max"] > 0) == recomputed, meta["logprob_drift_max"]
 
 
 def test_rerunning_a_finished_shard_does_nothing(tiny, prompts_file, tmp_path, caplog):

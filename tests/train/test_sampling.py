@@ -238,3 +238,44 @@ def test_bad_sampling_parameters_are_one_line_errors(field, value, message):
 
     with pytest.raises(GrpoKdError, match=re.escape(message)):
         SamplingParams(**{field: value}).check()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: sliding-window KV cache layers, padded head rows
+def test_dropping_finished_rows_changes_no_token(arch, tiny_family, monkeypatch):
+    """Finished rows leave the batch (and every KV cache, the mixing teacher's too): the same tokens, finish reasons
+    and log-probs as the sampler that decodes every row to the end (`COMPACT_FRACTION` = inf: no row is dropped,
+    the loop as it was), while the student's decoding steps shrink."""
+    from grpo_kd.train import sampling
+
+    models = tiny_family(arch)
+    tokenizer = load_tokenizer(str(models.student))
+    student = load_causal_lm(str(models.student), vocab_size=len(tokenizer)).eval()
+    teacher = load_causal_lm(str(models.teacher), vocab_size=len(tokenizer)).eval()
+    prompts = _prompts(tokenizer, group_size=3)  # 12 rows
+    seeds = _seeds(len(prompts))
+    params = SamplingParams(max_new_tokens=10, teacher_mix_alpha=0.5)
+    monkeypatch.setattr(sampling, "COMPACT_FRACTION", float("inf"))
+    free = sample_batch(student, prompts, seeds, params, eos_ids={-1}, pad_id=tokenizer.pad_token_id, teacher=teacher)
+    eos = {free[r].completion_ids[r % 4 + 1] for r in range(0, len(free), 3)}  # rows stop at different steps
+    sizes: list[int] = []
+    hook = student.get_decoder().register_forward_pre_hook(lambda _, args, kw: sizes.append(len(kw["input_ids"])),
+                                                           with_kwargs=True)
+    runs = {}
+    for fraction in (float("inf"), 0.0, 0.125):
+        monkeypatch.setattr(sampling, "COMPACT_FRACTION", fraction)
+        sizes.clear()
+        runs[fraction] = (sample_batch(student, prompts, seeds, params, eos_ids=eos, pad_id=tokenizer.pad_token_id,
+                                       teacher=teacher), list(sizes))
+    hook.remove()
+    reference, full_sizes = runs[float("inf")]
+    lengths = sorted({len(s.completion_ids) for s in reference})
+    assert len(lengths) >= 3 and any(s.finish_reason == "length" for s in reference)  # rows end at many steps
+    assert set(full_sizes) == {len(prompts)}
+    for fraction in (0.0, 0.125):
+        samples, steps = runs[fraction]
+        assert [s.completion_ids for s in samples] == [s.completion_ids for s in reference]
+        assert [s.finish_reason for s in samples] == [s.finish_reason for s in reference]
+        for got, want in zip(samples, reference):
+            torch.testing.assert_close(torch.tensor(got.sampling_logprobs), torch.tensor(want.sampling_logprobs),
+                                       atol=1e-5, rtol=1e-5)
+        assert steps == sorted(steps, reverse=True) and sum(steps) < sum(full_sizes)
