@@ -1,6 +1,6 @@
 """Every algorithm on the tiny Faroese pair, before and after: the experiment of docs/experiments.md.
 
-    python benchmarks/run_experiments.py                      # all 14 runs: ~6 min on 2 shared CPU cores
+    python benchmarks/run_experiments.py                      # all 16 runs: ~7 min on 2 shared CPU cores
     python benchmarks/run_experiments.py --only grpo,minillm --iterations 2      # a quick look
     python benchmarks/run_experiments.py --executor cli       # each phase its own process, as `grpo-kd run`
 
@@ -82,12 +82,18 @@ EXPERIMENTS = [
                ("teacher", "distill", "reverse_kl"), False),
     Experiment("ppo", "PPO (value head, GAE), teacher log-lik. reward", "teacher log-lik. of samples",
                ("teacher", "distill", "teacher_logprob_mean"), True),
+    Experiment("ppo_minillm_reward", "PPO, MiniLLM-style reward (per token) + L_PT", "reverse KL to teacher",
+               ("teacher", "distill", "reverse_kl"), False),
     Experiment("ppo_beta1", "PPO, teacher log-lik. reward, beta 1 (ablation)", "teacher log-lik. of samples",
                ("teacher", "distill", "teacher_logprob_mean"), True, config="ppo", overrides=("loss.policy.beta=1.0",)),
     Experiment("minillm", "MiniLLM reverse-KL PG, teacher-mixed sampling + L_PT", "reverse KL to teacher",
                ("teacher", "distill", "reverse_kl"), False),
     Experiment("minillm_topk32", "MiniLLM, cache top-k 32 instead of 128 (ablation)", "reverse KL to teacher",
                ("teacher", "distill", "reverse_kl"), False, config="minillm", overrides=("teacher.top_k=32",)),
+    Experiment("minillm_topk32_eq7", "MiniLLM, top-k 32, eq. 7's return taken literally (ablation)",
+               "reverse KL to teacher", ("teacher", "distill", "reverse_kl"), False, config="minillm",
+               overrides=("teacher.top_k=32", "loss.minillm.include_current=false", "loss.minillm.whiten=false",
+                          "loss.minillm.gamma=1.0")),
     Experiment("token_reverse_kl", "token-level reverse KL to the teacher (reference point)", "reverse KL to teacher",
                ("teacher", "distill", "reverse_kl"), False),
     Experiment("self_distill_beta0", "self-distillation, beta = 0", "base log-lik. of samples",

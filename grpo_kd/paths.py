@@ -3,7 +3,7 @@
     runs/NAME/config.yaml
     runs/NAME/iter_0001/rollouts/part-00000.arrow + manifest.json
     runs/NAME/iter_0001/teacher/part-00000.{arrow,zarr} + manifest.json
-    runs/NAME/checkpoints/iter_0001/
+    runs/NAME/checkpoints/iter_0001/               (iter_0000: the SFT phase's, when it ran)
     runs/NAME/logs/metrics.jsonl
     runs/NAME/slurm/
     runs/NAME/reports/
@@ -17,6 +17,9 @@ from pathlib import Path
 
 
 PHASES = ("rollout", "cache-teacher", "update")  # the phases of an iteration, in order
+SFT_PHASE = "sft"  # phase 0, before iteration 1 (optional): writes checkpoints/iter_0000, iteration 1's student
+# the phases that train the student: one job each (data parallel under torchrun), resumed from step checkpoints
+TRAINING_PHASES = (SFT_PHASE, "update")
 
 
 def iteration_name(iteration: int) -> str:

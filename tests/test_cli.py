@@ -11,7 +11,7 @@ from grpo_kd.cli.app import main
 ROOT = Path(__file__).resolve().parents[1]
 
 COMMANDS = [
-    ["run"], ["demo"], ["rollout"], ["cache-teacher"], ["update"], ["evaluate"], ["report"],
+    ["run"], ["demo"], ["sft"], ["rollout"], ["cache-teacher"], ["update"], ["evaluate"], ["report"],
     ["chain", "submit"], ["chain", "status"], ["chain", "resume"], ["cache", "verify"], ["cache", "stats"],
     ["config", "show"], ["config", "validate"], ["bench"], ["tiny-models"], ["compare"], ["export"],
 ]
@@ -20,8 +20,8 @@ COMMANDS = [
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "grpo_kd.cli.app", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for name in ["run", "demo", "rollout", "cache-teacher", "update", "evaluate", "report", "chain", "cache", "config",
-                 "bench", "compare", "export"]:
+    for name in ["run", "demo", "sft", "rollout", "cache-teacher", "update", "evaluate", "report", "chain", "cache",
+                 "config", "bench", "compare", "export"]:
         assert name in out.stdout
 
 

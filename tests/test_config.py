@@ -39,6 +39,20 @@ def test_dotted_overrides_apply_after_the_file(tmp_path):
     assert cfg.model.lora_target_modules == ["q_proj"]
 
 
+def test_minillm_has_no_kl_to_a_reference_unless_asked(tmp_path):
+    """MiniLLM's objective (reverse KL to the teacher + L_PT) has no KL-to-reference term: its beta defaults to 0
+    (schema.ALGORITHM_DEFAULTS), in the shipped config too; a file or an override that sets beta keeps it, and the
+    other algorithms keep the schema's default."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    assert load_config(None, ["loss.algorithm=minillm"]).loss.policy.beta == 0.0
+    assert load_config(root / "minillm.yaml").loss.reference_beta == 0.0
+    assert load_config(root / "minillm.yaml", ["loss.policy.beta=0.1"]).loss.policy.beta == 0.1
+    path = tmp_path / "m.yaml"
+    path.write_text("loss:\n  algorithm: minillm\n  policy:\n    beta: 0.2\n", encoding="utf-8")
+    assert load_config(path).loss.policy.beta == 0.2
+    assert load_config(None, ["loss.algorithm=grpo"]).loss.policy.beta == load_config(None).loss.policy.beta > 0
+
+
 def test_ints_are_accepted_for_floats_but_not_the_reverse():
     assert load_config(None, ["loss.policy.beta=1"]).loss.policy.beta == 1.0
     with pytest.raises(ConfigError, match="rollout.group_size: expected int"):
@@ -55,6 +69,9 @@ def test_ints_are_accepted_for_floats_but_not_the_reverse():
         ("model.lora=3", "model.lora: expected bool"),
         ("loss=3", "loss: expected a mapping"),
         ("nokey", "not of the form section.key=value"),
+        ("sft.plain_text=true", "sft.plain_text needs sft.source"),
+        ("sft.enabled=true", "sft.source is empty, so phase 0 trains on data.prompts with their continuation"),
+        ("sft.epochs=0", "sft.epochs must be at least 1"),
     ],
 )
 def test_mistakes_fail_with_one_line_naming_the_key(override, message):

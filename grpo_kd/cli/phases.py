@@ -1,4 +1,5 @@
-"""`grpo-kd rollout`, `grpo-kd cache-teacher` and `grpo-kd update`: the three phases of an iteration.
+"""`grpo-kd rollout`, `grpo-kd cache-teacher` and `grpo-kd update`: the three phases of an iteration; and
+`grpo-kd sft`, the optional phase 0 before iteration 1.
 
 Each command resolves its shard and calls `grpo_kd.train.phases.run_phase`, the same function `grpo-kd run`
 uses. The phase modules are imported inside the commands: importing them pulls in torch and transformers
@@ -44,6 +45,18 @@ def update(
     run_phase_command(cfg, "update", iteration, None, None, resume=resume)
 
 
+def sft(
+    config: Optional[Path] = CONFIG_OPTION,
+    overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint of this phase."),
+) -> None:
+    """Phase 0: fine-tune the student on prompt + continuation pairs or plain text (the config's `sft` section),
+    writing checkpoints/iter_0000, which iteration 1 starts from. `grpo-kd run` and `chain submit` run it first when
+    sft.enabled. Under `torchrun` every rank runs this; SIGTERM / SIGUSR2 checkpoint and exit with the requeue code."""
+    cfg = resolve_config(config, overrides)
+    run_phase_command(cfg, "sft", 0, None, None, resume=resume)
+
+
 def cache_teacher(
     config: Optional[Path] = CONFIG_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
@@ -60,12 +73,13 @@ def run_phase_command(cfg, phase: str, iteration: int, shard: int | None, num_sh
                       resume: bool = False) -> None:
     """What every phase command does: resolve this process's shard (flags, else the SLURM array), run the phase,
     print its summary; an update stopped by a signal exits with the requeue code."""
+    from grpo_kd.paths import TRAINING_PHASES
     from grpo_kd.shards import resolve_shard
     from grpo_kd.train.phases import UpdateInterrupted, default_num_shards, run_phase
     from grpo_kd.train.signals import REQUEUE_EXIT_CODE
 
     setup_logging()
-    j, n = (0, 1) if phase == "update" else resolve_shard(shard, num_shards, default_num_shards(cfg, phase))
+    j, n = (0, 1) if phase in TRAINING_PHASES else resolve_shard(shard, num_shards, default_num_shards(cfg, phase))
     try:
         result = run_phase(cfg, phase, iteration, shard=j, num_shards=n, resume=resume)
     except UpdateInterrupted as exc:
@@ -78,3 +92,4 @@ def register(app: typer.Typer) -> None:
     app.command("rollout")(rollout)
     app.command("cache-teacher")(cache_teacher)
     app.command("update")(update)
+    app.command("sft")(sft)

@@ -8,6 +8,7 @@
 from grpo_kd.config.loader import from_dict, load_config, parse_override, read_yaml, save_config, to_dict, to_yaml
 from grpo_kd.config.rules import check, problems
 from grpo_kd.config.schema import (
+    ALGORITHM_DEFAULTS,
     ALGORITHM_SECTIONS,
     ALGORITHMS,
     REWARD_COMPONENTS,
@@ -26,6 +27,7 @@ from grpo_kd.config.schema import (
     PretrainConfig,
     RewardConfig,
     RolloutConfig,
+    SftConfig,
     SlurmConfig,
     SlurmPhaseConfig,
     TeacherConfig,
@@ -34,9 +36,9 @@ from grpo_kd.config.schema import (
 )
 
 __all__ = [
-    "ALGORITHMS", "ALGORITHM_SECTIONS", "REWARD_COMPONENTS", "CheckpointConfig", "Config", "ConfigError",
-    "DataConfig", "EvalConfig", "GrpoConfig", "LossConfig", "MiniLLMConfig", "ModelConfig", "OptimConfig",
-    "PolicyLossConfig", "PpoConfig", "PretrainConfig", "RewardConfig", "RolloutConfig", "SlurmConfig",
-    "SlurmPhaseConfig", "TeacherConfig", "TeacherKLConfig", "TrackingConfig", "check", "from_dict", "load_config",
-    "parse_override", "problems", "read_yaml", "save_config", "to_dict", "to_yaml",
+    "ALGORITHMS", "ALGORITHM_DEFAULTS", "ALGORITHM_SECTIONS", "REWARD_COMPONENTS", "CheckpointConfig", "Config",
+    "ConfigError", "DataConfig", "EvalConfig", "GrpoConfig", "LossConfig", "MiniLLMConfig", "ModelConfig",
+    "OptimConfig", "PolicyLossConfig", "PpoConfig", "PretrainConfig", "RewardConfig", "RolloutConfig", "SftConfig",
+    "SlurmConfig", "SlurmPhaseConfig", "TeacherConfig", "TeacherKLConfig", "TrackingConfig", "check", "from_dict",
+    "load_config", "parse_override", "problems", "read_yaml", "save_config", "to_dict", "to_yaml",
 ]

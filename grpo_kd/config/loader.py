@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from grpo_kd.config import rules
-from grpo_kd.config.schema import Config, ConfigError
+from grpo_kd.config.schema import ALGORITHM_DEFAULTS, Config, ConfigError, LossConfig
 from grpo_kd.fsutil import atomic_write_text, read_text_utf8
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -37,11 +37,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
+    add_algorithm_defaults(raw)
     cfg = from_dict(Config, raw)
     check_loss_sections(raw, cfg)
     if check_rules:
         rules.check(cfg)
     return cfg
+
+
+def add_algorithm_defaults(raw: dict[str, Any]) -> None:
+    """Put the chosen algorithm's own defaults (schema.ALGORITHM_DEFAULTS) beneath what `raw` sets."""
+    loss = raw.get("loss", {})
+    if not isinstance(loss, dict):
+        return  # from_dict reports it
+    for key, value in ALGORITHM_DEFAULTS.get(loss.get("algorithm", LossConfig.algorithm), {}).items():
+        *sections, name = key.split(".")
+        node = loss
+        for section in sections:
+            node = node.get(section, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node:
+            continue
+        set_dotted(raw, f"loss.{key}", value)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

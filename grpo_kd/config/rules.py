@@ -192,6 +192,18 @@ def _engines(cfg: Config) -> Problems:
     yield from _at_least("vllm.max_num_seqs", cfg.vllm.max_num_seqs, 1)
 
 
+def _sft(cfg: Config) -> Problems:
+    """What phase 0 (sft) cannot run with."""
+    s, d = cfg.sft, cfg.data
+    yield from _at_least("sft.epochs", s.epochs, 1)
+    yield from _at_least("sft.max_steps (0: every epoch)", s.max_steps, 0)
+    if s.plain_text and not s.source:
+        yield "sft.plain_text needs sft.source (a text, CoNLL-U, JSONL or Parquet file, or a dataset)"
+    if s.enabled and not s.source and not (d.privileged_field or d.prefix_words > 0):
+        yield ("sft.source is empty, so phase 0 trains on data.prompts with their continuation, which needs "
+               "data.privileged_field or data.prefix_words; or set sft.source")
+
+
 def _optim(cfg: Config) -> Problems:
     o = cfg.optim
     yield from _positive("optim.lr", o.lr)
@@ -242,7 +254,7 @@ def _eval(cfg: Config) -> Problems:
 
 
 SECTIONS: tuple[Callable[[Config], Problems], ...] = (
-    _run, _model, _data, _rollout, _teacher, _loss, _engines, _optim, _checkpoint, _slurm, _eval,
+    _run, _model, _data, _rollout, _teacher, _loss, _engines, _sft, _optim, _checkpoint, _slurm, _eval,
 )
 
 

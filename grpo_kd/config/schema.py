@@ -123,7 +123,7 @@ class PolicyLossConfig:
 
 
 # the names loss.reward.weights may weight: per completion, then per token (grpo_kd.train.rewards computes them)
-REWARD_COMPONENTS = ("teacher_loglik", "inverse_loss", "length", "log_ratio")
+REWARD_COMPONENTS = ("teacher_loglik", "inverse_loss", "length", "teacher_logprob", "log_ratio")
 
 
 @dataclass
@@ -132,7 +132,9 @@ class RewardConfig:
 
     kind: Literal["teacher_loglik", "minillm"] = "teacher_loglik"
     # {} = the default of the algorithm: {teacher_loglik: 1} (kind teacher_loglik), {log_ratio: 1} (kind minillm),
-    # {inverse_loss: 1} (self_distill); see grpo_kd.train.algorithms.common.reward_weights
+    # {inverse_loss: 1} (self_distill); see grpo_kd.train.algorithms.common.reward_weights. Components: sequence
+    # teacher_loglik, inverse_loss, length (PPO pays them at the last token); per token teacher_logprob, log_ratio
+    # (PPO pays them at every token; GRPO averages them per sequence). grpo_kd/train/rewards.py has the formulas.
     weights: dict[str, float] = field(default_factory=dict)
 
 
@@ -145,20 +147,26 @@ class GrpoConfig:
 
 @dataclass
 class PpoConfig:
-    """The critic and GAE of ppo."""
+    """The critic and GAE of ppo, and where its KL to the reference goes."""
 
     gamma: float = 1.0
     gae_lambda: float = 0.95
     value_coef: float = 0.5
+    # the KL to the reference as a per-token reward penalty -beta (log q_old - log q_ref) (classic RLHF PPO) instead
+    # of the loss's beta * k3 term; beta is loss.policy.beta either way
+    kl_in_reward: bool = False
 
 
 @dataclass
 class MiniLLMConfig:
-    """MiniLLM's long-term term and its teacher-mixed importance weights."""
+    """MiniLLM's long-term term and its teacher-mixed importance weights. The defaults are the reference
+    implementation's (microsoft/LMOps minillm; docs/experiments.md, "MiniLLM's long-term return")."""
 
-    gamma: float = 1.0
+    gamma: float = 0.95  # discount of the long-term return (LMOps' default)
     importance_clip: float = 0.2  # clip of the teacher-mixed importance weights (and of the surrogate's ratio)
-    length_normalize: bool = True  # R^Norm
+    length_normalize: bool = True  # divide the return by the number of rewards it sums
+    include_current: bool = True  # the return from t includes r_t (LMOps); false: eq. 7's R_{t+1}, 0 at the end
+    whiten: bool = True  # advantages = the returns whitened over the prepared batch (LMOps); false: the raw returns
 
 
 @dataclass
@@ -189,6 +197,13 @@ ALGORITHM_SECTIONS: dict[str, tuple[str, ...]] = {  # the loss sections each alg
     "minillm": ("policy", "minillm", "teacher_kl", "pt"),
     "self_distill": ("policy", "reward", "grpo", "pt"),
     "privileged": ("teacher_kl", "pt"),
+}
+
+# Defaults that depend on the algorithm, as dotted keys under `loss` (the one place each lives): the loader puts
+# them beneath the file and the overrides, so a config that sets the key keeps its value. The dataclass default
+# holds for every algorithm not named here.
+ALGORITHM_DEFAULTS: dict[str, dict[str, object]] = {
+    "minillm": {"policy.beta": 0.0},  # MiniLLM's objective (reverse KL to the teacher + L_PT) has no KL to a reference
 }
 
 
@@ -228,6 +243,33 @@ class LossConfig:
     def reference_beta(self) -> float:
         """The weight of the KL to the reference: `policy.beta` where the algorithm reads it, else 0."""
         return self.policy.beta if "policy" in self.sections else 0.0
+
+    @property
+    def loss_kl_beta(self) -> float:
+        """The weight of the k3 KL term in the loss: `reference_beta`, except 0 where PPO pays it in its reward."""
+        return 0.0 if self.algorithm == "ppo" and self.ppo.kl_in_reward else self.reference_beta
+
+
+@dataclass
+class SftConfig:
+    """Phase 0: supervised fine-tuning of the student before iteration 1 (`grpo-kd sft`; grpo_kd/train/sft.py).
+    Batches, schedule and clipping come from `optim`; its checkpoint, checkpoints/iter_0000, is iteration 1's student."""
+
+    enabled: bool = False  # `grpo-kd run` and `chain submit` run phase 0 before iteration 1
+    # "" = the training prompts (data.*, held-out split excluded), each with its continuation: data.privileged_field,
+    # or with data.prefix_words the rest of the sentence. Else a file or dataset of its own, read as below.
+    source: str = ""
+    format: Literal["auto", "jsonl", "parquet", "text", "conllu", "hf"] = "auto"
+    plain_text: bool = False  # the source is plain text (lines, sentences or text_field): every token is trained
+    prompt_field: str = "prompt"
+    continuation_field: str = "continuation"  # appended to the prompt as written; the loss is on it alone
+    text_field: str = "text"
+    prefix_words: int = 0  # text / CoNLL-U source as pairs: the first N words prompt, the rest the continuation
+    max_examples: int | None = None
+    seq_len: int = 256  # plain text: tokens per block; pairs: the continuation is cut to this many tokens
+    epochs: int = 1
+    max_steps: int = 0  # 0: every step of `epochs`; else at most this many optimizer steps
+    lr: float | None = None  # None: optim.lr
 
 
 @dataclass
@@ -295,6 +337,7 @@ class SlurmConfig:
     workdir: str | None = None  # the jobs' working directory; None: where `chain submit` runs (saved resolved)
     rendezvous_port: int = 29500  # torchrun c10d rendezvous port on the first node (multi-node update)
     sbatch_args: list[str] = field(default_factory=list)  # extra sbatch options for every job, e.g. --constraint=a100
+    sft: SlurmPhaseConfig = field(default_factory=SlurmPhaseConfig)  # phase 0, when sft.enabled
     rollout: SlurmPhaseConfig = field(default_factory=SlurmPhaseConfig)
     cache_teacher: SlurmPhaseConfig = field(default_factory=SlurmPhaseConfig)
     update: SlurmPhaseConfig = field(default_factory=SlurmPhaseConfig)
@@ -342,6 +385,7 @@ class Config:
     iterations: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     vllm: VllmConfig = field(default_factory=VllmConfig)

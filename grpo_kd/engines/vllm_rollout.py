@@ -8,8 +8,8 @@ sample_index)`): a completion depends on its seed and the model, not on the batc
 transformers path, though the two engines draw different tokens from one seed: vLLM has its own generator).
 Temperature, top-k and top-p are vLLM's; a completion stops at the student's eos ids (`grpo_kd.models.
 eos_token_ids`, kept in `completion_ids` with finish reason "stop") or at `rollout.max_new_tokens`. The student is
-the initial model at iteration 1, else the previous update's checkpoint: full weights as a model directory, a
-peft adapter through vLLM's LoRA support on the base weights.
+the initial model (or phase 0's SFT checkpoint) at iteration 1, else the previous update's checkpoint: full
+weights as a model directory, a peft adapter through vLLM's LoRA support on the base weights.
 
 The engine is shut down before returning, and the rollout phase loads the transformers student: the behaviour
 log-probs (`old_logprobs`) are recomputed with `grpo_kd.train.policy.completion_logprobs`, as the update computes

@@ -48,7 +48,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from grpo_kd.config import Config
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.locks import hold_lock
-from grpo_kd.paths import PHASES, RunPaths, iteration_name
+from grpo_kd.paths import PHASES, TRAINING_PHASES, RunPaths, iteration_name
 from grpo_kd.slurm.plan import Step, chain_steps, damaged_outputs, num_tasks, phase_args, task_done
 from grpo_kd.train.signals import REQUEUE_EXIT_CODE
 
@@ -158,7 +158,7 @@ def run_task_in_process(task: LocalTask, cfg: Config, console: Console) -> float
     step = task.step
     try:
         result = run_phase(cfg, step.phase, step.iteration, shard=task.task or 0, num_shards=task.tasks,
-                           resume=step.phase == "update")
+                           resume=step.phase in TRAINING_PHASES)
     except _Stop:
         raise Interrupted(f"stopped during {task.label}; run the same command again to resume from the last "
                           "finished phase or update checkpoint") from None

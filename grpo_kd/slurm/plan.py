@@ -8,6 +8,7 @@ Key design choice: "done" is a property of files, never of a scheduler's memory.
 local one) and `chain status` ask the same question, so a chain can move between them: a run started with
 `grpo-kd run` can be finished with `chain resume` and the other way round. A phase is done when
 
+    sft              checkpoints/iter_0000/ exists (phase 0, first in the chain when sft.enabled)
     rollout          rollouts/manifest.json exists and every rollout shard 0..n-1 has its manifest and data
     cache-teacher    every rollout shard i has its teacher shard i (teacher shard i scores rollout shard i)
     update           checkpoints/iter_NNNN/ exists (it is renamed into place only when complete)
@@ -33,7 +34,8 @@ from grpo_kd.cache.manifest import (
 )
 from grpo_kd.config import Config, check, load_config, save_config
 from grpo_kd.errors import GrpoKdError
-from grpo_kd.paths import PHASES, RunPaths, iteration_name
+from grpo_kd.paths import PHASES, SFT_PHASE, TRAINING_PHASES, RunPaths, iteration_name
+
 ROLLOUT_SUFFIX = "arrow"
 
 
@@ -41,8 +43,8 @@ ROLLOUT_SUFFIX = "arrow"
 class Step:
     """One phase of one iteration: one SLURM job (an array for sharded phases), or one or more local processes."""
 
-    iteration: int
-    phase: str  # one of PHASES
+    iteration: int  # 0 for phase 0 (sft)
+    phase: str  # one of PHASES, or SFT_PHASE
 
     @property
     def key(self) -> str:
@@ -50,12 +52,14 @@ class Step:
 
     @property
     def label(self) -> str:
-        return f"iteration {self.iteration} {self.phase}"
+        return "phase 0 sft" if self.phase == SFT_PHASE else f"iteration {self.iteration} {self.phase}"
 
 
 def chain_steps(cfg: Config, iterations: int | None = None) -> list[Step]:
+    """Phase 0 (sft) when `sft.enabled`, then each iteration's phases."""
     count = cfg.iterations if iterations is None else iterations
-    return [Step(i, phase) for i in range(1, count + 1) for phase in PHASES]
+    first = [Step(0, SFT_PHASE)] if cfg.sft.enabled else []
+    return first + [Step(i, phase) for i in range(1, count + 1) for phase in PHASES]
 
 
 def num_tasks(cfg: Config, phase: str) -> int:
@@ -66,13 +70,15 @@ def num_tasks(cfg: Config, phase: str) -> int:
 def phase_args(step: Step, config_path: Path, *, task: int | None = None, tasks: int | None = None) -> list[str]:
     """The `grpo-kd` arguments of a step; `task`/`tasks` for a local process of a sharded phase.
 
-    Under SLURM a sharded phase reads SLURM_ARRAY_TASK_ID/COUNT instead. update always gets `--resume`: it
-    continues from a mid-phase checkpoint when there is one (after a requeue or a kill) and starts fresh otherwise.
+    Under SLURM a sharded phase reads SLURM_ARRAY_TASK_ID/COUNT instead. update and sft always get `--resume`: they
+    continue from a mid-phase checkpoint when there is one (after a requeue or a kill) and start fresh otherwise.
     """
-    args = [step.phase, "--config", str(config_path), "--iteration", str(step.iteration)]
+    args = [step.phase, "--config", str(config_path)]
+    if step.phase != SFT_PHASE:
+        args += ["--iteration", str(step.iteration)]
     if task is not None:
         args += ["--shard", str(task), "--num-shards", str(tasks)]
-    if step.phase == "update":
+    if step.phase in TRAINING_PHASES:
         args.append("--resume")
     return args
 
@@ -137,7 +143,7 @@ def step_done(cfg: Config, paths: RunPaths, step: Step) -> bool:
         return step_done(cfg, paths, Step(i, "rollout")) and all(
             teacher_shard_done(cfg, paths, i, j) for j in range(cfg.rollout.num_shards)
         )
-    if step.phase == "update":
+    if step.phase in TRAINING_PHASES:  # sft: iteration 0
         return paths.checkpoint(i).is_dir()
     raise ValueError(f"unknown phase {step.phase!r}")
 

@@ -25,12 +25,13 @@ from pathlib import Path
 
 from grpo_kd.config import Config, SlurmPhaseConfig
 from grpo_kd.errors import GrpoKdError
-from grpo_kd.paths import RunPaths, iteration_name
+from grpo_kd.paths import TRAINING_PHASES, RunPaths, iteration_name
 from grpo_kd.slurm.plan import Step, num_tasks, phase_args
 from grpo_kd.train.signals import REQUEUE_EXIT_CODE
 
 
 WHAT = {
+    "sft": "the student is fine-tuned on the SFT data before iteration 1 (phase 0; checkpoints/iter_0000)",
     "rollout": "the student samples a group of completions per prompt and stores them with their log-probs",
     "cache-teacher": "the teacher scores every rollout token (top-k log-probs) into the teacher cache",
     "update": "the student trains on the rollouts and the teacher cache and writes its checkpoint",
@@ -71,7 +72,7 @@ def script_path(paths: RunPaths, step: Step) -> Path:
 
 def is_distributed(cfg: Config, step: Step) -> bool:
     res = phase_resources(cfg, step.phase)
-    return step.phase == "update" and res.nodes * max(res.gpus_per_node, 1) > 1
+    return step.phase in TRAINING_PHASES and res.nodes * max(res.gpus_per_node, 1) > 1
 
 
 # ---------------------------------------------------------------------------------------------- rendering

@@ -11,9 +11,15 @@ GAE (PPO), per token t of one sequence with per-token rewards r_t and values V_t
 
     delta_t = r_t + gamma * V_{t+1} - V_t,     A_t = delta_t + gamma * lambda * A_{t+1},     returns_t = A_t + V_t
 
-MiniLLM's length-normalised long-term reward (Gu et al., 2024, eq. 7), for per-token rewards r_t:
+MiniLLM's length-normalised long-term return, for per-token rewards r_t of a completion of L tokens:
 
-    R^Norm_{t+1} = 1 / (L - t - 1) * sum_{t' = t+1}^{L-1} gamma^{t' - t - 1} r_{t'}         (0 at the last token)
+    include_current (the reference implementation, microsoft/LMOps minillm):
+        R_t = 1 / (L - t) * sum_{t' = t}^{L-1} gamma^{t' - t} r_{t'}
+    without it (Gu et al., 2024, eq. 7 read literally):
+        R^Norm_{t+1} = 1 / (L - t - 1) * sum_{t' = t+1}^{L-1} gamma^{t' - t - 1} r_{t'}     (0 at the last token)
+
+The divisor counts the rewards summed (not their discount weights), as LMOps does. minillm.py whitens the result
+(docs/experiments.md, "MiniLLM's long-term return", says why both choices matter).
 """
 
 from __future__ import annotations
@@ -72,16 +78,19 @@ def gae(
 
 
 def normalized_future_rewards(
-    rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, length_normalize: bool = True
+    rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float, length_normalize: bool, include_current: bool
 ) -> torch.Tensor:
-    """MiniLLM's R^Norm_{t+1}: the (discounted) sum of rewards after t, divided by their count. `[B, T]`."""
+    """MiniLLM's long-term return per token (module doc): the (discounted) sum of the rewards from t on
+    (`include_current`) or after t, divided by their count when `length_normalize`. `[B, T]`, 0 on padding."""
     rewards = rewards.float() * mask
-    future = torch.zeros_like(rewards)  # (B, T): sum_{t' > t} gamma^{t'-t-1} r_t'
-    running = torch.zeros_like(rewards[:, 0])  # (B,)
-    for t in reversed(range(rewards.shape[1] - 1)):
-        running = rewards[:, t + 1] + gamma * running
-        future[:, t] = running
+    future = torch.zeros_like(rewards)  # (B, T): sum_{t' >= t} (or > t) gamma^{t'-t(-1)} r_t'
+    running = torch.zeros_like(rewards[:, 0])  # (B,): the sum from t + 1 on
+    for t in reversed(range(rewards.shape[1])):
+        after = running
+        running = rewards[:, t] + gamma * running
+        future[:, t] = running if include_current else after
     if not length_normalize:
         return future * mask
-    remaining = mask.flip(1).cumsum(1).flip(1) - mask  # (B, T): unmasked tokens after t
-    return future / remaining.clamp(min=1) * mask
+    remaining = mask.flip(1).cumsum(1).flip(1)  # (B, T): unmasked tokens from t on, t included
+    counted = remaining if include_current else remaining - mask
+    return future / counted.clamp(min=1) * mask

@@ -13,7 +13,8 @@ A checkpoint is a directory:
 Every file is checked against checksums.json before it is used (`restore_checkpoint` here, the weights in
 `grpo_kd.models` when they are loaded): a flipped byte is one line naming the file, never a silent load.
 It is written through `fsutil.atomic_path` (into `<dir>.tmp-<pid>`, then renamed into place), so a directory that exists is complete, and an
-existing directory is never rewritten. The end of an update phase writes `checkpoints/iter_NNNN/` (its presence
+existing directory is never rewritten. The end of an update phase writes `checkpoints/iter_NNNN/` (phase 0, SFT,
+writes `checkpoints/iter_0000/`, the student of iteration 1; its presence
 marks the phase as done); a save in the middle of the phase (a SLURM pre-timeout signal, or
 `checkpoint.save_every_steps`) writes `checkpoints/iter_NNNN.step-SSSSSSS/`, which `--resume` continues from;
 older step checkpoints are pruned after a newer one is complete, and all of them after the final save.
@@ -112,10 +113,12 @@ def model_dir(checkpoint: str | Path) -> Path:
 
 
 def student_checkpoint(paths: RunPaths, iteration: int) -> Path | None:
-    """The student of iteration `iteration`, the one that samples its rollouts: None (the initial model) at
-    iteration 1, else the model of the update checkpoint of iteration - 1."""
+    """The student of iteration `iteration`, the one that samples its rollouts: at iteration 1 the model of the SFT
+    phase's checkpoints/iter_0000 when it exists, else None (the initial model); later the model of the update
+    checkpoint of iteration - 1."""
     if iteration == 1:
-        return None
+        sft = model_dir(paths.checkpoint(0))
+        return sft if sft.is_dir() else None
     directory = model_dir(paths.checkpoint(iteration - 1))
     if not directory.is_dir():
         raise GrpoKdError(f"the student of iteration {iteration} is missing: {directory} does not exist; "

@@ -59,13 +59,14 @@ class Mirror(Protocol):
 
 
 class MetricsLog:
-    """The JSONL log of the update's optimizer steps, mirrored to the run's trackers when `tracker` is given, at
-    the global step of each line."""
+    """The JSONL log of the update's (and the SFT phase's, iteration 0) optimizer steps, mirrored to the run's
+    trackers when `tracker` is given, at the global step of each line, under `phase/`."""
 
-    def __init__(self, path: str | Path, tracker: Mirror | None = None):
+    def __init__(self, path: str | Path, tracker: Mirror | None = None, phase: str = "update"):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tracker = tracker
+        self.phase = phase
         self._offsets: dict[int, int] | None = None
 
     def truncate_after(self, iteration: int, step: int) -> None:
@@ -91,7 +92,7 @@ class MetricsLog:
             handle.flush()
             os.fsync(handle.fileno())
         if self.tracker is not None and isinstance(clean.get("iteration"), int) and isinstance(clean.get("step"), int):
-            values = {f"update/{key}": value for key, value in numbers(clean).items()}
+            values = {f"{self.phase}/{key}": value for key, value in numbers(clean).items()}
             self.tracker.log(values, self.global_step(clean["iteration"], clean["step"]))
 
     def close(self) -> None:

@@ -16,6 +16,10 @@ prompts and vocabularies) and takes the lock of its task, `RUN/locks/iter_NNNN-<
 of one iteration never write one metrics log. A full disk or a read-only file system is one line naming the
 phase, not a traceback.
 
+Phase 0, "sft" (iteration 0; grpo_kd/train/sft.py), fine-tunes the student before iteration 1 when `sft.enabled`,
+and is trained, stopped and resumed as the update is. With `sft.enabled`, a phase of iteration 1 refuses to start
+before phase 0 has written its checkpoint, so no caller can sample from or train the untuned student by mistake.
+
 Sharding: the rollout writes shard `shard` of `num_shards` (default: `rollout.num_shards`); the teacher pass is
 task `shard` of `num_shards` (default 1: one task scores every rollout shard); the update is never sharded here
 (data parallelism comes from torchrun). An update stopped by SIGTERM/SIGUSR2 after its checkpoint raises
@@ -31,14 +35,15 @@ from dataclasses import dataclass
 from grpo_kd.config import Config
 from grpo_kd.errors import GrpoKdError, describe_os_error
 from grpo_kd.locks import hold_lock
-from grpo_kd.paths import PHASES, RunPaths, iteration_name
+from grpo_kd.paths import PHASES, SFT_PHASE, TRAINING_PHASES, RunPaths, iteration_name
 from grpo_kd.train.preflight import check_inputs
+from grpo_kd.train.sft import run_sft
 from grpo_kd.train.rollout import rollout_shard
 from grpo_kd.train.teacher_pass import run_teacher_pass
 from grpo_kd.train.tracking import Tracker, log_phase
 from grpo_kd.train.update import UpdateInterrupted, run_update
 
-__all__ = ["PHASES", "PhaseResult", "UpdateInterrupted", "default_num_shards", "run_phase"]
+__all__ = ["PHASES", "SFT_PHASE", "PhaseResult", "UpdateInterrupted", "default_num_shards", "run_phase"]
 
 
 @dataclass(frozen=True)
@@ -59,23 +64,24 @@ def default_num_shards(cfg: Config, phase: str) -> int:
 
 def run_phase(cfg: Config, phase: str, iteration: int, *, shard: int = 0, num_shards: int | None = None,
               resume: bool = False, show_progress: bool = True) -> PhaseResult:
-    """Run `phase` of `iteration` (shard `shard` of `num_shards`); a finished phase returns at once."""
-    if phase not in PHASES:
-        raise GrpoKdError(f"unknown phase {phase!r}; expected one of {', '.join(PHASES)}")
-    if iteration < 1:
-        raise GrpoKdError(f"iteration must be at least 1, got {iteration}")
+    """Run `phase` of `iteration` (shard `shard` of `num_shards`); a finished phase returns at once. Phase "sft"
+    is iteration 0."""
+    check_phase(cfg, phase, iteration)
     n = default_num_shards(cfg, phase) if num_shards is None else num_shards
     if not 0 <= shard < n:
         raise GrpoKdError(f"shard {shard} is out of range for {n} shard(s): expected 0 <= shard < {n}")
-    if phase == "update" and n != 1:
-        raise GrpoKdError("the update is one job; its data parallelism comes from torchrun, not from shards")
+    training = phase in TRAINING_PHASES
+    if training and n != 1:
+        raise GrpoKdError(f"the {phase} is one job; its data parallelism comes from torchrun, not from shards")
     check_inputs(cfg, [phase])
-    tracker = Tracker.for_run(cfg) if phase != "update" else None  # the update mirrors its metrics log itself
+    tracker = None if training else Tracker.for_run(cfg)  # a training phase mirrors its metrics log itself
     started = time.monotonic()
-    what = f"iteration {iteration} {phase}" + (f" shard {shard}" if phase != "update" else "")
+    what = f"iteration {iteration} {phase}" + ("" if training else f" shard {shard}")
     with hold_lock(RunPaths.of(cfg.run_dir).lock(task_lock_name(phase, iteration, shard)), what):
         try:
-            if phase == "rollout":
+            if phase == SFT_PHASE:
+                summary = run_sft(cfg, resume=resume)
+            elif phase == "rollout":
                 summary = rollout_shard(cfg, iteration, shard, n, show_progress=show_progress)
             elif phase == "cache-teacher":
                 summary = run_teacher_pass(cfg, iteration=iteration, task=shard, num_tasks=n, progress=show_progress)
@@ -90,15 +96,35 @@ def run_phase(cfg: Config, phase: str, iteration: int, *, shard: int = 0, num_sh
     seconds = time.monotonic() - started
     if tracker is not None:
         log_phase(tracker, RunPaths.of(cfg.run_dir).metrics, phase, iteration, shard, n, summary, seconds)
-    line = str(summary) if phase == "update" else summary.line()
+    line = str(summary) if training else summary.line()
     return PhaseResult(phase, iteration, shard, n, line, seconds)
 
 
 def task_lock_name(phase: str, iteration: int, shard: int) -> str:
-    """The lock of one phase task: `iter_0001-rollout-0`, `iter_0001-cache-teacher-2`, `iter_0001-update` (the
-    ranks of a torchrun update other than 0 each lock their own `-rankR`, so a second launch is refused on all)."""
+    """The lock of one phase task: `iter_0001-rollout-0`, `iter_0001-cache-teacher-2`, `iter_0001-update`,
+    `iter_0000-sft` (the ranks of a torchrun update other than 0 each lock their own `-rankR`, so a second launch
+    is refused on all)."""
     name = f"{iteration_name(iteration)}-{phase}"
-    if phase != "update":
+    if phase not in TRAINING_PHASES:
         return f"{name}-{shard}"
     rank = int(os.environ.get("RANK", "0") or 0)
     return name if rank == 0 else f"{name}-rank{rank}"
+
+
+def check_phase(cfg: Config, phase: str, iteration: int) -> None:
+    """One line for a phase or iteration that does not exist, or an iteration 1 that would skip phase 0."""
+    if phase == SFT_PHASE:
+        if iteration != 0:
+            raise GrpoKdError(f"sft is phase 0, before iteration 1: it has no iteration {iteration}")
+        if not cfg.sft.enabled:  # else iteration 1 would start from a phase the config says is not there
+            raise GrpoKdError("sft.enabled is false: set sft.enabled=true (grpo-kd run and chain submit then run "
+                              "phase 0 too)")
+        return
+    if phase not in PHASES:
+        raise GrpoKdError(f"unknown phase {phase!r}; expected one of {', '.join(PHASES)} or {SFT_PHASE}")
+    if iteration < 1:
+        raise GrpoKdError(f"iteration must be at least 1, got {iteration}")
+    sft = RunPaths.of(cfg.run_dir).checkpoint(0)
+    if iteration == 1 and cfg.sft.enabled and not sft.is_dir():
+        raise GrpoKdError(f"sft.enabled: iteration 1 starts from phase 0's checkpoint {sft}, which does not exist; "
+                          "run `grpo-kd sft` first (grpo-kd run and chain submit do)")

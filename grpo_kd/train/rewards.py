@@ -9,6 +9,8 @@ in `grpo_kd.config.REWARD_COMPONENTS`, which the config's rules check `loss.rewa
 
     teacher_loglik   r_i = mean_t log p_T(y_t | y_<t)                        (or teacher sum / teacher tokens or bytes
                                                                               when the teacher has another tokenizer)
+    teacher_logprob  r_t = log p_T(y_t | y_<t)                                 (per token; PPO's per-token reward,
+                                                                              teacher_loglik paid at every token)
     log_ratio        r_t = log p_T(y_t | y_<t) - log q_theta(y_t | y_<t)       (per token; MiniLLM, PPO)
     inverse_loss     r_i = -mean_t NLL_base(y_t | y_<t) = mean_t log p_base    (self-distillation)
     length           r_i = completion length / max_new_tokens                  (a length term, usually negative weight)
@@ -37,6 +39,11 @@ def teacher_loglik_retokenized(
         raise GrpoKdError(f"cross-tokenizer normalisation must be 'token' or 'byte', not {per!r}")
     denominator = teacher_tokens if per == "token" else num_bytes
     return teacher_sum.float() / denominator.float().clamp(min=1)
+
+
+def teacher_logprob(teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token log p_T of the student's tokens, `[B, T]`, zero on padding (its mean over t is teacher_loglik)."""
+    return teacher_logprobs.float() * mask
 
 
 def log_ratio(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
     run_rollout(cfg, iteration=2, shard=0, num_shards=4) -> runs/NAME/iter_0002/rollouts/part-00000.arrow
 
-Which student: the initial model (`cfg.model.path`) at iteration 1, else the `model/` directory of the update
-checkpoint of iteration i-1 (full weights or a peft adapter).
+Which student (`checkpoint.student_checkpoint`): the initial model (`cfg.model.path`) at iteration 1, or the SFT
+phase's checkpoints/iter_0000 when it ran, else the `model/` directory of the update checkpoint of iteration i-1
+(full weights or a peft adapter).
 
 Which prompts (deterministic in `cfg.seed`): the training prompts are `data.prompts` minus the held-out slice
 (`split_heldout`, as the evaluator holds it out; nothing is held out when `data.heldout_prompts` is given).

@@ -36,6 +36,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -190,33 +191,48 @@ def _train(cfg: Config, iteration: int, resume: bool, paths: RunPaths, dist: Dis
     plan = run.plan
     log.info("update %d: %s, %d groups, %d steps x %d epochs, starting after step %d", iteration,
              cfg.loss.algorithm, plan.num_groups, plan.steps_per_epoch, plan.epochs, done)
+
+    def one_step(index: int) -> StepStats:
+        groups = step_groups(plan, cfg.seed, iteration, index, dist.rank)
+        pt_blocks = pretrain.draw(iteration, index, dist.rank, dist.world_size) if pretrain else None
+        return train_step(run, run.reader.batch(groups), concat_prepared([prepared[g] for g in groups]),
+                          pt_blocks=pt_blocks, pt_tokens=pretrain.tokens_per_step if pretrain else 0)
+
+    run_steps(run, plan.total_steps, one_step, metrics_log, f"update {iteration}")
+    if dist.is_main:
+        prepared_path.unlink(missing_ok=True)
+    return run.final
+
+
+def run_steps(run: UpdateRun, total: int, one_step: Callable[[int], StepStats], metrics_log: MetricsLog,
+              label: str) -> None:
+    """Optimizer steps `run.done` .. `total - 1` (`one_step(index)` takes one), each logged; a step checkpoint on a
+    stop signal (then `UpdateInterrupted`) or every `checkpoint.save_every_steps`; at the end the final checkpoint.
+    The loop of the update and of phase 0 (sft.py), so both stop, resume and checkpoint the same way."""
+    cfg, dist, plan = run.cfg, run.dist, run.plan
     with stop_on_signals() as stop:
-        for index in progress(range(done, plan.total_steps), f"update {iteration}", total=plan.total_steps - done):
-            groups = step_groups(plan, cfg.seed, iteration, index, dist.rank)
-            pt_blocks = pretrain.draw(iteration, index, dist.rank, dist.world_size) if pretrain else None
-            stats = train_step(run, run.reader.batch(groups), concat_prepared([prepared[g] for g in groups]),
-                               pt_blocks=pt_blocks, pt_tokens=pretrain.tokens_per_step if pretrain else 0)
-            record = {"iteration": iteration, "step": index + 1, "epoch": index // plan.steps_per_epoch,
+        for index in progress(range(run.done, total), label, total=total - run.done):
+            stats = one_step(index)
+            record = {"iteration": run.iteration, "step": index + 1, "epoch": index // plan.steps_per_epoch,
                       **stats.record}
             if dist.is_main:
                 metrics_log.log(record)
             if stats.nonfinite is not None and cfg.optim.nonfinite == "stop":
+                what = f"update of iteration {run.iteration}" if run.iteration else "sft (phase 0)"
                 raise NonFiniteUpdate(
-                    f"update of iteration {iteration} stopped at step {index + 1} of {plan.total_steps}: "
+                    f"{what} stopped at step {index + 1} of {total}: "
                     f"{stats.nonfinite}; no checkpoint written (lower optim.lr={cfg.optim.lr:g}, or set "
                     "optim.nonfinite=skip to skip such steps)")
             stopping = bool(all_reduce_sum(torch.tensor([float(stop.requested)]), dist)[0] > 0)
             periodic = cfg.checkpoint.save_every_steps and (index + 1) % cfg.checkpoint.save_every_steps == 0
-            if (stopping or periodic) and index + 1 < plan.total_steps:
+            if (stopping or periodic) and index + 1 < total:
                 saved = save_state(run, index + 1, record, step=True)
                 if stopping:
                     raise UpdateInterrupted(saved, stop.signal_name)
-    save_state(run, plan.total_steps, None, step=False)
+    save_state(run, total, None, step=False)
     metrics_log.close()
     if dist.is_main:
         prune_step_checkpoints(run.final, 0)
-        prepared_path.unlink(missing_ok=True)
-    return run.final
 
 
 def _setup(cfg: Config, iteration: int, resume: bool, paths: RunPaths, dist: Dist) -> UpdateRun:
@@ -246,13 +262,24 @@ def train_step(run: UpdateRun, batch: CacheBatch, prepared: Prepared, *, pt_bloc
                pt_tokens: int) -> StepStats:
     """One optimizer step over this rank's rows: L_PT units first, then the micro-batches, one backward each."""
     started = time.perf_counter()
-    cfg, ctx, dist, optimizer = run.cfg, run.ctx, run.dist, run.optimizer
+    cfg, ctx, dist = run.cfg, run.ctx, run.dist
     B = batch.completion_ids.shape[0]
     counts = all_reduce_sum(torch.tensor([B, float(batch.completion_mask.sum())], dtype=torch.float64), dist)
     ctx.norm = StepNorm(sequences=int(counts[0]), tokens=int(counts[1]), world_size=dist.world_size)
-    stats = StepStats(dist)
     pt = pt_units(pt_blocks, cfg, ctx, pt_tokens)
-    units = pt + rl_units(run.algorithm, batch, prepared, cfg, ctx)
+    stats, grad_norm = optimizer_step(run, pt + rl_units(run.algorithm, batch, prepared, cfg, ctx), num_pt=len(pt))
+    stats.add_rewards(prepared, batch.completion_mask.float())
+    stats.set("ref_source", "cache" if batch.ref_logprobs is not None else ("live" if ctx.reference else "none"))
+    return stats.finish(grad_norm_value(grad_norm), counts[1] + pt_tokens, time.perf_counter() - started)
+
+
+def optimizer_step(run: UpdateRun, units: list, *, num_pt: int = 0) -> tuple[StepStats, torch.Tensor]:
+    """One optimizer step over `units` ((token weight, closure -> (loss, metrics)), one backward each; DDP
+    synchronises on the last; the first `num_pt` are L_PT units): accumulate, clip, step the optimizer and the
+    schedule. A non-finite loss or gradient norm on any rank skips the optimizer step (`stats.nonfinite` says
+    what). Shared with sft.py."""
+    cfg, ctx, dist, optimizer = run.cfg, run.ctx, run.dist, run.optimizer
+    stats = StepStats(dist)
     optimizer.zero_grad(set_to_none=True)
     bad = None  # the first non-finite quantity of this rank
     for position, (weight, compute) in enumerate(units):
@@ -264,7 +291,7 @@ def train_step(run: UpdateRun, batch: CacheBatch, prepared: Prepared, *, pt_bloc
             loss.backward()
         value = stats.add_loss(loss)
         if bad is None and not math.isfinite(value):
-            what = "L_PT loss" if position < len(pt) else "loss"
+            what = "L_PT loss" if position < num_pt else "loss"
             bad = f"the {what} of micro-batch {position + 1} of {len(units)} is {value}"
         stats.add_metrics(metrics, weight)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -280,9 +307,7 @@ def train_step(run: UpdateRun, batch: CacheBatch, prepared: Prepared, *, pt_bloc
     else:
         optimizer.step()
     run.scheduler.step()
-    stats.add_rewards(prepared, batch.completion_mask.float())
-    stats.set("ref_source", "cache" if batch.ref_logprobs is not None else ("live" if ctx.reference else "none"))
-    return stats.finish(grad_norm_value(grad_norm), counts[1] + pt_tokens, time.perf_counter() - started)
+    return stats, grad_norm
 
 
 def rl_units(algorithm: Algorithm, batch: CacheBatch, prepared, cfg: Config, ctx: Context) -> list:

@@ -1,7 +1,9 @@
 """The update phase's state around the loop: where it starts, what it saves, what it logs.
 
-- `start_point`: a step checkpoint of this iteration (`--resume`), the final checkpoint of iteration i-1, or the
-  initial model; `StartPoint.restore` brings back the optimizer, scheduler, RNG and data position.
+- `start_point`: a step checkpoint of this iteration (`--resume`), the final checkpoint of iteration i-1 (for
+  iteration 1 the SFT phase's checkpoints/iter_0000 when it exists: its weights only), or the initial model;
+  `StartPoint.restore` brings back the optimizer, scheduler, RNG and data position. Phase 0 (sft.py) is
+  "iteration 0" here: it starts from the initial model and resumes from its own step checkpoints.
 - `save_state`: a step or final checkpoint through `grpo_kd.train.checkpoint.save_checkpoint` (rank 0 writes;
   the model directory holds `save_pretrained` output — the adapter only with LoRA — plus PPO's value head).
 - `save_prepared` / `load_prepared`: the iteration's advantages, so a resumed run trains on the same ones even
@@ -78,11 +80,12 @@ class Plan:
 @dataclass(frozen=True)
 class StartPoint:
     checkpoint: Path | None
-    kind: str  # "step" (resume), "previous" (iteration i-1), "initial"
+    kind: str  # "step" (resume), "previous" (iteration i-1), "sft" (phase 0, before iteration 1), "initial"
 
     def restore(self, optimizer, scheduler, plan: Plan) -> int:
-        """Load optimizer/scheduler (and RNG for a resume); returns the optimizer steps already done."""
-        if self.checkpoint is None:
+        """Load optimizer/scheduler (and RNG for a resume); returns the optimizer steps already done. After SFT the
+        weights only: the RL run takes a fresh optimizer and its own learning-rate schedule."""
+        if self.checkpoint is None or self.kind == "sft":
             return 0
         has_optimizer = (self.checkpoint / "optimizer.json").is_file()
         if self.kind == "previous":
@@ -115,6 +118,8 @@ def start_point(paths: RunPaths, iteration: int, resume: bool, dist: Dist) -> St
         if dist.is_main:
             prune_step_checkpoints(final, 0)
         barrier(dist)
+    if iteration == 1 and paths.checkpoint(0).is_dir():
+        return StartPoint(paths.checkpoint(0), "sft")
     if iteration > 1:
         previous = paths.checkpoint(iteration - 1)
         if not previous.is_dir():
@@ -187,9 +192,9 @@ class UpdateRun:
     iteration: int
     paths: RunPaths
     dist: Dist
-    algorithm: Algorithm
+    algorithm: Algorithm | None  # None: phase 0 (SFT), which trains on text, not on rollouts
     tokenizer: Any
-    reader: CacheReader  # the iteration's rollouts and teacher cache, whole groups
+    reader: CacheReader | None  # the iteration's rollouts and teacher cache, whole groups (None for SFT)
     plan: Plan
     train_module: TrainModule  # the bare student (+ value head): what is saved
     optimizer: torch.optim.Optimizer
@@ -247,7 +252,8 @@ def save_state(run: UpdateRun, steps_done: int, record: dict | None, *, step: bo
             optimizer_state = _Gathered(ShardedOptimizer(optimizer, dist).state_dict())
     if dist.is_main:
         state = {"iteration": run.iteration, "step": steps_done, "epoch": steps_done // max(plan.steps_per_epoch, 1),
-                 "plan": dataclasses.asdict(plan), "finished": not step, "algorithm": cfg.loss.algorithm,
+                 "plan": dataclasses.asdict(plan), "finished": not step,
+                 "algorithm": cfg.loss.algorithm if run.algorithm is not None else "sft",
                  "data_position": {"next_step": steps_done, "order": "permutation(seed, iteration, epoch)"},
                  "metrics": record or {},
                  "parallel": {"kind": "fsdp" if full is not None else ("ddp" if dist.active else "none"),

@@ -170,6 +170,30 @@ def test_dry_run_prints_scripts_and_order_and_writes_nothing(tmp_path, capsys):
     assert not run_root.exists()
 
 
+def test_sft_is_phase_0_of_the_chain_its_script_and_its_status(tmp_path, capsys):
+    """With sft.enabled the chain starts with `grpo-kd sft --config RUN/config.yaml --resume` (no iteration), which
+    iteration 1's rollout waits for; it may run under torchrun like the update; chain status lists it, done when
+    checkpoints/iter_0000 exists."""
+    run_root = tmp_path / "runs"
+    code = main(["chain", "submit", "--iterations", "1", f"output_dir={run_root}", "sft.enabled=true", "--dry-run"])
+    out = capsys.readouterr().out
+    order = [line for line in out.splitlines() if line[:2] in {f"{n}." for n in range(1, 5)}]
+    assert code == 0 and [line.split()[1:4] for line in order] == [
+        ["phase", "0", "sft"], ["iteration", "1", "rollout"], ["iteration", "1", "cache-teacher"],
+        ["iteration", "1", "update"],
+    ]  # fmt: skip
+    assert "after <phase 0 sft>" in order[1] and "iter_0000-sft.sbatch" in order[0]
+    assert "/grpo-kd sft --config " in out and "/config.yaml --resume \"$@\"" in out
+    cfg = nasty_config(tmp_path, "sft.enabled=true", "slurm.sft.nodes=2", "slurm.sft.gpus_per_node=2")
+    cfg, paths = prepare_run(cfg, iterations=1)
+    text = render_script(cfg, paths, Step(0, "sft"))
+    assert "torchrun" in text and "-m grpo_kd.cli.app sft --config" in text and "--iteration" not in text
+    rows = chain_status(cfg, paths, jobs=None)
+    assert [(r.step.iteration, r.step.phase, r.done) for r in rows][:2] == [(0, "sft", False), (1, "rollout", False)]
+    paths.checkpoint(0).mkdir(parents=True)
+    assert chain_status(cfg, paths, jobs=None)[0].done
+
+
 def test_multi_node_update_runs_torchrun_with_a_rendezvous_on_the_first_node(tmp_path):
     cfg = nasty_config(tmp_path, "slurm.update.nodes=2", "slurm.update.gpus_per_node=4",
                        "slurm.setup=['module load cuda']")

@@ -51,13 +51,16 @@ def test_gae_matches_a_per_sequence_loop():
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_normalized_future_rewards_match_minillm_formula(normalize):
+@pytest.mark.parametrize("include_current", [True, False])
+def test_normalized_future_rewards_match_minillm_formula(normalize, include_current):
     rewards, _, mask, lengths = _ragged(seed=1)
     gamma = 0.95
-    out = normalized_future_rewards(rewards, mask, gamma=gamma, length_normalize=normalize)
+    out = normalized_future_rewards(rewards, mask, gamma=gamma, length_normalize=normalize,
+                                    include_current=include_current)
+    first = 0 if include_current else 1  # LMOps: from t on; eq. 7: from t + 1 on
     for b, n in enumerate(lengths.tolist()):
         for t in range(n):
-            later = [gamma ** (u - t - 1) * rewards[b, u].item() for u in range(t + 1, n)]
+            later = [gamma ** (u - t - first) * rewards[b, u].item() for u in range(t + first, n)]
             expected = sum(later) / max(len(later), 1) if normalize else sum(later)
             assert out[b, t].item() == pytest.approx(expected, abs=1e-5)
         assert torch.all(out[b, n:] == 0)

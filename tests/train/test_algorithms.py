@@ -92,6 +92,31 @@ def reverse_kl_bucket(logq, batch):
     return (q_s * (q_s.log() - p_s.log())).sum(-1) + q_r * (q_r.log() - p_r.log())
 
 
+def ppo_token_rewards(cfg, batch):
+    """(B, T) float64 PPO rewards written from the formulas: sequence rewards at the last token, token rewards at
+    every token, and with kl_in_reward -beta (log q_old - log q_ref) at every token."""
+    m = batch.completion_mask.double()
+    lengths = m.sum(1)
+    teacher, old = batch.teacher_logprobs.double(), batch.old_logprobs.double()
+    default = {"log_ratio": 1.0} if cfg.loss.reward.kind == "minillm" else {"teacher_loglik": 1.0}
+    reward = torch.zeros_like(m)
+    for name, w in (cfg.loss.reward.weights or default).items():
+        if name in ("teacher_loglik", "length"):
+            for b in range(m.shape[0]):
+                score = (teacher[b] * m[b]).sum() / lengths[b] if name == "teacher_loglik" else \
+                    lengths[b] / cfg.rollout.max_new_tokens
+                reward[b, int(lengths[b]) - 1] += w * score
+        elif name == "teacher_logprob":
+            reward += w * teacher * m
+        elif name == "log_ratio":
+            reward += w * (teacher - old) * m
+        else:
+            raise AssertionError(name)
+    if cfg.loss.ppo.kl_in_reward:
+        reward -= cfg.loss.policy.beta * (old - batch.ref_logprobs.double()) * m
+    return reward
+
+
 def reference_loss(name, cfg, batch, module):
     m = batch.completion_mask.double()
     N = m.sum()
@@ -109,28 +134,31 @@ def reference_loss(name, cfg, batch, module):
         q_old = (batch.student_logprobs if mixed else batch.old_logprobs).double()
         w = (q_old - batch.old_logprobs.double()).exp().clamp(0.8, 1.2) if mixed else torch.ones_like(m)
         r = (batch.teacher_logprobs.double() - q_old) * m
-        adv = torch.zeros_like(r)
+        gamma = cfg.loss.minillm.gamma
+        returns = torch.zeros_like(r)  # LMOps: R_t = 1/(L-t) sum_{u>=t} gamma^(u-t) r_u, then whitened
         for b in range(r.shape[0]):
             L = int(lengths[b])
-            for t in range(L - 1):
-                adv[b, t] = r[b, t + 1 : L].sum() / (L - t - 1)
+            for t in range(L):
+                returns[b, t] = sum(gamma ** (u - t) * r[b, u] for u in range(t, L)) / (L - t)
+        mean = (returns * m).sum() / N
+        adv = (returns - mean) * torch.rsqrt(((returns - mean) ** 2 * m).sum() / N + 1e-8) * m
         long_term = (surrogate(logp, batch, adv, cfg.loss.minillm.importance_clip, cfg.loss.policy.beta) * m).sum() / N
         return long_term + (w * reverse_kl_bucket(logq, batch) * m).sum() / N
     if name == "privileged":
         return (reverse_kl_bucket(logq, batch) * m).sum() / N
     if name == "ppo":  # value head starts at 0: V_old = 0, so A = GAE of rewards alone, returns = A
-        reward = (batch.teacher_logprobs.double() * m).sum(1) / lengths
+        reward = ppo_token_rewards(cfg, batch)
         adv = torch.zeros_like(m)
         for b in range(m.shape[0]):
             running, L = 0.0, int(lengths[b])
             for t in reversed(range(L)):
-                delta = (reward[b] if t == L - 1 else 0.0)
-                running = delta + cfg.loss.ppo.gamma * cfg.loss.ppo.gae_lambda * running
+                running = reward[b, t] + cfg.loss.ppo.gamma * cfg.loss.ppo.gae_lambda * running
                 adv[b, t] = running
         returns = adv.clone()
         mean = (adv * m).sum() / N
         white = (adv - mean) * torch.rsqrt(((adv - mean) ** 2 * m).sum() / N + 1e-8) * m
-        policy = (surrogate(logp, batch, white, 0.2, cfg.loss.policy.beta) * m).sum() / N
+        beta = 0.0 if cfg.loss.ppo.kl_in_reward else cfg.loss.policy.beta  # the KL is either a reward or a loss
+        policy = (surrogate(logp, batch, white, 0.2, beta) * m).sum() / N
         v = values.double()
         v_loss = (0.5 * torch.maximum((v - returns) ** 2, (v.clamp(-0.2, 0.2) - returns) ** 2) * m).sum() / N
         return policy + cfg.loss.ppo.value_coef * v_loss
@@ -156,6 +184,37 @@ def test_algorithm_matches_dense_float64_reference(setup, name):
         assert err <= 2e-4 * scale + 1e-7, f"{name}: gradient of {n} differs by {err:.3g} (scale {scale:.3g})"
 
 
+@pytest.mark.parametrize("weights,kind,kl_in_reward", [
+    ({"teacher_logprob": 1.0}, "teacher_loglik", False),  # the teacher's log-prob paid at every token
+    ({}, "minillm", False),  # the MiniLLM-style reward log p_T - log q at every token
+    ({"teacher_loglik": 1.0}, "teacher_loglik", True),  # classic RLHF PPO: sequence score + per-token KL penalty
+    ({"teacher_logprob": 1.0, "length": 0.5}, "teacher_loglik", True),
+])  # fmt: skip
+def test_ppo_rewards_per_token_and_kl_as_a_reward(setup, weights, kind, kl_in_reward):
+    cfg, batch = setup
+    cfg.loss.algorithm = "ppo"
+    cfg.loss.reward.weights, cfg.loss.reward.kind, cfg.loss.ppo.kl_in_reward = weights, kind, kl_in_reward
+    try:
+        module = student(cfg, value_head=True)
+        prepared = algorithms.get("ppo").prepare(batch, cfg, context(module, cfg, batch))
+        loss, grads = kernel_loss_and_grads("ppo", cfg, batch, module)
+        module.zero_grad(set_to_none=True)
+        expected = reference_loss("ppo", cfg, batch, module)
+        rewards = ppo_token_rewards(cfg, batch)
+    finally:
+        cfg.loss.reward.weights, cfg.loss.reward.kind, cfg.loss.ppo.kl_in_reward = {}, "teacher_loglik", False
+    assert torch.allclose(prepared.rewards["total"].double(), rewards, atol=1e-5)
+    if kl_in_reward:
+        k1 = (batch.old_logprobs - batch.ref_logprobs) * batch.completion_mask
+        assert torch.allclose(prepared.rewards["kl_penalty"], -cfg.loss.policy.beta * k1, atol=1e-6)
+    expected.backward()
+    assert loss == pytest.approx(float(expected.detach()), rel=1e-4, abs=1e-5)
+    for n, p in module.named_parameters():
+        if p.grad is not None:
+            scale = p.grad.abs().max().item() + 1e-8
+            assert (grads[n] - p.grad).abs().max().item() <= 2e-4 * scale + 1e-7, n
+
+
 def test_minillm_teacher_mixed_importance_weights(setup):
     cfg, batch = setup
     cfg.loss.algorithm = "minillm"
@@ -167,6 +226,32 @@ def test_minillm_teacher_mixed_importance_weights(setup):
     expected = reference_loss("minillm", cfg, mixed, module)
     assert loss == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
     assert loss != pytest.approx(kernel_loss_and_grads("minillm", cfg, batch, module)[0], rel=1e-3)
+
+
+def test_minillm_return_does_not_reward_stopping(setup):
+    """A log-ratio that is the same at every token (the teacher agrees with the student equally everywhere) says
+    nothing about where to stop. Eq. 7 taken literally gives the last token a return of 0 and every other one the
+    negative reward, favouring the end; LMOps' return (current step included, whitened) gives every token the
+    same advantage at gamma = 1, and at its gamma = 0.95 (the count, not the discount weights, divides the sum)
+    the last token the lowest."""
+    cfg, batch = setup
+    cfg.loss.algorithm = "minillm"
+    m = batch.completion_mask.float()
+    constant = batch._replace(old_logprobs=-2.0 * m, teacher_logprobs=-3.5 * m)  # log p_T - log q = -1.5, exactly
+    last = (m * (m.cumsum(1) == m.sum(1, keepdim=True))).bool()  # (B, T) each completion's last token
+    rest = m.bool() & ~last
+
+    def advantages(gamma):
+        cfg.loss.minillm.gamma = gamma
+        try:
+            return algorithms.get("minillm").prepare(constant, cfg, context(student(cfg), cfg, constant)).advantages
+        finally:
+            cfg.loss.minillm.gamma = 0.95
+
+    flat = advantages(1.0)  # (B, T)
+    assert flat[last].abs().max() < 1e-3 and flat[rest].abs().max() < 1e-3, (flat[last].mean(), flat[rest].mean())
+    discounted = advantages(0.95)
+    assert discounted[last].max() < discounted[rest].min()
 
 
 @pytest.mark.parametrize("name,loss_type,level", [

@@ -240,6 +240,25 @@ def test_minillm_with_pretraining_loss(template, tiny_models_quick, tmp_path):
     assert records[0]["pt_loss"] > 0 and records[0]["teacher_kl"] > 0
 
 
+def test_ppo_with_the_minillm_style_reward_and_pretraining_loss(template, tiny_models_quick, tmp_path):
+    """The seed study's fourth algorithm (configs/ppo_minillm_reward.yaml): PPO paying log p_T - log q at every
+    token, with L_PT, and the KL to the reference as a per-token reward penalty."""
+    from grpo_kd.tiny import BUILTIN_CORPUS
+
+    run = copy_run(template, tmp_path / "run")
+    cfg = make_config(run, tiny_models_quick, *ONE_MICRO, "loss.algorithm=ppo", "loss.reward.kind=minillm",
+                      "loss.ppo.kl_in_reward=true", "loss.pt.weight=1.0", f"data.pretrain_text={BUILTIN_CORPUS}",
+                      "loss.pt.seq_len=16", "loss.pt.batch_size=4")
+    run_update(cfg, 1)
+    records = MetricsLog(RunPaths.of(run).metrics).read()
+    assert len(records) == 3
+    for key in ("pt_loss", "value_loss", "reward/log_ratio", "reward/kl_penalty", "reward/total", "kl"):
+        assert all(isinstance(r[key], float) for r in records), key
+    first = records[0]  # the per-token total is the log-ratio plus the KL penalty, averaged over the same tokens
+    assert first["reward/total"] == pytest.approx(first["reward/log_ratio"] + first["reward/kl_penalty"], abs=1e-5)
+    assert first["pt_loss"] > 0
+
+
 def test_ppo_saves_its_value_head_beside_the_weights(template, tiny_models_quick, tmp_path):
     from grpo_kd.train.distributed import Dist
     from grpo_kd.train.update_state import StartPoint, load_student_parts

@@ -190,6 +190,7 @@ def reward_components(
     out = {"length": R.length(mask, cfg.rollout.max_new_tokens)}  # (B,)
     if batch.teacher_logprobs is not None:
         out["teacher_loglik"] = R.teacher_loglik(batch.teacher_logprobs, mask)  # (B,)
+        out["teacher_logprob"] = R.teacher_logprob(batch.teacher_logprobs, mask)  # (B, T)
         out["log_ratio"] = R.log_ratio(batch.teacher_logprobs, behaviour_student_logprobs(batch), mask)  # (B, T)
     elif batch.teacher_seq_logprob is not None:
         num_bytes = batch.teacher_seq_bytes if batch.teacher_seq_bytes is not None else batch.teacher_seq_tokens
@@ -231,7 +232,7 @@ def reference_logprobs(micro: CacheBatch, cfg: Config, ctx: Context) -> torch.Te
     """(B, T) reference log-probs: the cache's when it has them, else live (only when the KL term needs them)."""
     if micro.ref_logprobs is not None:
         return micro.ref_logprobs
-    if cfg.loss.reference_beta == 0.0:
+    if cfg.loss.loss_kl_beta == 0.0:
         return None
     if ctx.reference is None:
         raise GrpoKdError("loss.policy.beta > 0 needs reference log-probs: the cache has none and no live reference "
@@ -242,7 +243,7 @@ def reference_logprobs(micro: CacheBatch, cfg: Config, ctx: Context) -> torch.Te
 def with_live_reference(micro: CacheBatch, cfg: Config, ctx: Context) -> CacheBatch:
     """`micro` with live reference log-probs filled in when the KL term needs them and the cache has none.
     The update loop calls it before the wrapped forward: a forward inside the forward would confuse FSDP."""
-    if micro.ref_logprobs is not None or cfg.loss.reference_beta == 0.0 or ctx.reference is None:
+    if micro.ref_logprobs is not None or cfg.loss.loss_kl_beta == 0.0 or ctx.reference is None:
         return micro
     return micro._replace(ref_logprobs=ctx.reference(micro).to(micro.old_logprobs.device))
 
@@ -251,7 +252,8 @@ def policy_loss(
     hidden: torch.Tensor, micro: CacheBatch, advantages: torch.Tensor, cfg: Config, ctx: Context,
     *, epsilon: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate + beta * k3 KL to the reference (`linear_grpo_loss`), scaled to the whole step.
+    """Clipped surrogate + beta * k3 KL to the reference (`linear_grpo_loss`), scaled to the whole step; beta is
+    `loss.loss_kl_beta` (0 where PPO pays the KL in its reward instead).
 
     hidden (B, T, H); advantages (B,) or (B, T); old log-probs are the recorded behaviour log-probs. With
     `loss.policy.tis_cap` and rollouts sampled by another engine, advantages carry the truncated importance weights
@@ -266,7 +268,7 @@ def policy_loss(
         advantages = per_token.to(weights) * weights  # (B, T)
     loss, metrics = linear_grpo_loss(
         hidden, head.weight, micro.completion_ids, mask, advantages,
-        old_logprobs=micro.old_logprobs, ref_logprobs=reference_logprobs(micro, cfg, ctx), beta=policy.beta,
+        old_logprobs=micro.old_logprobs, ref_logprobs=reference_logprobs(micro, cfg, ctx), beta=cfg.loss.loss_kl_beta,
         epsilon_low=policy.epsilon_low if epsilon is None else epsilon,
         epsilon_high=policy.epsilon_high if epsilon is None else epsilon,
         loss_type=policy.loss_type, importance_sampling_level=policy.importance_sampling_level,
