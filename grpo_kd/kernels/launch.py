@@ -33,6 +33,7 @@ from grpo_kd.errors import GrpoKdError
 from grpo_kd.kernels.tiles import vocab_split
 
 KERNELS = ("stats", "jsd_rest", "dense_grad", "topk")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # by the names jobs use
 
 
 @dataclass(frozen=True)

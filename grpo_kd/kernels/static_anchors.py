@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from grpo_kd.errors import GrpoKdError
-from grpo_kd.kernels.launch import Launch
+from grpo_kd.kernels.launch import DTYPES, Launch
 
 ANCHORS = ("cce_lse_forward", "cce_backward", "liger_ce", "liger_logp")
 
@@ -69,8 +69,6 @@ def _meta(*shape, dtype=torch.float32):
 
 def anchor_call(job) -> AnchorCall:
     """The anchor kernel `job.kernel` at its tuned launch for `job`'s shape and dtype, on meta tensors."""
-    from grpo_kd.kernels.static_check import DTYPES
-
     dt = DTYPES[job.dtype]
     B, D, V = job.rows, job.hidden, job.vocab
     size = torch.empty(0, dtype=dt).element_size()

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import torch
 
-from grpo_kd.kernels.launch import PRESETS, TileConfig
+from grpo_kd.kernels.launch import DTYPES, PRESETS, TileConfig
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VARIANTS = ("plain", "full")  # "full": soft cap, bias, targets / entropy + sum z / every gradient term
 RES_RE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
