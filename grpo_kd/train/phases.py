@@ -26,6 +26,7 @@ from grpo_kd.errors import GrpoKdError
 from grpo_kd.paths import PHASES, RunPaths
 from grpo_kd.train.rollout import rollout_shard
 from grpo_kd.train.teacher_pass import run_teacher_pass
+from grpo_kd.train.teacher_vocab import check_teacher_vocabulary
 from grpo_kd.train.tracking import Tracker, log_phase
 from grpo_kd.train.update import UpdateInterrupted, run_update
 
@@ -60,6 +61,7 @@ def run_phase(cfg: Config, phase: str, iteration: int, *, shard: int = 0, num_sh
         raise GrpoKdError(f"shard {shard} is out of range for {n} shard(s): expected 0 <= shard < {n}")
     if phase == "update" and n != 1:
         raise GrpoKdError("the update is one job; its data parallelism comes from torchrun, not from shards")
+    check_teacher_vocabulary(cfg)  # what a teacher with another vocabulary cannot serve, before any work
     tracker = Tracker.for_run(cfg) if phase != "update" else None  # the update mirrors its metrics log itself
     started = time.monotonic()
     if phase == "rollout":

@@ -4,10 +4,12 @@ Every component is a pure function of cached quantities (teacher log-probs, refe
 student's behaviour log-probs, lengths), so that an ablation of components reruns on the very same cached
 rollouts: change `loss.reward.weights`, not the cache. Components are logged separately under `reward/<name>`.
 
-Sequence-level components return `[B]`, token-level ones `[B, T]` (zero on padding):
+Sequence-level components return `[B]`, token-level ones `[B, T]` (zero on padding). log p_T(y_t | y_<t) is the
+cache's per-token teacher value: exact with one vocabulary; with a teacher of another tokenizer the log-prob of
+the teacher tokens that end inside y_t's bytes (grpo_kd/xtok.py), which sums to the teacher's log-likelihood of the
+completion, so the same components serve both:
 
-    teacher_loglik   r_i = mean_t log p_T(y_t | y_<t)                        (or teacher sum / teacher tokens or bytes
-                                                                              when the teacher has another tokenizer)
+    teacher_loglik   r_i = mean_t log p_T(y_t | y_<t)
     log_ratio        r_t = log p_T(y_t | y_<t) - log q_theta(y_t | y_<t)       (per token; MiniLLM, PPO)
     inverse_loss     r_i = -mean_t NLL_base(y_t | y_<t) = mean_t log p_base    (self-distillation)
     length           r_i = completion length / max_new_tokens                  (a length term, usually negative weight)
@@ -30,16 +32,6 @@ COMPONENTS = SEQUENCE_COMPONENTS + TOKEN_COMPONENTS
 def teacher_loglik(teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean teacher log-prob of the student's tokens, `[B, T]` -> `[B]`."""
     return masked_mean(teacher_logprobs.float(), mask, dim=1)
-
-
-def teacher_loglik_retokenized(
-    teacher_sum: torch.Tensor, teacher_tokens: torch.Tensor, num_bytes: torch.Tensor, *, per: str = "token"
-) -> torch.Tensor:
-    """Teacher log-likelihood of the completion text under its own tokenizer, per teacher token or per byte."""
-    if per not in ("token", "byte"):
-        raise GrpoKdError(f"cross-tokenizer normalisation must be 'token' or 'byte', not {per!r}")
-    denominator = teacher_tokens if per == "token" else num_bytes
-    return teacher_sum.float() / denominator.float().clamp(min=1)
 
 
 def log_ratio(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
