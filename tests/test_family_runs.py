@@ -1,6 +1,7 @@
 """Every student-teacher pairing of the experiments, in miniature, through `grpo-kd run` (two iterations each).
 
-Mistral student with the Gemma-3 teacher (another vocabulary: sequence scores, the teacher's chat format); LLaMA
+Mistral student with the Gemma-3 teacher (another vocabulary: its log-probs aligned onto the student's tokens,
+the teacher's chat format) with GRPO and each reward and with PPO; LLaMA
 student with the LLaMA chat teacher (one vocabulary, token-level cache, the teacher's chat format); GPT-2 (GPT-SW3)
 student with LoRA on its Conv1D layers and fully fine-tuned in bfloat16 (float32 master weights) with the Gemma-3
 teacher; and on every family self-distillation and the privileged self-teacher. A failure in any family fails CI.
@@ -64,12 +65,26 @@ def _changed(before: dict, after: dict, key: str) -> bool:
     return not (before[key].float() == after[key].float()).all()
 
 
-def test_mistral_student_gemma3_teacher(tmp_path, tiny_family):
-    """Different vocabularies: teacher log-likelihood of the re-tokenised completion after Gemma's chat prompt."""
+FOREIGN_TEACHER_LOSSES = {  # every algorithm that can run with a teacher of another vocabulary
+    "grpo": {"algorithm": "grpo"},
+    "grpo-minillm-reward": {"algorithm": "grpo", "reward": {"kind": "minillm"}},
+    "ppo": {"algorithm": "ppo", "reward": {"weights": {"teacher_loglik": 1.0, "log_ratio": 1.0}}},
+}
+
+
+@pytest.mark.parametrize("loss", FOREIGN_TEACHER_LOSSES, ids=list(FOREIGN_TEACHER_LOSSES))
+def test_mistral_student_gemma3_teacher(tmp_path, tiny_family, loss):
+    """Different vocabularies, no setting for it: the teacher's log-probs aligned onto the student's tokens after
+    Gemma's chat prompt feed every reward (per token for PPO and the MiniLLM-style reward)."""
     student, teacher = tiny_family("mistral").student, tiny_family("gemma3").teacher
-    paths = _run(tmp_path, "mistral-gemma3", student,
-                 teacher={"path": str(teacher), "cross_tokenizer": True, "chat_template": True})
+    paths = _run(tmp_path, f"mistral-gemma3-{loss}", student, loss=FOREIGN_TEACHER_LOSSES[loss],
+                 teacher={"path": str(teacher), "chat_template": True})
     _check_run(paths, student, token_level=False)
+    manifest = json.loads((paths.teacher(1) / "part-00000.manifest.json").read_text())
+    assert manifest["spec"]["alignment"] == "last-byte"
+    steps = [json.loads(line) for line in paths.metrics.read_text().splitlines()]
+    rewarded = "reward/log_ratio" if loss != "grpo" else "reward/teacher_loglik"
+    assert all(step[rewarded] == step[rewarded] for step in steps)  # present and finite
 
 
 def test_llama_student_llama_chat_teacher(tmp_path, tiny_family):
@@ -86,7 +101,7 @@ def test_gpt2_student_gemma3_teacher(tmp_path, tiny_family, lora):
     student, teacher = tiny_family("gpt2").student, tiny_family("gemma3").teacher
     model = {"lora": True, "lora_target_modules": GPT2_LORA, "lora_r": 4} if lora else {"dtype": "bfloat16"}
     paths = _run(tmp_path, f"gpt2-{'lora' if lora else 'full'}", student, model=model, optim={"lr": 1.0e-4},
-                 teacher={"path": str(teacher), "cross_tokenizer": True, "chat_template": True})
+                 teacher={"path": str(teacher), "chat_template": True})
     _check_run(paths, student, token_level=False)
     saved = paths.checkpoint(ITERATIONS) / "model"
     if lora:

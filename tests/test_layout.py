@@ -3,7 +3,7 @@ layer than its own. Lazy imports (inside functions) count too: a cycle that only
 cycle a reader has to untangle.
 
     base (errors, fsutil, locks, paths, device, progress, shards, config, assets) < kernels < cache
-        < models, data, arch, lora < tiny, tiny_families, train, engines, evaluate < slurm < cli, demo
+        < models, data, arch, lora, xtok < tiny, tiny_families, train, engines, evaluate < slurm < cli, demo
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ LAYERS = {  # first part below grpo_kd -> layer
     "errors": 0, "fsutil": 0, "locks": 0, "paths": 0, "device": 0, "progress": 0, "shards": 0, "config": 0, "assets": 0,
     "kernels": 1,
     "cache": 2,
-    "models": 3, "data": 3, "arch": 3, "lora": 3,
+    "models": 3, "data": 3, "arch": 3, "lora": 3, "xtok": 3,
     "tiny": 4, "tiny_families": 4, "train": 4, "evaluate": 4, "engines": 4,
     "slurm": 5,
     "cli": 6, "demo": 6,

@@ -12,11 +12,13 @@ Key design choices:
 - Both the rollout store and an Arrow cache are memory-mapped: building a batch is one copy of each row's
   slice into the padded array. `batches()` builds the next batches in a background thread (`prefetch` deep).
 - `open` refuses a cache that does not fit: a token-level cache whose teacher vocabulary is not the student's
-  (the message names both: size and hash prefix), a cache made from other rollouts (checksum), missing shards.
+  (the message names both: size and hash prefix), a cache aligned onto another student's tokens, a cache made
+  from other rollouts (checksum), missing shards.
 
 Alignment: completion token t of row b is `completion_ids[b, t] = input_ids[b, prompt_lengths[b] + t]`, and
 the student's hidden state that predicts it is at position `prompt_lengths[b] + t - 1` (`completion_hidden`).
-Every teacher field at [b, t] describes that same token.
+Every teacher field at [b, t] describes that same token; with a teacher of another vocabulary `teacher_logprobs`
+holds its log-prob aligned onto that token's bytes (grpo_kd/xtok.py), and there is no top-k.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from grpo_kd.cache.manifest import CacheError, check_same_vocab, describe_vocab, rebuild_command
+from grpo_kd.cache.manifest import CacheError, check_same_vocab, describe_vocab, rebuild_command, same_vocab
 from grpo_kd.cache.rollouts import RolloutStore
 from grpo_kd.cache.spec import stored_logprobs_as_float32
 from grpo_kd.cache.teacher import TeacherShard, check_alignment, open_teacher_shards
@@ -53,7 +55,7 @@ class CacheBatch(NamedTuple):
     finished: torch.Tensor  # (B,) bool finish_reason == "stop"
     teacher_topk_ids: torch.Tensor | None  # (B, T, k) int64 sorted by teacher log-prob, descending
     teacher_topk_logprobs: torch.Tensor | None  # (B, T, k) float32, normalised over the full vocabulary
-    teacher_logprobs: torch.Tensor | None  # (B, T) float32 teacher log-prob of the sampled token (exact)
+    teacher_logprobs: torch.Tensor | None  # (B, T) float32 teacher log-prob of the sampled token (exact, or aligned)
     teacher_sample_ids: torch.Tensor | None  # (B, T, m) int64 tokens drawn from the teacher
     teacher_sample_weights: torch.Tensor | None  # (B, T, m) float32, sum to 1 over m (padding weight 0)
     teacher_sample_logprobs: torch.Tensor | None  # (B, T, m) float32 teacher log-probs at those ids (full vocab)
@@ -109,10 +111,20 @@ class CacheReader:
         teacher_vocab = shards[0].manifest.get("teacher", {}).get("tokenizer")
         if spec.token_level and student_vocab is not None:
             check_same_vocab(teacher_vocab, student_vocab, f"the teacher cache in {teacher_dir}")
+        if spec.cross_tokenizer and spec.alignment is None:
+            raise CacheError(f"the teacher cache in {teacher_dir} holds sequence scores only (made before teachers of "
+                             "another vocabulary were aligned per token); run cache-teacher again")
+        if spec.alignment is not None and student_vocab is not None:
+            aligned_to = shards[0].manifest.get("student", {}).get("tokenizer")
+            if not same_vocab(aligned_to, student_vocab):
+                raise CacheError(f"the teacher cache in {teacher_dir} was aligned onto the tokens of "
+                                 f"{describe_vocab(aligned_to)} but the student has {describe_vocab(student_vocab)}; "
+                                 "run cache-teacher for this student")
         if require_token_level and not spec.token_level:
-            raise CacheError(f"the teacher cache in {teacher_dir} holds sequence scores only (teacher vocabulary "
-                             f"{describe_vocab(teacher_vocab)}, student {describe_vocab(student_vocab)}); this "
-                             "loss needs token-level teacher fields and so one shared vocabulary")
+            student_vocab = student_vocab or shards[0].manifest.get("student", {}).get("tokenizer")
+            raise CacheError(f"the teacher cache in {teacher_dir} has no top-k over the student's vocabulary (teacher "
+                             f"{describe_vocab(teacher_vocab)}, student {describe_vocab(student_vocab)}): this loss "
+                             "needs the teacher's distribution over the student's tokens, so one shared vocabulary")
         return cls(store, shards)
 
     @property
@@ -231,7 +243,7 @@ class CacheReader:
         if not self.teacher:
             return out
         fields = self.spec.token_fields()
-        names = list(fields)
+        names = [name for name in fields if name in _TOKEN_FIELDS]  # not the alignment records (xtok_*)
         padded = {}
         for name in names:
             width = fields[name][1]

@@ -9,19 +9,24 @@ What a row holds (C = completion tokens of the rollout row, k = top_k, m = num_s
     row               int64        the rollout row (within rollout shard J) this row scores
     group_id          int64        copied from the rollout, to check the alignment
     num_tokens        int32        C
-    seq_logprob       float64      sum of the teacher's log-probs of the completion (in cross-tokenizer mode:
-                                   over the teacher's own re-tokenisation of the completion text)
+    seq_logprob       float64      sum of the teacher's log-probs of the completion (another vocabulary: of
+                                   the teacher's own tokens of the completion text and its end of turn)
     topk_ids          int32 [C, k]     teacher top-k ids, sorted by log-prob, descending        (token_level)
     topk_logprobs     f16|u16 [C, k]   their log-probs, normalised over the full vocabulary     (token_level)
                                        (u16 = bfloat16 bits, `logprob_dtype: bfloat16`)
     target_logprobs   float32 [C]      exact teacher log-prob of the sampled token              (token_level)
+                                       another vocabulary: the teacher's log-prob of the bytes the   (alignment)
+                                       student token covers, by the alignment rule (grpo_kd/xtok.py)
     sample_ids        int32 [C, m]     distinct ids drawn m times from the teacher ...          (m > 0)
     sample_weights    float32 [C, m]   ... with weight count/m (sum 1 per token; padding: id 0, weight 0)
     sample_logprobs   float32 [C, m]   ... and the teacher's full-vocabulary log-probs at those ids (padding:
                                        at id 0). float32, not the top-k's half precision: the sampled forward
                                        KL uses them as they are, and m is small beside k
     ref_logprobs      float32 [C]      reference model (student's initial / base) log-probs     (reference)
-    xtok_num_tokens   int32            teacher tokens of the re-tokenised completion            (cross_tokenizer)
+    xtok_bytes        int32 [C]        completion-text bytes the student token covers (eos: 0)  (alignment)
+    xtok_teacher_tokens int32 [C]      teacher tokens whose log-prob the student token holds    (alignment)
+    xtok_straddled    int8 [C]         1: a teacher token crosses the byte where it starts      (alignment)
+    xtok_num_tokens   int32            teacher tokens scored (completion and end of turn)       (cross_tokenizer)
     xtok_num_bytes    int64            UTF-8 bytes of the completion text                       (cross_tokenizer)
 """
 
@@ -37,6 +42,7 @@ from grpo_kd.cache.manifest import CacheError
 from grpo_kd.cache.values import describe_bad, first_bad
 
 TEACHER_KIND = "teacher_cache"
+ALIGNMENT_RULES = ("last-byte",)  # how a teacher of another vocabulary is mapped onto student tokens (xtok.py)
 FORMATS = {"arrow": "arrow", "zarr": "zarr"}  # format -> file suffix
 
 
@@ -48,15 +54,19 @@ class CacheSpec:
     top_k: int = 64
     num_samples: int = 0  # m
     logprob_dtype: str = "float16"  # "float16" | "bfloat16" (stored as uint16 bits)
-    token_level: bool = True  # False: a teacher with another vocabulary; only sequence fields
+    token_level: bool = True  # top-k over the student's vocabulary present (False: a teacher of another one)
     reference: bool = False  # ref_logprobs present
-    cross_tokenizer: bool = False  # xtok_* fields present
+    cross_tokenizer: bool = False  # a teacher of another vocabulary: xtok_* row fields present
+    alignment: str | None = None  # its rule onto student tokens: aligned target_logprobs and xtok_* token fields
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise CacheError(f"unknown cache format {self.format!r}; expected arrow or zarr")
         if self.logprob_dtype not in ("float16", "bfloat16"):
             raise CacheError(f"unknown logprob_dtype {self.logprob_dtype!r}; expected float16 or bfloat16")
+        if self.alignment is not None and (self.alignment not in ALIGNMENT_RULES or self.token_level):
+            raise CacheError(f"alignment {self.alignment!r}: expected one of {', '.join(ALIGNMENT_RULES)}, for a "
+                             "teacher of another vocabulary (no top-k)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CacheSpec":
@@ -81,6 +91,11 @@ class CacheSpec:
                 fields["sample_ids"] = (np.dtype(np.int32), self.num_samples)
                 fields["sample_weights"] = (np.dtype(np.float32), self.num_samples)
                 fields["sample_logprobs"] = (np.dtype(np.float32), self.num_samples)
+        if self.alignment is not None:
+            fields["target_logprobs"] = (np.dtype(np.float32), 0)
+            fields["xtok_bytes"] = (np.dtype(np.int32), 0)
+            fields["xtok_teacher_tokens"] = (np.dtype(np.int32), 0)
+            fields["xtok_straddled"] = (np.dtype(np.int8), 0)
         if self.reference:
             fields["ref_logprobs"] = (np.dtype(np.float32), 0)
         return fields

@@ -9,8 +9,11 @@ Per iteration, over all teacher shards:
       H_high = H_low + r log(V - k)                          (the rest spread evenly: an upper bound)
   The true entropy lies between the two; they meet as r -> 0;
 - agreement: the share of the student's sampled tokens equal to the teacher's top-1, and inside its top-k;
-- the teacher's mean log-prob of the sampled tokens (and, for a cross-tokenizer cache, per teacher token and
-  per byte of the completion).
+- the teacher's mean log-prob of the sampled tokens;
+- for a teacher of another vocabulary (an aligned cache): its log-prob per byte, per teacher token and per student
+  token, the share of student token boundaries that a teacher token straddles (the byte where the student token
+  starts lies inside a teacher token: its value is then paid by a later student token), teacher tokens and bytes
+  per student token, and the share of student tokens that hold no teacher token (value 0).
 Writes `cache_stats_iter_XXXX.json` and a PNG plot beside it (matplotlib, Agg backend) under RUN/reports/.
 """
 
@@ -44,15 +47,14 @@ def iteration_stats(paths: RunPaths, iteration: int) -> dict:
                  "logprob_dtype": spec.logprob_dtype, "token_level": spec.token_level, "shards": len(shards),
                  "rows": sum(int(s.manifest["rows"]) for s in shards), "tokens": tokens, "bytes": total_bytes,
                  "bytes_per_token": total_bytes / max(tokens, 1)}
-    mass, h_low, h_high, target, top1, in_topk, seq, seq_tok, seq_bytes = ([] for _ in range(9))
+    mass, h_low, h_high, target, top1, in_topk, seq, aligned = ([] for _ in range(8))
     for shard in shards:
         rollout = store.shard(shard.shard)
         offsets, completion = rollout.list_column("completion_ids")
         for chunk in shard.reader.iter_token_chunks(list(spec.token_fields())):
             seq.append(chunk["seq_logprob"])
-            if spec.cross_tokenizer:
-                seq_tok.append(chunk["xtok_num_tokens"])
-                seq_bytes.append(chunk["xtok_num_bytes"])
+            if spec.alignment is not None:
+                aligned.append(chunk)
             if not spec.token_level:
                 continue
             top = chunk["topk_logprobs"]
@@ -85,11 +87,28 @@ def iteration_stats(paths: RunPaths, iteration: int) -> dict:
         out["teacher_logprob_of_sampled"] = {"mean": float(target.mean()), "quantiles": _quantiles(target)}
         out["_plot"] = (mass, h_low, target)
     else:
-        n_tok, n_bytes = np.concatenate(seq_tok), np.concatenate(seq_bytes)
-        out["sequence"] = {"mean_logprob_per_teacher_token": float(seq.sum() / max(n_tok.sum(), 1)),
-                           "mean_logprob_per_byte": float(seq.sum() / max(n_bytes.sum(), 1))}
-        out["_plot"] = (None, None, seq / np.maximum(n_tok, 1))
+        out["alignment"] = _alignment_stats(aligned, seq, spec.alignment)
+        values = np.concatenate([c["target_logprobs"] for c in aligned]).astype(np.float64)
+        out["teacher_logprob_of_sampled"] = {"mean": float(values.mean()) if len(values) else 0.0,
+                                             "quantiles": _quantiles(values)}
+        out["_plot"] = (None, None, values)
     return out
+
+
+def _alignment_stats(chunks: list[dict], seq: np.ndarray, rule: str) -> dict:
+    """What the byte alignment of a teacher with another vocabulary looks like over the iteration."""
+    cat = lambda name: np.concatenate([c[name] for c in chunks]).astype(np.int64)  # noqa: E731
+    n_bytes, n_teacher, students = cat("xtok_num_bytes").sum(), cat("xtok_num_tokens").sum(), cat("num_tokens").sum()
+    covering = cat("xtok_bytes") > 0  # student tokens with bytes of their own (a boundary where they start)
+    straddled = cat("xtok_straddled")
+    return {"rule": rule, "straddled_boundary_share": float(straddled[covering].mean()) if covering.any() else 0.0,
+            "student_tokens_holding_no_teacher_token": float((cat("xtok_teacher_tokens") == 0).mean())
+            if students else 0.0,
+            "teacher_tokens_per_student_token": float(n_teacher / max(students, 1)),
+            "bytes_per_student_token": float(n_bytes / max(students, 1)),
+            "logprob_per_byte": float(seq.sum() / max(n_bytes, 1)),
+            "logprob_per_teacher_token": float(seq.sum() / max(n_teacher, 1)),
+            "logprob_per_student_token": float(seq.sum() / max(students, 1))}
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float]:
@@ -114,7 +133,8 @@ def plot_stats(stats: dict, path: Path) -> None:
         ax.hist(values, bins=bins, color="#4472c4")
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("tokens")
-    fig.suptitle(f"{iteration_name(stats['iteration'])}: teacher cache, k={stats['top_k']}, "
+    what = f"k={stats['top_k']}" if stats["token_level"] else "aligned onto the student's tokens"
+    fig.suptitle(f"{iteration_name(stats['iteration'])}: teacher cache, {what}, "
                  f"{stats['bytes_per_token']:.0f} B/token", fontsize=10)
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=110)
@@ -122,13 +142,16 @@ def plot_stats(stats: dict, path: Path) -> None:
 
 
 def summary_line(stats: dict) -> str:
+    what = f"k={stats['top_k']}" if stats["token_level"] else "no top-k"
     head = (f"{iteration_name(stats['iteration'])}: {stats['tokens']} tokens, {stats['bytes_per_token']:.1f} bytes/token "
-            f"({stats['format']}, k={stats['top_k']})")
+            f"({stats['format']}, {what})")
     if stats["token_level"]:
         return (head + f"; top-k mass median {stats['topk_mass']['quantiles'].get('q50', float('nan')):.3f}; "
                 f"entropy {stats['entropy_nats']['lower_mean']:.2f}-{stats['entropy_nats']['upper_mean']:.2f} nats; "
                 f"top-1 agreement {stats['agreement']['student_token_is_teacher_top1']:.3f}")
-    return head + f"; mean log-prob per teacher token {stats['sequence']['mean_logprob_per_teacher_token']:.3f}"
+    a = stats["alignment"]
+    return (head + f"; teacher of another vocabulary, aligned ({a['rule']}): log-prob per byte "
+            f"{a['logprob_per_byte']:.3f}, straddled student boundaries {a['straddled_boundary_share']:.3f}")
 
 
 def run_stats(run_dir: str | Path, iteration: int | None = None, out_dir: str | Path | None = None):

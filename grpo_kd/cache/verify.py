@@ -8,7 +8,10 @@ Per iteration, per shard, it checks and names what is wrong:
   once, token counts and group ids row by row against the rollouts, and values: finite, log-probs <= 0, top-k
   log-probs sorted, top-k mass <= 1 (+ `MASS_TOL` for float16/bfloat16 rounding), the sampled token's log-prob
   no larger than the top-1 (+ tolerance), the per-sequence sum equal to the per-token log-probs, sample
-  weights summing to one, sample log-probs <= 0 and equal to the top-k's where a drawn id is in the top-k.
+  weights summing to one, sample log-probs <= 0 and equal to the top-k's where a drawn id is in the top-k;
+  for a teacher of another vocabulary, the alignment records (`_check_alignment`): the manifest names the rule,
+  each row's student tokens hold all of its teacher tokens and cover all of its completion text's bytes (against
+  the rollout's `completion_text`), a token that holds no teacher token has the value 0, flags are 0 or 1.
 A run that passes gets its merged `teacher/manifest.json` index written (verify is a single process).
 """
 
@@ -175,6 +178,10 @@ def _check_teacher_shard(teacher_dir: Path, j: int, manifest: dict, store: Rollo
         return "group ids differ from the rollouts' (rows misaligned)"
     if int(reader.row_values("num_tokens").sum()) != manifest.get("tokens"):
         return "token count differs from its manifest"
+    if spec.alignment is not None:
+        why = _check_alignment(reader, spec, manifest, rollout)
+        if why:
+            return why
     return _check_values(reader, spec)
 
 
@@ -204,17 +211,44 @@ def _check_values(reader, spec: CacheSpec) -> str | None:
                 return "a sampled-token log-prob above the teacher's top-1"
             if (chunk["topk_ids"] < 0).any():
                 return "negative token id in topk_ids"
-            sums = row_sums(chunk["target_logprobs"], chunk["num_tokens"])
-            if not np.allclose(sums, chunk["seq_logprob"], rtol=SUM_TOL, atol=1e-3):
-                return "seq_logprob differs from the sum of its target log-probs"
             if spec.num_samples:
                 why = _check_samples(chunk, top, spec)
                 if why:
                     return why
         elif (chunk["seq_logprob"] > LOGPROB_TOL).any():
             return "a sequence log-prob above 0"
+        if "target_logprobs" in chunk:
+            if (chunk["target_logprobs"] > LOGPROB_TOL).any():
+                return "a target log-prob above 0"
+            if not np.allclose(row_sums(chunk["target_logprobs"], chunk["num_tokens"]), chunk["seq_logprob"], rtol=SUM_TOL, atol=1e-3):
+                return "seq_logprob differs from the sum of its target log-probs"
         if spec.reference and (chunk["ref_logprobs"] > LOGPROB_TOL).any():
             return "a reference log-prob above 0"
+    return None
+
+
+def _check_alignment(reader, spec: CacheSpec, manifest: dict, rollout) -> str | None:
+    """The alignment records of a teacher with another vocabulary (see the module doc)."""
+    recorded = (manifest.get("alignment") or {}).get("rule")
+    if recorded != spec.alignment or not spec.cross_tokenizer:
+        return f"the manifest records alignment rule {recorded!r} but the spec {spec.alignment!r}"
+    texts = rollout.table.column("completion_text").to_pylist()
+    names = ["target_logprobs", "xtok_bytes", "xtok_teacher_tokens", "xtok_straddled"]
+    for chunk in reader.iter_token_chunks(names):
+        held, covered = row_sums(chunk["xtok_teacher_tokens"], chunk["num_tokens"]), row_sums(chunk["xtok_bytes"], chunk["num_tokens"])
+        if not np.array_equal(held, chunk["xtok_num_tokens"]):
+            return "the student tokens do not hold every teacher token of their row (xtok_teacher_tokens)"
+        if not np.array_equal(covered, chunk["xtok_num_bytes"]):
+            return "the student tokens do not cover every byte of their completion text (xtok_bytes)"
+        text_bytes = [len(texts[int(r)].encode("utf-8")) for r in chunk["row"]]
+        if not np.array_equal(chunk["xtok_num_bytes"], text_bytes):
+            return "xtok_num_bytes differs from the UTF-8 length of the rollouts' completion_text"
+        if (chunk["xtok_bytes"] < 0).any() or (chunk["xtok_teacher_tokens"] < 0).any():
+            return "a negative byte or teacher-token count in the alignment records"
+        if not np.isin(chunk["xtok_straddled"], (0, 1)).all():
+            return "xtok_straddled holds a value other than 0 and 1"
+        if (chunk["target_logprobs"][chunk["xtok_teacher_tokens"] == 0] != 0).any():
+            return "a student token that holds no teacher token has a non-zero target log-prob"
     return None
 
 

@@ -36,7 +36,7 @@ def run(
     if in_process:
         setup_logging()  # the phases log here, as their own commands do; the default executor logs to RUN/logs
     cfg = resolve_config(config, overrides)
-    preflight(cfg)  # what vLLM cannot serve is refused before any phase
+    preflight(cfg)  # what vLLM cannot serve is refused before any phase (the rest: preflight.check_inputs)
     cfg, paths = prepare_run(cfg, iterations)
     how = "in this process" if in_process else "each phase in its own process"
     console.print(f"run {cfg.name}: {cfg.iterations} iterations in {paths.root} ({how}; config: {paths.config})",

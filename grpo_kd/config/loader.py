@@ -110,6 +110,8 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
     if unknown:
         key = str(unknown[0])
         renamed = getattr(cls, "RENAMED", {})
+        if key in getattr(cls, "REMOVED", {}):
+            raise ConfigError(f"config key {prefix}{key} was removed: {cls.REMOVED[key]}")
         if key in renamed:
             raise ConfigError(f"config key {prefix}{key} has moved: use {renamed[key]}")
         near = difflib.get_close_matches(key, names + list(renamed), n=1, cutoff=0.6)

@@ -103,9 +103,15 @@ class TeacherConfig:
     token_budget: int = 8192  # tokens per teacher forward batch
     num_shards: int = 1  # cache-teacher array size
     reference: bool = True  # also store the reference model's per-token log-probs (KL penalty)
-    cross_tokenizer_norm: Literal["token", "byte"] = "token"
-    cross_tokenizer: bool = False  # teacher with another vocabulary: cache sequence scores only (else refuse)
     engine: Literal["hf", "vllm"] = "hf"  # vllm: score (teacher and reference) with vLLM's prompt log-probs
+
+    # Keys of earlier versions that no setting replaces, refused with the reason.
+    REMOVED: ClassVar[dict[str, str]] = {
+        "cross_tokenizer": "a teacher with another vocabulary needs no setting: its log-probs are aligned onto the "
+                           "student's tokens byte by byte (docs/cache.md); remove the key",
+        "cross_tokenizer_norm": "a teacher with another vocabulary gives per-token values like any teacher, and the "
+                                "teacher_loglik reward is their mean per student token; remove the key",
+    }
 
 
 @dataclass

@@ -4,10 +4,12 @@
     with reference_scorer(cfg, spec, pending) as (scorer, model_fingerprint): ...
 
 `VllmScorer` is the transformers `Scorer` with another source of values: the inputs (prompt ids, rebuilt for the
-privileged self-teacher or another tokenizer; completion ids; length-sorted batches under
-`teacher.token_budget`; batches kept by a killed run) and the assembly into `ScoredRows` are the Scorer's own,
+privileged self-teacher; completion ids; for a teacher of another tokenizer its own tokens of the prompt, the
+completion text and the end of turn, aligned onto the student's tokens afterwards exactly as on the transformers
+path; length-sorted batches under `teacher.token_budget`; batches kept by a killed run) and the assembly into
+`ScoredRows` are the Scorer's own,
 while each batch is one `generate` call with one request per row, `prompt + completion` as the prompt,
-`max_tokens=1` and `prompt_logprobs=k` (0 for the reference and the sequence-level cross-tokenizer cache).
+`max_tokens=1` and `prompt_logprobs=k` (0 for the reference and a teacher of another tokenizer).
 
 What vLLM returns at prompt position p, predicting token p: the log-prob of that token and the top-k (ids and
 log-probs, in rank order), each `log_softmax` over the full vocabulary in float32 of the model's logits after its
@@ -34,6 +36,7 @@ from grpo_kd.engines.vllm_rollout import student_source
 from grpo_kd.paths import RunPaths
 from grpo_kd.train.checkpoint import student_checkpoint
 from grpo_kd.train.teacher_scoring import Scorer
+from grpo_kd.xtok import Aligner
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +45,9 @@ class VllmScorer(Scorer):
     """A `Scorer` whose values come from vLLM's prompt log-probs. It subclasses only to share the Scorer's
     inputs and assembly; `_hidden` returns a batch's log-probs in place of hidden states."""
 
-    def __init__(self, cfg: Config, source: ModelSource, tokenizer, spec: CacheSpec, reference: bool = False):
-        self.cfg, self.tokenizer, self.spec, self.reference = cfg, tokenizer, spec, reference
-        self.privileged = (not reference) and cfg.teacher.kind == "self_privileged"
+    def __init__(self, cfg: Config, source: ModelSource, tokenizer, spec: CacheSpec, reference: bool = False,
+                 aligner: Aligner | None = None):
+        self.set_inputs(cfg, tokenizer, spec, reference, aligner)
         self.source = source
         self.top_k = spec.top_k if spec.token_level and not reference else 0
         self.llm = None  # set once the engine is started (its length limit comes from these inputs)
@@ -53,7 +56,7 @@ class VllmScorer(Scorer):
         """The longest prompt + completion of `shards` as this scorer builds them, plus the generated token."""
         longest = 1
         for shard in shards:
-            for p, c in zip(self._prompts(shard), self._completions(shard)):
+            for p, c in zip(*self._inputs(shard)):
                 longest = max(longest, len(p) + len(c))
         return longest + 1
 
@@ -112,8 +115,10 @@ def teacher_source(cfg: Config, paths: RunPaths, iteration: int) -> ModelSource:
 
 @contextlib.contextmanager
 def teacher_scorer(cfg: Config, paths: RunPaths, iteration: int, tokenizer, spec: CacheSpec,
-                   shards: list[RolloutShard]) -> Iterator[tuple[VllmScorer, dict[str, Any]]]:
-    with _scoring(cfg, teacher_source(cfg, paths, iteration), tokenizer, spec, shards, reference=False) as pair:
+                   shards: list[RolloutShard], aligner: Aligner | None = None
+                   ) -> Iterator[tuple[VllmScorer, dict[str, Any]]]:
+    with _scoring(cfg, teacher_source(cfg, paths, iteration), tokenizer, spec, shards, reference=False,
+                  aligner=aligner) as pair:
         yield pair
 
 
@@ -126,8 +131,8 @@ def reference_scorer(cfg: Config, spec: CacheSpec, shards: list[RolloutShard]):
 
 @contextlib.contextmanager
 def _scoring(cfg: Config, source: ModelSource, tokenizer, spec: CacheSpec, shards: list[RolloutShard], *,
-             reference: bool):
-    scorer = VllmScorer(cfg, source, tokenizer, spec, reference=reference)
+             reference: bool, aligner: Aligner | None = None):
+    scorer = VllmScorer(cfg, source, tokenizer, spec, reference=reference, aligner=aligner)
     fingerprint = checkpoint_fingerprint(source.path, trust_remote_code=source.trust_remote_code)
     if source.adapter is not None:
         fingerprint["adapter"] = str(source.adapter)

@@ -37,8 +37,8 @@ from grpo_kd.errors import GrpoKdError, describe_os_error
 from grpo_kd.locks import hold_lock
 from grpo_kd.paths import PHASES, SFT_PHASE, TRAINING_PHASES, RunPaths, iteration_name
 from grpo_kd.train.preflight import check_inputs
-from grpo_kd.train.sft import run_sft
 from grpo_kd.train.rollout import rollout_shard
+from grpo_kd.train.sft import run_sft
 from grpo_kd.train.teacher_pass import run_teacher_pass
 from grpo_kd.train.tracking import Tracker, log_phase
 from grpo_kd.train.update import UpdateInterrupted, run_update

@@ -22,6 +22,7 @@ from grpo_kd.data import detect_format, load_texts, prompts_from_config
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.models import check_model_source, load_tokenizer, same_vocabulary, tokenizer_fingerprint
 from grpo_kd.paths import PHASES
+from grpo_kd.train.teacher_vocab import check_teacher_vocabulary, foreign_teacher_refusal
 
 
 def check_inputs(cfg: Config, phases: Iterable[str] = PHASES) -> None:
@@ -42,6 +43,7 @@ def check_inputs(cfg: Config, phases: Iterable[str] = PHASES) -> None:
     else:
         fingerprint = tokenizer_fingerprint(student_tok)
         check_vocabularies(cfg, fingerprint, fingerprint, mixed=False)
+        check_teacher_vocabulary(cfg)  # the update and the rollout refuse what a foreign teacher cannot serve too
 
 
 def _check_prompts(cfg: Config) -> None:
@@ -53,7 +55,7 @@ def _check_prompts(cfg: Config) -> None:
 
 def check_vocabularies(cfg: Config, student_fp: dict, teacher_fp: dict, *, mixed: bool) -> None:
     """From the two tokenizer fingerprints (`grpo_kd.models.tokenizer_fingerprint`): a teacher with another
-    vocabulary needs `teacher.cross_tokenizer` (and cannot be mixed into sampling); top-k and the teacher samples
+    vocabulary serves what `teacher_vocab.foreign_teacher_refusal` allows (not sampling mixed with it); top-k and the teacher samples
     must fit in the teacher's vocabulary. The rollout and the teacher pass call it too, with the fingerprints
     they record."""
     same = same_vocabulary(student_fp, teacher_fp)
@@ -61,10 +63,10 @@ def check_vocabularies(cfg: Config, student_fp: dict, teacher_fp: dict, *, mixed
         raise GrpoKdError(f"rollout.teacher_mix_alpha > 0 needs one vocabulary: the teacher {cfg.teacher.path} has "
                           f"{describe_vocab(teacher_fp)} but the student {cfg.model.path} has "
                           f"{describe_vocab(student_fp)}; set rollout.teacher_mix_alpha=0")
-    if not same and not cfg.teacher.cross_tokenizer:
-        raise GrpoKdError(f"teacher vocabulary {describe_vocab(teacher_fp)} differs from the student's "
-                          f"{describe_vocab(student_fp)}: token-level caching needs a shared vocabulary; set "
-                          "teacher.cross_tokenizer=true to cache sequence-level scores only")
+    refusal = None if same else foreign_teacher_refusal(cfg)
+    if refusal:
+        raise GrpoKdError(f"the teacher {cfg.teacher.path} has another vocabulary ({describe_vocab(teacher_fp)}; the "
+                          f"student {describe_vocab(student_fp)}): {refusal}")
     vocab = int(teacher_fp.get("vocab_size") or 0)
     if same and cfg.teacher.top_k > vocab:
         raise GrpoKdError(f"teacher.top_k={cfg.teacher.top_k} is larger than the teacher's vocabulary ({vocab} "

@@ -5,10 +5,12 @@ student's behaviour log-probs, lengths), so that an ablation of components rerun
 rollouts: change `loss.reward.weights`, not the cache. Components are logged separately under `reward/<name>`.
 
 Sequence-level components return `[B]`, token-level ones `[B, T]` (zero on padding); their names are listed
-in `grpo_kd.config.REWARD_COMPONENTS`, which the config's rules check `loss.reward.weights` against:
+in `grpo_kd.config.REWARD_COMPONENTS`, which the config's rules check `loss.reward.weights` against.
+log p_T(y_t | y_<t) is the cache's per-token teacher value: exact with one vocabulary; with a teacher of another
+tokenizer the log-prob of the teacher tokens that end inside y_t's bytes (grpo_kd/xtok.py), which sums to the
+teacher's log-likelihood of the completion, so the same components serve both:
 
-    teacher_loglik   r_i = mean_t log p_T(y_t | y_<t)                        (or teacher sum / teacher tokens or bytes
-                                                                              when the teacher has another tokenizer)
+    teacher_loglik   r_i = mean_t log p_T(y_t | y_<t)
     teacher_logprob  r_t = log p_T(y_t | y_<t)                                 (per token; PPO's per-token reward,
                                                                               teacher_loglik paid at every token)
     log_ratio        r_t = log p_T(y_t | y_<t) - log q_theta(y_t | y_<t)       (per token; MiniLLM, PPO)
@@ -29,16 +31,6 @@ from grpo_kd.train.advantages import masked_mean
 def teacher_loglik(teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean teacher log-prob of the student's tokens, `[B, T]` -> `[B]`."""
     return masked_mean(teacher_logprobs.float(), mask, dim=1)
-
-
-def teacher_loglik_retokenized(
-    teacher_sum: torch.Tensor, teacher_tokens: torch.Tensor, num_bytes: torch.Tensor, *, per: str = "token"
-) -> torch.Tensor:
-    """Teacher log-likelihood of the completion text under its own tokenizer, per teacher token or per byte."""
-    if per not in ("token", "byte"):
-        raise GrpoKdError(f"cross-tokenizer normalisation must be 'token' or 'byte', not {per!r}")
-    denominator = teacher_tokens if per == "token" else num_bytes
-    return teacher_sum.float() / denominator.float().clamp(min=1)
 
 
 def teacher_logprob(teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,7 @@ from grpo_kd.train.checkpoint import student_checkpoint
 from grpo_kd.train.policy import collate, completion_logprobs
 from grpo_kd.train.preflight import check_vocabularies
 from grpo_kd.train.sampling import Sample, SamplingParams, sample_batch
+from grpo_kd.xtok import completion_text
 
 log = logging.getLogger(__name__)
 
@@ -477,7 +478,7 @@ def sample_groups(cfg, iteration, groups, params, student, teacher, tokenizer, s
                 prompt_id=prompt.id, group_id=g, sample_index=s, prompt_ids=ids,
                 completion_ids=sample.completion_ids, old_logprobs=old[r, :n].numpy(),
                 finish_reason=sample.finish_reason, prompt_text=prompt.text,
-                completion_text=tokenizer.decode(sample.completion_ids, skip_special_tokens=True),
+                completion_text=completion_text(tokenizer, sample.completion_ids),
                 privileged=prompt.privileged,
                 student_logprobs=None if student_lp is None else student_lp[r, :n].numpy(),
                 sampler_logprobs=sample.sampling_logprobs if keep_sampler_logprobs else None,

@@ -8,8 +8,9 @@ handles the rollout shards i with i % n == j, so n may be smaller than the numbe
 Per shard, a `Scorer` (teacher_scoring.py) batches the rows by length and writes, per completion token, the
 teacher's top-k ids and log-probs and the exact sampled-token log-prob (see that module).
 
-Teachers: kind "model" (its own weights; with another vocabulary and `teacher.cross_tokenizer` it re-tokenises
-the prompt and completion texts and scores whole sequences only), "self_base" (the student's initial model, or
+Teachers: kind "model" (its own weights; with another vocabulary it reads its own tokens of the prompt in its own
+format, the completion text and its end of turn, tokenized together, and its log-probs are summed onto the
+student's tokens byte by byte: grpo_kd/xtok.py, docs/cache.md "A teacher with another tokenizer"), "self_base" (the student's initial model, or
 with `teacher.adapter` the current student: the checkpoint that sampled the rollouts, weights or adapters) and
 "self_privileged" (either of the two, with the prompt rebuilt by
 `render_prompt(..., privileged_template=teacher.prompt_template)`; the completion tokens are unchanged).
@@ -37,10 +38,10 @@ from dataclasses import dataclass
 from typing import Any
 
 
-from grpo_kd.cache.manifest import CacheError, read_json, shard_is_complete, shard_manifest_path
+from grpo_kd.cache.manifest import CacheError, describe_vocab, read_json, shard_is_complete, shard_manifest_path
 from grpo_kd.cache.progress import ShardProgress, load_reference_batches, progress_dir, save_reference_batch
 from grpo_kd.cache.rollouts import RolloutShard, RolloutStore
-from grpo_kd.cache.spec import CacheSpec
+from grpo_kd.cache.spec import ALIGNMENT_RULES, CacheSpec
 from grpo_kd.cache.teacher import TeacherShardSink
 from grpo_kd.config import Config
 from grpo_kd.data import teacher_chat_template
@@ -59,6 +60,7 @@ from grpo_kd.paths import RunPaths
 from grpo_kd.train.checkpoint import student_checkpoint
 from grpo_kd.train.preflight import check_vocabularies
 from grpo_kd.train.teacher_scoring import Scorer
+from grpo_kd.xtok import Aligner
 
 log = logging.getLogger(__name__)
 
@@ -105,26 +107,29 @@ def run_teacher_pass(cfg: Config, *, iteration: int, task: int = 0, num_tasks: i
         shutil.rmtree(progress_dir(teacher_dir, j), ignore_errors=True)  # killed between finishing and clearing
     if not pending:
         return PassResult(task, num_tasks, [], skipped, 0)
+    aligner = Aligner(student_tok, teacher_tok, chat_template=teacher_chat_template(cfg)) if spec.alignment else None
     ref = _reference_pass(cfg, pending, progress, teacher_dir, params) if spec.reference else {}
-    with _teacher_scorer(cfg, paths, iteration, teacher_tok, spec, pending) as (scorer, model_fp):
+    with _teacher_scorer(cfg, paths, iteration, teacher_tok, spec, pending, aligner) as (scorer, model_fp):
         common = {"iteration": iteration, "task": {"index": task, "count": num_tasks}, "params": params,
                   "teacher": {**_teacher_desc(cfg), "model": model_fp, "tokenizer": teacher_fp},
-                  "student": {"tokenizer": student_fp}, "token_level": spec.token_level}
+                  "student": {"tokenizer": student_fp}, "token_level": spec.token_level,
+                  "alignment": None if aligner is None else aligner.describe()}
         tokens = _score_pending(scorer, pending, common, ref, spec, teacher_dir, progress)
     return PassResult(task, num_tasks, [s.shard for s in pending], skipped, tokens, ref.get("_tokens", 0))
 
 
 @contextlib.contextmanager
-def _teacher_scorer(cfg: Config, paths: RunPaths, iteration: int, tokenizer, spec: CacheSpec, pending):
+def _teacher_scorer(cfg: Config, paths: RunPaths, iteration: int, tokenizer, spec: CacheSpec, pending,
+                    aligner: Aligner | None):
     """(scorer, the teacher's model fingerprint) for the pass: transformers or vLLM (`teacher.engine`)."""
     if cfg.teacher.engine == "vllm":
         from grpo_kd.engines.vllm_teacher import teacher_scorer
 
-        with teacher_scorer(cfg, paths, iteration, tokenizer, spec, pending) as scorer_fp:
+        with teacher_scorer(cfg, paths, iteration, tokenizer, spec, pending, aligner) as scorer_fp:
             yield scorer_fp
         return
     teacher = _load_teacher(cfg, paths, iteration)
-    yield Scorer(cfg, teacher, tokenizer, spec), _model_fp(teacher)
+    yield Scorer(cfg, teacher, tokenizer, spec, aligner=aligner), _model_fp(teacher)
 
 
 def _score_pending(scorer, pending: list[RolloutShard], common: dict, ref: dict, spec: CacheSpec, teacher_dir,
@@ -163,12 +168,18 @@ def _open_rollouts(directory) -> RolloutStore:
 
 
 def _cache_spec(cfg: Config, student_fp: dict, teacher_fp: dict) -> CacheSpec:
+    """The cache this teacher makes: top-k over the shared vocabulary, or, for a teacher with another one, its
+    log-probs aligned onto the student's tokens (no top-k, no samples: they would be over its own ids)."""
     t = cfg.teacher
-    check_vocabularies(cfg, student_fp, teacher_fp, mixed=False)  # another vocabulary needs cross_tokenizer
+    check_vocabularies(cfg, student_fp, teacher_fp, mixed=False)  # what another vocabulary cannot serve
     cross = not same_vocabulary(student_fp, teacher_fp)
+    if cross:
+        log.info("teacher vocabulary %s differs from the student's %s: its log-probs are aligned onto the student's "
+                 "tokens by their bytes (rule %s); no top-k is cached", describe_vocab(teacher_fp),
+                 describe_vocab(student_fp), ALIGNMENT_RULES[0])
     return CacheSpec(format=t.cache_format, top_k=t.top_k, num_samples=0 if cross else t.num_samples,
                      logprob_dtype=t.logprob_dtype, token_level=not cross, reference=t.reference,
-                     cross_tokenizer=cross)
+                     cross_tokenizer=cross, alignment=ALIGNMENT_RULES[0] if cross else None)
 
 
 def _params(cfg: Config, spec: CacheSpec) -> dict[str, Any]:
@@ -179,8 +190,7 @@ def _params(cfg: Config, spec: CacheSpec) -> dict[str, Any]:
             "adapter": t.adapter, "prompt_template": t.prompt_template if t.kind == "self_privileged" else None,
             "chat_template": teacher_chat_template(cfg),
             "temperature": t.temperature, "softcap": t.softcap, "token_budget": t.token_budget, "seed": cfg.seed,
-            "engine": t.engine,
-            "cross_tokenizer_norm": t.cross_tokenizer_norm if spec.cross_tokenizer else None}
+            "engine": t.engine}
 
 
 def _finished(teacher_dir, shard: RolloutShard, spec: CacheSpec, params: dict) -> bool:

@@ -9,7 +9,9 @@ for each batch `final_hidden_states` (the LM head never runs) and then, on the c
 teacher with their log-probs (`teacher_samples.py`). Alignment: completion token t sits at position P + t of
 `prompt + completion` and is predicted by the hidden state at P + t - 1 (`grpo_kd.cache.reader.completion_hidden`).
 The prompt the model is conditioned on is rebuilt for the privileged self-teacher and for a teacher with another
-tokenizer. The phase (which shards, the reference pass, resuming, writing) is `teacher_pass.py`; the vLLM engine
+tokenizer. A teacher with another tokenizer (an `Aligner`, grpo_kd/xtok.py) reads its own tokens of the prompt in
+its own format, the completion text and its end of turn, tokenized together; its log-probs are then summed onto the
+student's tokens by the alignment rule (`target_logprobs`), with the alignment records beside them. The phase (which shards, the reference pass, resuming, writing) is `teacher_pass.py`; the vLLM engine
 (`grpo_kd.engines.vllm_teacher`) reuses this class's inputs, batches and row assembly with its own forward.
 """
 
@@ -26,7 +28,7 @@ from grpo_kd.cache.rollouts import RolloutShard
 from grpo_kd.cache.spec import CacheSpec, ScoredRows, bf16_bits
 from grpo_kd.cache.values import row_sums
 from grpo_kd.config import Config
-from grpo_kd.data import Prompt, prompt_token_ids, teacher_chat_template, teacher_has_own_prompt
+from grpo_kd.data import Prompt, prompt_token_ids, render_prompt, teacher_chat_template, teacher_has_own_prompt
 from grpo_kd.kernels import linear_logprobs, linear_topk
 from grpo_kd.models import (
     final_hidden_states,
@@ -34,6 +36,7 @@ from grpo_kd.models import (
 )
 from grpo_kd.progress import counter
 from grpo_kd.train.teacher_samples import sample_teacher
+from grpo_kd.xtok import Aligner, RowAlignment
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +44,44 @@ log = logging.getLogger(__name__)
 class Scorer:
     """One loaded model scoring rollout shards batch by batch (see the module doc)."""
 
-    def __init__(self, cfg: Config, model, tokenizer, spec: CacheSpec, reference: bool = False):
-        self.cfg, self.model, self.tokenizer, self.spec = cfg, model, tokenizer, spec
+    def __init__(self, cfg: Config, model, tokenizer, spec: CacheSpec, reference: bool = False,
+                 aligner: Aligner | None = None):
+        self.model = model
         self.head = lm_head(model)
-        self.reference = reference
         self.temperature = 1.0 if reference else cfg.teacher.temperature
         cap = cfg.teacher.softcap if not reference else None
         self.softcap = cap if cap is not None else self.head.softcap
         self.device = model.get_input_embeddings().weight.device
+        self.set_inputs(cfg, tokenizer, spec, reference, aligner)
+
+    def set_inputs(self, cfg: Config, tokenizer, spec: CacheSpec, reference: bool, aligner: Aligner | None) -> None:
+        """What the inputs depend on (shared with the vLLM scorer, which has no model of its own here)."""
+        self.cfg, self.tokenizer, self.spec, self.reference = cfg, tokenizer, spec, reference
+        self.aligner = None if reference else aligner  # a teacher with another tokenizer
+        self.alignments: dict[int, list[RowAlignment]] = {}  # per shard, per row, while the shard is scored
         self.privileged = (not reference) and cfg.teacher.kind == "self_privileged"
         self.chat = teacher_chat_template(cfg)
-        self.own_prompt = (not reference) and (teacher_has_own_prompt(cfg) or spec.cross_tokenizer)
+        self.own_prompt = (not reference) and teacher_has_own_prompt(cfg)
 
     # -- inputs
+    def _inputs(self, shard: RolloutShard) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(prompt ids, completion ids) per row, as the model reads them: with an aligner, the teacher's own tokens of
+        the prompt and of the completion text with its end of turn (each row's alignment kept for `_scored_rows`)."""
+        if self.aligner is None:
+            return self._prompts(shard), self._completions(shard)
+        offsets, values = shard.list_column("completion_ids")
+        finished = [reason == "stop" for reason in shard.table.column("finish_reason").to_pylist()]
+        rows = [self.aligner.align(text, values[offsets[i]:offsets[i + 1]], finished[i])
+                for i, text in enumerate(self._prompt_texts(shard))]
+        self.alignments[shard.shard] = rows
+        return [r.teacher_prompt for r in rows], [r.teacher_completion for r in rows]
+
+    def _prompt_texts(self, shard: RolloutShard) -> list[str]:
+        """Each row's prompt rendered in the model's own format (its chat template, if it reads one)."""
+        texts = shard.table.column("prompt_text").to_pylist()
+        ids = shard.table.column("prompt_id").to_pylist()
+        return [render_prompt(self.tokenizer, Prompt(pid, text), chat_template=self.chat) for pid, text in zip(ids, texts)]
+
     def _prompts(self, shard: RolloutShard) -> list[np.ndarray]:
         """Prompt ids the model is conditioned on, per row: the student's, or rebuilt from the prompt text in the
         teacher's own format (`grpo_kd.data.teacher_has_own_prompt`, or another tokenizer)."""
@@ -69,9 +97,6 @@ class Scorer:
                 for pid, text, priv in zip(ids, texts, privileged)]
 
     def _completions(self, shard: RolloutShard) -> list[np.ndarray]:
-        if self.spec.cross_tokenizer and not self.reference:
-            return [np.asarray(self.tokenizer(t, add_special_tokens=False)["input_ids"], np.int64)
-                    for t in shard.table.column("completion_text").to_pylist()]
         offsets, values = shard.list_column("completion_ids")
         return [values[offsets[i]:offsets[i + 1]] for i in range(shard.num_rows)]
 
@@ -113,7 +138,7 @@ class Scorer:
             tuple[int, np.ndarray, torch.Tensor | None, torch.Tensor | None, np.ndarray]]:
         """(batch index, rows, hidden states (N, H), target ids (N,), C per row) per batch. A batch whose index
         and rows are in `kept` ({index: rows} of batches scored earlier) gets no forward pass: None, None."""
-        prompts, completions = self._prompts(shard), self._completions(shard)
+        prompts, completions = self._inputs(shard)
         batches = self._batches(prompts, completions)
         total = int(sum(len(c) for c in completions))
         with counter(label, total, "tokens", enabled=progress) as advance:
@@ -199,16 +224,27 @@ class Scorer:
 
     def _scored_rows(self, shard: RolloutShard, rows: np.ndarray, C: np.ndarray, token: dict[str, np.ndarray],
                      target: np.ndarray, ref: list[np.ndarray] | None) -> ScoredRows:
-        """One batch's ScoredRows from its token fields and the (N,) log-probs of its scored tokens."""
+        """One batch's ScoredRows from its token fields and the (N,) log-probs of its scored tokens (C per row)."""
         extra = None
-        if not self.spec.token_level:
-            texts = shard.table.column("completion_text")
-            extra = {"xtok_num_tokens": C.astype(np.int32),
-                     "xtok_num_bytes": np.array([len(texts[int(i)].as_py().encode("utf-8")) for i in rows],
-                                                np.int64)}
+        if self.aligner is not None:
+            token, extra = self._aligned_fields(shard, rows, C, target)
         if self.spec.reference:
             token["ref_logprobs"] = np.concatenate([ref[i] for i in rows]) if len(rows) else np.zeros(0)
         group_ids = shard.table.column("group_id").to_numpy()
         return ScoredRows(row=rows.astype(np.int64), group_id=group_ids[rows].astype(np.int64),
                           num_tokens=shard.lengths()[rows].astype(np.int32), seq_logprob=row_sums(target, C),
                           token=token, extra=extra)
+
+    def _aligned_fields(self, shard: RolloutShard, rows: np.ndarray, C: np.ndarray,
+                        target: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The teacher's (N_T,) log-probs of its own tokens, C_T per row -> per student token (token fields) and
+        the per-row counts (row fields), by each row's alignment."""
+        aligned = [self.alignments[shard.shard][int(i)] for i in rows]
+        parts = np.split(target, np.cumsum(C)[:-1])  # [R] (C_T,) each
+        token = {"target_logprobs": np.concatenate([a.student_values(p) for a, p in zip(aligned, parts)]),
+                 "xtok_bytes": np.concatenate([a.student_bytes for a in aligned]),
+                 "xtok_teacher_tokens": np.concatenate([a.teacher_counts() for a in aligned]),
+                 "xtok_straddled": np.concatenate([a.straddled for a in aligned])}
+        extra = {"xtok_num_tokens": C.astype(np.int32),
+                 "xtok_num_bytes": np.array([a.text_bytes for a in aligned], np.int64)}
+        return token, extra

@@ -25,6 +25,7 @@ def sample_rollouts(student_path: Path, *, num_prompts: int, group_size: int, ma
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from grpo_kd.data import encode_prompt
+    from grpo_kd.xtok import completion_text
 
     tok = AutoTokenizer.from_pretrained(str(student_path))
     model = AutoModelForCausalLM.from_pretrained(str(student_path), dtype=torch.float32).eval()
@@ -51,7 +52,7 @@ def sample_rollouts(student_path: Path, *, num_prompts: int, group_size: int, ma
             records.append(RolloutRecord(
                 prompt_id=f"p{g}", group_id=g, sample_index=s, prompt_ids=prompt_ids, completion_ids=completion,
                 old_logprobs=old.numpy(), finish_reason=finish, prompt_text=text,
-                completion_text=tok.decode(completion, skip_special_tokens=True),
+                completion_text=completion_text(tok, completion),
                 privileged=f"answer {g}: {PROMPTS[(g + 1) % len(PROMPTS)]}" if privileged else None))
     return records
 

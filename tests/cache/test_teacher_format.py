@@ -1,7 +1,7 @@
 """Each model reads the conversation in its own format: the student samples from its plain prompt, the teacher of
 each family (`teacher.chat_template=true`) scores exactly the student's completion tokens after the same prompt
-rendered through its own chat template; a teacher with another vocabulary re-tokenises the completion after its
-own rendering; and a teacher mixed into the sampling (MiniLLM) is conditioned on its own format too."""
+rendered through its own chat template; a teacher with another vocabulary scores its own tokens of its rendering
+and the completion text; and a teacher mixed into the sampling (MiniLLM) is conditioned on its own format too."""
 
 from __future__ import annotations
 
@@ -75,21 +75,26 @@ def test_teacher_scores_the_completion_in_its_own_format(arch, tiny_family, tmp_
 
 
 def test_teacher_with_another_vocabulary_in_its_own_format(tiny_family, tmp_path):
-    """A Mistral student, a Gemma-3 teacher: the sequence score is the teacher's log-likelihood of the completion
-    text re-tokenised, after the prompt in Gemma's chat format."""
+    """A Mistral student, a Gemma-3 teacher, sampled rollouts: the teacher scores its own tokens of the prompt in
+    Gemma's chat format, the completion text (the rollout's, exactly what the student's tokens spell) and, after a
+    finished completion, <end_of_turn>, tokenized together; the per-token values sum to that log-likelihood."""
     student, teacher_models = tiny_family("mistral"), tiny_family("gemma3")
-    paths = _run(tmp_path, "cross", student.student, teacher_models.teacher, teacher_section={"cross_tokenizer": True})
+    paths = _run(tmp_path, "cross", student.student, teacher_models.teacher, teacher_section={})
     teacher_tok = load_tokenizer(str(teacher_models.teacher))
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_models.teacher)).eval()
     store = RolloutStore.open(paths.rollouts(1))
     batch = CacheReader.open(paths.rollouts(1), paths.teacher(1)).batch([0, 1])
-    assert batch.teacher_topk_ids is None  # sequence scores only across vocabularies
+    assert batch.teacher_topk_ids is None  # no top-k across vocabularies
     for b in range(len(batch.index)):
         record = store[int(batch.index[b])]
         prompt = _own_prompt(teacher_tok, record.prompt_text, TURN_OPENS["gemma3"])
-        completion = teacher_tok(record.completion_text, add_special_tokens=False)["input_ids"]
-        expected = float(_logprobs(teacher, len(teacher_tok), prompt, completion).sum()) if completion else 0.0
-        assert batch.teacher_seq_logprob[b].item() == pytest.approx(expected, abs=1e-3)
+        end = "<end_of_turn>" if record.finish_reason == "stop" else ""
+        rendered = teacher_tok.decode(prompt)
+        whole = teacher_tok(rendered + record.completion_text + end, add_special_tokens=False)["input_ids"]
+        assert whole[:len(prompt)] == prompt  # the chat prompt ends in a newline: no token crosses the boundary
+        expected = float(_logprobs(teacher, len(teacher_tok), prompt, whole[len(prompt):]).sum())
+        assert batch.teacher_seq_logprob[b].item() == pytest.approx(expected, abs=1e-4)
+        assert batch.teacher_logprobs[b].double().sum().item() == pytest.approx(expected, abs=1e-4)
 
 
 def test_mixing_teacher_reads_its_own_format(tiny_family, tmp_path):

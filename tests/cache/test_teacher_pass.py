@@ -184,7 +184,9 @@ def test_student_with_another_vocabulary_is_refused(scored_run, tmp_path):
 
 
 def test_teacher_with_another_vocabulary(scored_run, tmp_path, capsys):
-    """Token-level caching refuses it in one line; with teacher.cross_tokenizer it caches sequence scores."""
+    """No setting needed: its log-probs are aligned onto the student's tokens (tests/test_xtok.py has the rule);
+    the cache has no top-k, so a loss that needs one is refused naming both vocabularies; the key of the
+    sequence-only mode of earlier versions is refused with the reason."""
     import shutil
 
     from grpo_kd.tiny import build_tiny_student
@@ -194,17 +196,19 @@ def test_teacher_with_another_vocabulary(scored_run, tmp_path, capsys):
     xrun = tmp_path / "xrun"
     shutil.copytree(RunPaths.of(run_dir).rollouts(1), RunPaths.of(xrun).rollouts(1))
     overrides = [f"output_dir={tmp_path}", "name=xrun", f"teacher.path={other}"]
-    assert main(["cache-teacher", "--config", str(config), *overrides]) == 1
-    err = capsys.readouterr().err
-    assert "V=300" in err and "V=1024" in err and "cross_tokenizer" in err
-    assert main(["cache-teacher", "--config", str(config), *overrides, "teacher.cross_tokenizer=true"]) == 0
+    assert main(["cache-teacher", "--config", str(config), *overrides, "teacher.cross_tokenizer=true"]) == 1
+    assert "teacher.cross_tokenizer was removed" in capsys.readouterr().err
+    assert main(["cache-teacher", "--config", str(config), *overrides]) == 0
     assert main(["cache", "verify", str(xrun)]) == 0
     reader = CacheReader.open(RunPaths.of(xrun).rollouts(1), RunPaths.of(xrun).teacher(1))
     batch = reader.batch([0])
-    assert batch.teacher_topk_ids is None and batch.teacher_seq_tokens.min() > 0
-    assert batch.teacher_seq_bytes.min() > 0 and batch.ref_logprobs is not None
-    with pytest.raises(CacheError, match="sequence scores only"):
+    assert batch.teacher_topk_ids is None and batch.ref_logprobs is not None
+    mask = batch.completion_mask
+    assert (batch.teacher_logprobs[mask] <= 0).all() and batch.teacher_seq_bytes.min() > 0
+    torch.testing.assert_close(batch.teacher_logprobs.double().sum(1), batch.teacher_seq_logprob, atol=1e-4, rtol=0)
+    with pytest.raises(CacheError, match="no top-k over the student's vocabulary") as info:
         CacheReader.open(RunPaths.of(xrun).rollouts(1), RunPaths.of(xrun).teacher(1), require_token_level=True)
+    assert "V=300" in str(info.value) and "V=1024" in str(info.value)
 
 
 def test_privileged_self_teacher_rebuilds_the_prompt(tmp_path, cache_models):

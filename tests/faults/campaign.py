@@ -284,7 +284,7 @@ def build_cases(base_run: Path) -> dict:
         "c07 2: `cache verify` on rollouts holding NaN log-probs": case_nan_rollouts,
         "c08 2: optim.lr=1e6": lambda c: loop(c, "optim.lr=1e6"),
         "c09 2: `report` on a run whose last 31 of 32 steps are NaN": case_report,
-        "c10 3: teacher.cross_tokenizer=true with a 700-token teacher": case_cross_tokenizer,
+        "c10 3: a 700-token teacher (another vocabulary)": case_cross_tokenizer,
         "c11 4: a binary file as data.prompts": lambda c: nonutf8(c, "binary"),
         "c12 4: Latin-1 Faroese text as data.prompts": lambda c: nonutf8(c, "latin1"),
         "c13 4: one bad byte in a UTF-8 text file": lambda c: nonutf8(c, "one-byte"),
@@ -346,7 +346,7 @@ def case_nan_rollouts(c: Case) -> tuple[int, str, str]:
 
 def case_cross_tokenizer(c: Case) -> tuple[int, str, str]:
     c.run("tiny-models", "runs/tiny700", "--vocab-size", "700")
-    return loop(c, "teacher.path=runs/tiny700/teacher", "teacher.cross_tokenizer=true")
+    return loop(c, "teacher.path=runs/tiny700/teacher")
 
 
 def case_truncated(c: Case, base: Path, how: str) -> tuple[int, str, str]:

@@ -20,7 +20,7 @@ def test_a_completion_that_decodes_to_nothing_ends_the_last_batch(fault_config, 
     from grpo_kd.slurm.plan import prepare_run
     from grpo_kd.train.phases import run_phase
 
-    cfg = fault_config(**{"teacher.path": tiny_student_other_vocab, "teacher.cross_tokenizer": "true"})
+    cfg = fault_config(**{"teacher.path": tiny_student_other_vocab})
     prepare_run(cfg)
     tokenizer = load_tokenizer(cfg.model.path)
     prompt = tokenizer("Í Føroyum er", add_special_tokens=True)["input_ids"]

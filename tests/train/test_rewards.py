@@ -22,14 +22,6 @@ def test_log_ratio_and_length():
     assert rewards.length(mask, 4).tolist() == [0.25]
 
 
-def test_retokenized_normalisation():
-    total = torch.tensor([-12.0])
-    assert rewards.teacher_loglik_retokenized(total, torch.tensor([4]), torch.tensor([24])).item() == -3.0
-    assert rewards.teacher_loglik_retokenized(total, torch.tensor([4]), torch.tensor([24]), per="byte").item() == -0.5
-    with pytest.raises(GrpoKdError):
-        rewards.teacher_loglik_retokenized(total, torch.tensor([4]), torch.tensor([24]), per="word")
-
-
 def test_combine_weights_named_components():
     comps = {"teacher_loglik": torch.tensor([-1.0, -2.0]), "length": torch.tensor([0.5, 1.0])}
     total = rewards.combine(comps, {"teacher_loglik": 1.0, "length": -0.5})

@@ -185,19 +185,15 @@ def behaviour_student_logprobs(batch: CacheBatch) -> torch.Tensor:
 def reward_components(
     batch: CacheBatch, cfg: Config, *, base_logprobs: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """Every reward component this batch and cache allow, by name (see grpo_kd.train.rewards)."""
+    """Every reward component this batch and cache allow, by name (see grpo_kd.train.rewards). The teacher's
+    per-token log-probs are those of the student's tokens: exact with one vocabulary, aligned by bytes with another
+    (the cache's `target_logprobs` either way), so every component reads them the same way."""
     mask = batch.completion_mask.float()  # (B, T)
     out = {"length": R.length(mask, cfg.rollout.max_new_tokens)}  # (B,)
     if batch.teacher_logprobs is not None:
         out["teacher_loglik"] = R.teacher_loglik(batch.teacher_logprobs, mask)  # (B,)
         out["teacher_logprob"] = R.teacher_logprob(batch.teacher_logprobs, mask)  # (B, T)
         out["log_ratio"] = R.log_ratio(batch.teacher_logprobs, behaviour_student_logprobs(batch), mask)  # (B, T)
-    elif batch.teacher_seq_logprob is not None:
-        num_bytes = batch.teacher_seq_bytes if batch.teacher_seq_bytes is not None else batch.teacher_seq_tokens
-        per = cfg.teacher.cross_tokenizer_norm if batch.teacher_seq_bytes is not None else "token"
-        out["teacher_loglik"] = R.teacher_loglik_retokenized(
-            batch.teacher_seq_logprob, batch.teacher_seq_tokens, num_bytes, per=per
-        )  # (B,)
     if base_logprobs is not None:
         out["inverse_loss"] = R.inverse_loss(base_logprobs, mask)  # (B,)
     return out
