@@ -32,11 +32,13 @@ def run(
     from grpo_kd.slurm.plan import prepare_run
 
     from grpo_kd.engines.vllm_engine import preflight
+    from grpo_kd.train.teacher_vocab import check_teacher_vocabulary
 
     if in_process:
         setup_logging()  # the phases log here, as their own commands do; the default executor logs to RUN/logs
     cfg = resolve_config(config, overrides)
-    preflight(cfg)  # what vLLM cannot serve is refused before any phase (the rest: preflight.check_inputs)
+    preflight(cfg)  # what vLLM cannot serve is refused before anything is written
+    check_teacher_vocabulary(cfg)  # and what a teacher with another vocabulary cannot (the rest: run_local)
     cfg, paths = prepare_run(cfg, iterations)
     how = "in this process" if in_process else "each phase in its own process"
     console.print(f"run {cfg.name}: {cfg.iterations} iterations in {paths.root} ({how}; config: {paths.config})",
@@ -65,10 +67,12 @@ def submit(
     """Write sbatch scripts for each phase and iteration and submit them with afterok dependencies."""
     from grpo_kd.engines.vllm_engine import preflight
     from grpo_kd.slurm.submit import prepare_chain
+    from grpo_kd.train.teacher_vocab import check_teacher_vocabulary
 
     cfg = resolve_config(config, overrides)
     if not dry_run:  # a dry run may be made where the models are not (their configs are read by the preflight)
         preflight(cfg)
+        check_teacher_vocabulary(cfg)
     cfg, paths = prepare_chain(cfg, iterations, write=not dry_run)
     _submit(cfg, paths, resume=False, dry_run=dry_run)
 

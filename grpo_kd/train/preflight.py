@@ -31,19 +31,19 @@ def check_inputs(cfg: Config, phases: Iterable[str] = PHASES) -> None:
     check(cfg)
     check_model_source(cfg.model.path, "student", verify=False)  # the loader checks the checksums, once
     student_tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    if "rollout" in phases:
-        _check_prompts(cfg)
-    if "update" in phases and cfg.loss.pt.weight > 0:
-        load_texts(cfg.data.pretrain_text, field=cfg.data.text_field)
     mixed = "rollout" in phases and cfg.rollout.teacher_mix_alpha > 0
     if cfg.teacher.kind == "model" and ("cache-teacher" in phases or mixed):
         check_model_source(cfg.teacher.path, "teacher", verify=False)
         teacher_tok = load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
-        check_vocabularies(cfg, tokenizer_fingerprint(student_tok), tokenizer_fingerprint(teacher_tok), mixed=mixed)
+        check_vocabularies(cfg, tokenizer_fingerprint(student_tok), tokenizer_fingerprint(teacher_tok))
     else:
         fingerprint = tokenizer_fingerprint(student_tok)
-        check_vocabularies(cfg, fingerprint, fingerprint, mixed=False)
+        check_vocabularies(cfg, fingerprint, fingerprint)
         check_teacher_vocabulary(cfg)  # the update and the rollout refuse what a foreign teacher cannot serve too
+    if "rollout" in phases:
+        _check_prompts(cfg)
+    if "update" in phases and cfg.loss.pt.weight > 0:
+        load_texts(cfg.data.pretrain_text, field=cfg.data.text_field)
 
 
 def _check_prompts(cfg: Config) -> None:
@@ -53,16 +53,12 @@ def _check_prompts(cfg: Config) -> None:
     prompts_from_config(cfg.data)  # refuses an unset data.prompts, reads and decodes the file
 
 
-def check_vocabularies(cfg: Config, student_fp: dict, teacher_fp: dict, *, mixed: bool) -> None:
+def check_vocabularies(cfg: Config, student_fp: dict, teacher_fp: dict) -> None:
     """From the two tokenizer fingerprints (`grpo_kd.models.tokenizer_fingerprint`): a teacher with another
-    vocabulary serves what `teacher_vocab.foreign_teacher_refusal` allows (not sampling mixed with it); top-k and the teacher samples
-    must fit in the teacher's vocabulary. The rollout and the teacher pass call it too, with the fingerprints
-    they record."""
+    vocabulary serves what `teacher_vocab.foreign_teacher_refusal` allows (no top-k loss, no sampling mixed with
+    it); top-k and the teacher samples must fit in the teacher's vocabulary. The rollout and the teacher pass
+    call it too, with the fingerprints they record."""
     same = same_vocabulary(student_fp, teacher_fp)
-    if not same and mixed:
-        raise GrpoKdError(f"rollout.teacher_mix_alpha > 0 needs one vocabulary: the teacher {cfg.teacher.path} has "
-                          f"{describe_vocab(teacher_fp)} but the student {cfg.model.path} has "
-                          f"{describe_vocab(student_fp)}; set rollout.teacher_mix_alpha=0")
     refusal = None if same else foreign_teacher_refusal(cfg)
     if refusal:
         raise GrpoKdError(f"the teacher {cfg.teacher.path} has another vocabulary ({describe_vocab(teacher_fp)}; the "

@@ -228,7 +228,7 @@ def _check_teacher_vocabulary(cfg: Config, student_tok, student_fp: dict[str, An
         return student_tok, student_fp  # the self-teachers are the student's own base
     teacher_tok = load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
     teacher_fp = tokenizer_fingerprint(teacher_tok)
-    check_vocabularies(cfg, student_fp, teacher_fp, mixed=True)
+    check_vocabularies(cfg, student_fp, teacher_fp)
     return teacher_tok, teacher_fp
 
 

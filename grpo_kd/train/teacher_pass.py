@@ -171,7 +171,7 @@ def _cache_spec(cfg: Config, student_fp: dict, teacher_fp: dict) -> CacheSpec:
     """The cache this teacher makes: top-k over the shared vocabulary, or, for a teacher with another one, its
     log-probs aligned onto the student's tokens (no top-k, no samples: they would be over its own ids)."""
     t = cfg.teacher
-    check_vocabularies(cfg, student_fp, teacher_fp, mixed=False)  # what another vocabulary cannot serve
+    check_vocabularies(cfg, student_fp, teacher_fp)  # what another vocabulary cannot serve
     cross = not same_vocabulary(student_fp, teacher_fp)
     if cross:
         log.info("teacher vocabulary %s differs from the student's %s: its log-probs are aligned onto the student's "
