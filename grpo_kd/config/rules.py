@@ -223,6 +223,8 @@ def _slurm(cfg: Config) -> Problems:
     yield from _at_least("slurm.array_parallelism (0 = no throttle)", s.array_parallelism, 0)
     yield from _at_least("slurm.signal_seconds", s.signal_seconds, 0)
     yield from _within("slurm.rendezvous_port", s.rendezvous_port, 1, 65535)
+    yield from _positive("slurm.gpu_memory_gb", s.gpu_memory_gb)
+    yield from _positive("slurm.gpu_tflops", s.gpu_tflops)
     for phase in ("rollout", "cache_teacher", "update"):
         job = getattr(s, phase)
         yield from _at_least(f"slurm.{phase}.nodes", job.nodes, 1)
