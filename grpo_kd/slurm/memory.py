@@ -42,6 +42,8 @@ KERNEL_CHUNK = 2**30  # float32 logits of one row chunk of the fused kernels on 
 LORA_BYTES = 16  # float32 adapter weight, gradient and two Adam moments
 FULL_BYTES = 16  # 16-bit weight 2 + float32 master 4 + Adam moments 8 + 16-bit gradient 2
 NF4_BYTES = 0.5625  # 4 bits and one float32 absmax per block of 64
+VLLM_STEP_TOKENS = 16384  # vLLM's own max_num_batched_tokens for its offline LLM class on >= 70 GB GPUs
+# (vllm 0.32, engine/arg_utils.py), when vllm.max_num_batched_tokens is unset
 
 
 @dataclass
@@ -107,12 +109,23 @@ def _gpus(cfg: Config, phase: str) -> int:
     return max(1, job.nodes * job.gpus_per_node)
 
 
+def _vllm_share(cfg: Config, mem: PhaseMemory) -> int:
+    """A vLLM phase: the GPUs its tensor parallelism spreads over, and the share of each GPU it may take (its
+    weights, KV cache and step buffers must fit in vllm.gpu_memory_utilization x the GPU)."""
+    from grpo_kd.engines.vllm_engine import GPU_MEMORY_UTILIZATION
+
+    share = cfg.vllm.gpu_memory_utilization or GPU_MEMORY_UTILIZATION
+    mem.available = int(share * cfg.slurm.gpu_memory_gb * GIB)
+    mem.notes.append(f"vLLM may take vllm.gpu_memory_utilization={share:g} of each GPU: that is the limit shown")
+    return min(cfg.vllm.tensor_parallel_size or mem.gpus, mem.gpus)
+
+
 def rollout_memory(cfg: Config, student: ArchFacts, teacher: ArchFacts | None) -> PhaseMemory:
     """The student (and a mixing teacher) decoding `batch_size x group_size` rows with their KV caches."""
     r, m = cfg.rollout, cfg.model
     mem = PhaseMemory("rollout", _gpus(cfg, "rollout"), int(cfg.slurm.gpu_memory_gb * GIB))
     rows, length = r.batch_size * r.group_size, cfg.data.max_prompt_tokens + r.max_new_tokens
-    share = mem.gpus if r.engine == "vllm" else 1  # vLLM: tensor parallelism over the job's GPUs
+    share = _vllm_share(cfg, mem) if r.engine == "vllm" else 1  # vLLM: tensor parallelism over the job's GPUs
     mem.parts["student weights"] = weight_bytes(student, m.dtype, four_bit=m.load_in_4bit) / share
     mem.parts["student KV cache"] = kv_cache_bytes(student, rows, length) / share
     mem.parts["sampling logits"] = rows * student.vocab_size * 4 * 2
@@ -123,8 +136,8 @@ def rollout_memory(cfg: Config, student: ArchFacts, teacher: ArchFacts | None) -
         mem.parts["mixing teacher KV cache"] = kv_cache_bytes(teacher, rows, length) / spread
     mem.parts["CUDA context and fragmentation"] = CUDA_CONTEXT
     if r.engine == "vllm":
-        mem.notes.append(f"vLLM takes vllm.gpu_memory_utilization of each GPU for weights and KV cache; the KV "
-                         f"cache shown is what {rows} rows of {length} tokens need")
+        mem.notes.append(f"the KV cache shown is what {rows} rows of {length} tokens need; vLLM fills what is "
+                         "left of its share with more")
     return mem
 
 
@@ -133,18 +146,25 @@ def teacher_memory(cfg: Config, student: ArchFacts, teacher: ArchFacts | None) -
     t = cfg.teacher
     mem = PhaseMemory("cache-teacher", _gpus(cfg, "cache-teacher"), int(cfg.slurm.gpu_memory_gb * GIB))
     model = teacher if (t.kind == "model" and teacher is not None) else student
-    spread = mem.gpus if (t.device_map or t.engine == "vllm") else 1
+    spread = _vllm_share(cfg, mem) if t.engine == "vllm" else (mem.gpus if t.device_map else 1)
     dtype = t.dtype if t.kind == "model" else cfg.model.dtype
     weights = weight_bytes(model, dtype, four_bit=t.load_in_4bit if t.kind == "model" else cfg.model.load_in_4bit)
     forward = t.token_budget * (model.hidden_size + model.intermediate_size) * 2 * 2  # one layer's transients
-    reference = weight_bytes(student, cfg.model.dtype) if t.reference else 0.0
+    reference = 0.0
+    if t.reference:  # the student's initial model: a QLoRA student's is its 4-bit base
+        reference = weight_bytes(student, cfg.model.dtype, four_bit=cfg.model.load_in_4bit)
+        reference /= spread if t.engine == "vllm" else 1
     if reference > weights / spread:
         mem.parts["reference model weights (its own pass)"] = reference
         mem.notes.append("the reference pass (the student's base) is the larger of the two model passes")
     else:
         mem.parts["teacher weights" + (f" (1/{spread})" if spread > 1 else "")] = weights / spread
     mem.parts["forward activations (token_budget)"] = forward
-    mem.parts["top-k kernel chunk"] = KERNEL_CHUNK
+    if t.engine == "vllm":  # prompt log-probs: float32 logits of one engine step's tokens, on every GPU
+        step = cfg.vllm.max_num_batched_tokens or VLLM_STEP_TOKENS
+        mem.parts[f"prompt log-prob logits ({step} tokens)"] = step * model.vocab_size * 4
+    else:
+        mem.parts["top-k kernel chunk"] = KERNEL_CHUNK
     mem.parts["CUDA context and fragmentation"] = CUDA_CONTEXT
     return mem
 

@@ -8,12 +8,11 @@ The models are found where a phase would find them — a local directory, or a h
 otherwise from the architecture facts shipped under `configs/models/<org>--<name>.json` (config.json fields
 only); a model found nowhere is reported as unresolved rather than guessed. Checked, in order:
 
-    rules        every rule of `grpo_kd.config.rules` (all of them listed, not only the first)
+    rules        every rule of `grpo_kd.config.rules` (all of them listed, not only the first), which include
+                 the shard counts (teacher tasks <= rollout shards <= prompts) and the GPUs each phase uses
     models       each model is found; LoRA targets exist in the student's text decoder (built on the meta device)
     vocabulary   the tokenizers compared where both are readable, else the config vocabulary sizes: a teacher with
                  another vocabulary needs teacher.cross_tokenizer
-    resources    shard counts agree (teacher tasks <= rollout shards <= prompts), and each phase's GPUs are the ones
-                 it uses; vLLM's model-dependent refusals
     memory       `grpo_kd.slurm.memory` per phase and GPU against slurm.gpu_memory_gb
     time         tokens and FLOPs per iteration, hours at slurm.gpu_tflops x PLAN_MFU
 """
@@ -30,8 +29,8 @@ import grpo_kd
 from grpo_kd.arch import ArchFacts, arch_facts
 from grpo_kd.config import Config, problems
 from grpo_kd.errors import GrpoKdError
-from grpo_kd.models import resolve_source
-from grpo_kd.slurm.memory import GIB, PhaseMemory, phase_memory
+from grpo_kd.models import check_model_source, resolve_source
+from grpo_kd.slurm.memory import GIB, PhaseMemory, dtype_bytes, phase_memory
 
 PLAN_MFU = 0.4  # the share of the GPU's peak the time estimate assumes (decoding is slower: memory-bound)
 MODELS_DIR = "models"  # beside the shipped configs: configs/models/<org>--<name>.json
@@ -47,6 +46,7 @@ class ModelInfo:
     config: dict[str, Any] | None = None
     tokenizer: dict[str, Any] | None = None  # grpo_kd.models.tokenizer_fingerprint, where a tokenizer is readable
     facts: ArchFacts | None = None
+    error: str = ""  # why the facts could not be read from the config
 
 
 @dataclass
@@ -67,14 +67,15 @@ def facts_dirs(config_path: Path | None) -> list[Path]:
     return dirs + [Path(grpo_kd.__file__).resolve().parents[1] / "configs" / MODELS_DIR]
 
 
-def resolve_model(role: str, name: str, trust_remote_code: bool, config_path: Path | None) -> ModelInfo:
+def resolve_model(role: str, name: str, trust_remote_code: bool, config_path: Path | None,
+                  tokenizer: str | None = None) -> ModelInfo:
     """A model's config (and tokenizer fingerprint where one is readable) from a local directory, the hub cache,
     or the shipped facts; `source` says which, or "unresolved"."""
     info = ModelInfo(role, name)
     local = Path(name).expanduser()
     if local.is_dir():
         info.source, info.config = "local directory", _read_json(local / "config.json")
-        info.tokenizer = _fingerprint(str(local), trust_remote_code)
+        info.tokenizer = _fingerprint(str(Path(tokenizer or name).expanduser()), trust_remote_code)
     else:
         cached = _hub_cached_config(name)
         if cached is not None:
@@ -87,7 +88,10 @@ def resolve_model(role: str, name: str, trust_remote_code: bool, config_path: Pa
                 info.source, info.config = f"shipped facts {shipped.name}", _read_json(shipped)
     if info.config is not None:
         info.config = {k: v for k, v in info.config.items() if not k.startswith("_")}
-        info.facts = arch_facts(info.config)
+        try:
+            info.facts = arch_facts(info.config)
+        except GrpoKdError as exc:  # a family outside grpo_kd.arch: the plan goes on without its memory
+            info.error = str(exc)
     return info
 
 
@@ -146,53 +150,36 @@ def lora_problem(info: ModelInfo, targets: list[str]) -> str | None:
 
 
 def vocabulary_problems(cfg: Config, student: ModelInfo, teacher: ModelInfo | None) -> tuple[list[str], list[str]]:
-    """(problems, notes) of the two vocabularies; a teacher with another one needs teacher.cross_tokenizer."""
-    from grpo_kd.cache.manifest import describe_vocab, same_vocab
+    """(problems, notes) of the two vocabularies: the phases' own rule (`grpo_kd.train.preflight.
+    check_vocabularies`) where both tokenizers are readable, else the embedding rows of the two configs: a teacher
+    with another vocabulary needs teacher.cross_tokenizer, and cannot be mixed into sampling."""
+    from grpo_kd.models import same_vocabulary
+    from grpo_kd.train.preflight import check_vocabularies
 
     if teacher is None:
         return [], []
+    mixed = cfg.rollout.teacher_mix_alpha > 0
     if student.tokenizer and teacher.tokenizer:
-        same = same_vocab(student.tokenizer, teacher.tokenizer)
-        how = f"{describe_vocab(teacher.tokenizer)} against the student's {describe_vocab(student.tokenizer)}"
-    elif student.facts and teacher.facts:
-        same = None if student.facts.vocab_size == teacher.facts.vocab_size else False
-        how = (f"{teacher.facts.vocab_size} embedding rows against the student's {student.facts.vocab_size} "
-               "(config.json; the tokenizers are not here to compare)")
-    else:
+        try:
+            check_vocabularies(cfg, student.tokenizer, teacher.tokenizer, mixed=mixed)
+        except GrpoKdError as exc:
+            return [str(exc)], []
+        same = same_vocabulary(student.tokenizer, teacher.tokenizer)
+        return [], [f"vocabularies: {'the same' if same else 'different, with teacher.cross_tokenizer'} "
+                    "(the tokenizers compared token by token)"]
+    if not (student.facts and teacher.facts):
         return [], ["vocabularies not compared: a model is unresolved"]
-    if same is None:
-        return [], [f"vocabularies: the same size, not compared token by token ({how})"]
-    if not same and not cfg.teacher.cross_tokenizer:
-        return [f"the teacher {teacher.name} has another vocabulary ({how}): set teacher.cross_tokenizer=true "
-                "(sequence- and byte-level teacher signal), or use a teacher with the student's tokenizer"], []
-    if not same and cfg.rollout.teacher_mix_alpha > 0:
-        return ["rollout.teacher_mix_alpha > 0 needs the student's vocabulary in the teacher: teacher-mixed "
-                f"sampling draws tokens from both ({how})"], []
-    return [], [f"vocabularies: {'the same' if same else 'different, with teacher.cross_tokenizer'}"]
-
-
-def resource_problems(cfg: Config) -> list[str]:
-    """Shard counts and the GPUs each phase asks for against what it uses."""
-    out = []
-    r, t, s = cfg.rollout, cfg.teacher, cfg.slurm
-    if t.num_shards > r.num_shards:
-        out.append(f"teacher.num_shards={t.num_shards} tasks for rollout.num_shards={r.num_shards} shards: tasks "
-                   f"{r.num_shards}..{t.num_shards - 1} of the cache-teacher array would have nothing to score")
-    if r.num_shards > r.prompts_per_iteration:
-        out.append(f"rollout.num_shards={r.num_shards} is more than rollout.prompts_per_iteration="
-                   f"{r.prompts_per_iteration}: some shards would hold no group")
-    rollout_gpus = s.rollout.nodes * s.rollout.gpus_per_node
-    if r.engine == "hf" and rollout_gpus > 1 and not (r.teacher_mix_alpha > 0 and t.device_map):
-        out.append(f"slurm.rollout asks for {rollout_gpus} GPUs but rollout.engine=hf samples on one: set "
-                   "slurm.rollout.gpus_per_node=1, or rollout.engine=vllm (tensor parallelism)")
-    teacher_gpus = s.cache_teacher.nodes * s.cache_teacher.gpus_per_node
-    if s.cache_teacher.nodes > 1:
-        out.append(f"slurm.cache_teacher.nodes={s.cache_teacher.nodes}: a teacher pass runs on one node "
-                   "(device_map or tensor parallelism across its GPUs); use more array tasks instead")
-    elif teacher_gpus > 1 and t.engine == "hf" and not t.device_map:
-        out.append(f"slurm.cache_teacher asks for {teacher_gpus} GPUs per task but teacher.device_map is unset, "
-                   "so the teacher runs on one: set teacher.device_map=auto or slurm.cache_teacher.gpus_per_node=1")
-    return out
+    rows = (f"{teacher.facts.vocab_size} embedding rows against the student's {student.facts.vocab_size} "
+            "(config.json; the tokenizers are not here to compare)")
+    if student.facts.vocab_size == teacher.facts.vocab_size:
+        return [], [f"vocabularies: the same size, not compared token by token ({rows})"]
+    if mixed:
+        return [f"rollout.teacher_mix_alpha > 0 needs one vocabulary: the teacher {teacher.name} has {rows}; set "
+                "rollout.teacher_mix_alpha=0"], []
+    if not cfg.teacher.cross_tokenizer:
+        return [f"the teacher {teacher.name} has another vocabulary ({rows}): token-level caching needs a shared "
+                "vocabulary; set teacher.cross_tokenizer=true to cache sequence-level scores only"], []
+    return [], [f"vocabularies: different, with teacher.cross_tokenizer ({rows})"]
 
 
 def memory_problems(phases: list[PhaseMemory], cfg: Config) -> list[str]:
@@ -220,21 +207,25 @@ def _fix_hint(mem: PhaseMemory, cfg: Config) -> str:
 
 
 def iteration_work(cfg: Config, student: ArchFacts | None, teacher: ArchFacts | None) -> dict[str, dict[str, float]]:
-    """Tokens and FLOPs of one iteration per phase (2 P per token forward, 6 P per token trained), and hours at
-    slurm.gpu_tflops x PLAN_MFU on the phase's GPUs (teacher tasks run side by side)."""
-    if student is None:
+    """Tokens and FLOPs of one iteration per phase, 2 P per token and forward: the rollout's sampling (prompt
+    and completion), the teacher pass (teacher and reference over prompt and completion), the update's forward
+    and backward (6 P per token trained in full, 4 P with LoRA: no weight gradients of the frozen base); and
+    hours at slurm.gpu_tflops x PLAN_MFU on the phase's GPUs (teacher tasks run side by side). Empty when a
+    model is unresolved."""
+    if student is None or (cfg.teacher.kind == "model" and teacher is None):
         return {}
     r, s = cfg.rollout, cfg.slurm
     rows = r.prompts_per_iteration * r.group_size
     sequence = cfg.data.max_prompt_tokens + r.max_new_tokens
     p_student = student.text_parameters
-    p_teacher = teacher.text_parameters if (teacher and cfg.teacher.kind == "model") else p_student
+    p_teacher = teacher.text_parameters if cfg.teacher.kind == "model" else p_student
+    trained = (4 if cfg.model.lora else 6) * p_student
     work = {
-        "rollout": (rows * r.max_new_tokens, 2 * p_student * rows * (r.max_new_tokens + sequence)),
+        "rollout": (rows * r.max_new_tokens, 2 * p_student * rows * sequence),
         "cache-teacher": (rows * sequence, 2 * (p_teacher + (p_student if cfg.teacher.reference else 0)) * rows
                           * sequence),
         "update": (rows * sequence * cfg.optim.epochs_per_iteration,
-                   6 * p_student * rows * sequence * cfg.optim.epochs_per_iteration),
+                   trained * rows * sequence * cfg.optim.epochs_per_iteration),
     }
     out = {}
     for phase, (tokens, flops) in work.items():
@@ -251,31 +242,39 @@ def iteration_work(cfg: Config, student: ArchFacts | None, teacher: ArchFacts | 
 def make_plan(cfg: Config, config_path: Path | None = None) -> PlanReport:
     """Everything `grpo-kd plan` reports; see the module doc."""
     found = problems(cfg)
-    student = resolve_model("student", cfg.model.path, cfg.model.trust_remote_code, config_path)
+    student = resolve_model("student", cfg.model.path, cfg.model.trust_remote_code, config_path, cfg.model.tokenizer)
     teacher = (resolve_model("teacher", cfg.teacher.path, cfg.teacher.trust_remote_code, config_path)
                if cfg.teacher.kind == "model" else None)
     models = [student] + ([teacher] if teacher else [])
     notes = []
     for info in models:
-        if info.facts is not None:
-            continue
         try:
-            resolve_source(info.name, info.role)  # a local path that is not there: one line, a problem
+            if info.source == "local directory":  # what the phase's loader needs: config.json and safetensors
+                check_model_source(info.name, info.role, verify=False)
+                if info.tokenizer is None:
+                    found.append(f"{info.role} {info.name}: no tokenizer can be read there")
+            elif info.config is None:
+                resolve_source(info.name, info.role)  # a local path that is not there: one line, a problem
+                notes.append(f"{info.role} {info.name}: unresolved: a hub id not in this machine's hub cache and "
+                             f"without configs/{MODELS_DIR}/{info.name.replace('/', '--')}.json; its memory is not "
+                             "estimated")
         except GrpoKdError as exc:
             found.append(str(exc))
-            continue
-        notes.append(f"{info.role} {info.name}: a hub id not in this machine's hub cache and without "
-                     f"configs/{MODELS_DIR}/{info.name.replace('/', '--')}.json; its memory is not estimated")
+        if info.config is not None and info.facts is None:
+            notes.append(f"{info.role} {info.name}: memory not estimated: {info.error}")
     if cfg.model.lora and student.config is not None:
         problem = lora_problem(student, cfg.model.lora_target_modules)
         found += [problem] if problem else []
     vocab_found, vocab_notes = vocabulary_problems(cfg, student, teacher)
-    found += vocab_found + resource_problems(cfg)
+    found += vocab_found
     notes += vocab_notes
     phases: list[PhaseMemory] = []
     if student.facts is not None and (teacher is None or teacher.facts is not None):
         phases = phase_memory(cfg, student.facts, teacher.facts if teacher else None)
         found += memory_problems(phases, cfg)
+    if not cfg.model.lora and dtype_bytes(cfg.model.dtype) == 2:
+        notes.append(f"full fine-tuning in 16 bits (model.dtype={cfg.model.dtype}): the optimizer always keeps "
+                     "float32 master weights and moments (grpo_kd/train/optim.py); there is no setting without them")
     work = iteration_work(cfg, student.facts, teacher.facts if teacher else None)
     return PlanReport(models, phases, found, notes, work)
 

@@ -155,7 +155,7 @@ def test_no_requeue_without_the_signal(tmp_path, fake_bin, exit_code):
 
 def test_dry_run_prints_scripts_and_order_and_writes_nothing(tmp_path, capsys):
     run_root = tmp_path / "runs"
-    code = main(["chain", "submit", "--iterations", "2", f"output_dir={run_root}", "teacher.num_shards=2",
+    code = main(["chain", "submit", "--iterations", "2", f"output_dir={run_root}", "teacher.num_shards=2", "rollout.num_shards=2",
                  "slurm.array_parallelism=1", "slurm.signal_seconds=120", "--dry-run"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0
@@ -241,7 +241,7 @@ def test_submit_chains_afterok_and_resume_keeps_queued_jobs(tmp_path, fake_bin, 
 
 def test_status_names_the_failed_array_task_and_its_log(tmp_path, fake_bin):
     fake_tool(fake_bin, "scontrol", SCONTROL_FROM_FILE)
-    cfg, paths = prepare_run(load_config(None, [f"output_dir={tmp_path}", "teacher.num_shards=2"]), iterations=1)
+    cfg, paths = prepare_run(load_config(None, [f"output_dir={tmp_path}", "teacher.num_shards=2", "rollout.num_shards=2"]), iterations=1)
     records = [JobRecord(step.key, 1, step.phase, job_id, 2 if step.phase == "cache-teacher" else 1, "s",
                          str(paths.slurm / "logs" / ("x-%A_%a.log" if step.phase == "cache-teacher" else "x-%j.log")))
                for job_id, step in zip(["10", "11", "13"], chain_steps(cfg))]  # array 11 has job ids 11 and 12
