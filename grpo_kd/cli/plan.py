@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from grpo_kd.cli._common import CONFIG_OPTION, OVERRIDES_ARGUMENT, console
@@ -55,7 +56,7 @@ def print_plan(report, cfg, out: Console) -> None:
         table.add_row(f"[bold]total[/] ({verdict})", f"[bold]{fmt_bytes(mem.total)}[/]")
         out.print(table)
         for note in mem.notes:
-            out.print(f"  note: {note}", highlight=False)
+            out.print(f"  note: {escape(note)}", highlight=False)
     if report.work:
         work = Table(title="one iteration (time at 40% of slurm.gpu_tflops; decoding is usually slower)",
                      title_justify="left")
@@ -65,9 +66,9 @@ def print_plan(report, cfg, out: Console) -> None:
             work.add_row(phase, fmt_count(w["tokens"]), fmt_count(w["flops"]), str(w["gpus"]), f"{w['hours']:.2f}")
         out.print(work)
     for note in report.notes:
-        out.print(f"note: {note}", highlight=False)
+        out.print(f"note: {escape(note)}", highlight=False)
     for problem in report.problems:
-        out.print(f"[bold red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+        out.print(f"[bold red]problem:[/] {escape(problem)}", highlight=False, soft_wrap=True)
     if not report.problems:
         out.print("[green]plan ok[/]: nothing in the config or the files stops this run")
 
