@@ -78,8 +78,12 @@ def test_mismatched_shard_counts_are_refused_by_plan_and_by_validate(capsys):
 
 
 def test_gpus_a_phase_does_not_use_are_refused(capsys):
-    code, out = _plan(capsys, ROOT / "configs" / "privileged.yaml", "slurm.cache_teacher.gpus_per_node=2")
+    code, out = _plan(capsys, ROOT / "configs" / "grpo_minillm_reward.yaml", "teacher.engine=hf")  # 4 GPUs a task
     assert code == 1 and "teacher.engine=hf without teacher.device_map uses one" in out
+    code, out = _plan(capsys, ROOT / "configs" / "privileged.yaml", "slurm.cache_teacher.gpus_per_node=2")
+    assert code == 1 and "a self-teacher (teacher.kind=self_privileged) with teacher.engine=hf runs on one" in out
+    code, out = _plan(capsys, ROOT / "configs" / "privileged.yaml", "slurm.rollout.gpus_per_node=2")
+    assert code == 1 and "rollout.engine=hf samples on one" in out
 
 
 def test_a_teacher_that_does_not_fit_its_gpus_is_refused(capsys):
@@ -147,3 +151,39 @@ def test_the_plan_of_the_flagship_config_counts_each_part(tmp_path):
     assert teacher.parts["prompt log-prob logits (16384 tokens)"] == 16384 * 262208 * 4
     assert rollout.parts["student KV cache"] == 16 * 8 * (256 + 256) * 128 * 1024  # rows x tokens x KV per token
     assert "LoRA adapters, gradients, Adam" in update.parts and update.fits
+
+
+def test_chain_submit_refuses_what_plan_refuses(tmp_path, capsys):
+    config, too_few = ROOT / "configs" / "grpo_minillm_reward.yaml", "slurm.cache_teacher.gpus_per_node=1"
+    code = main(["chain", "submit", "--config", str(config), f"output_dir={tmp_path}", too_few])
+    captured = capsys.readouterr()
+    err = " ".join(captured.err.split())
+    assert code == 1 and "grpo-kd plan refuses this run: cache-teacher does not fit" in err
+    assert not (tmp_path / "grpo-minillm-reward").exists()  # refused before anything was written or submitted
+    code = main(["chain", "submit", "--config", str(config), f"output_dir={tmp_path}", too_few, "--dry-run"])
+    captured = capsys.readouterr()
+    assert code == 0 and "plan: cache-teacher does not fit" in " ".join(captured.err.split())
+    assert "#!/bin/bash" in captured.out
+
+
+def test_a_token_level_loss_with_another_vocabulary_is_refused(capsys):
+    """The update refuses a sequence-level cache for it: plan says so before the rollout and teacher pass run."""
+    code, out = _plan(capsys, ROOT / "configs" / "grpo.yaml", "loss.reward.weights={log_ratio: 1.0}")
+    assert code == 1 and "the log_ratio reward" in out and "reads the teacher's per-token log-probs" in out
+    gemma = ["teacher.path=google/gemma-3-27b-it", "teacher.cross_tokenizer=true", "rollout.teacher_mix_alpha=0"]
+    code, out = _plan(capsys, ROOT / "configs" / "minillm.yaml", *gemma)
+    assert code == 1 and "loss.algorithm=minillm reads the teacher's per-token log-probs" in out
+    assert "262208 embedding rows against the student's 64000" in out
+
+
+def test_a_full_fine_tune_that_does_not_fit_names_the_optimizer_state(capsys):
+    code, out = _plan(capsys, ROOT / "configs" / "self_distill.yaml", "model.lora=false", "model.load_in_4bit=false")
+    assert code == 1 and "update does not fit" in out and "largest part: weights, masters, gradients, Adam" in out
+
+
+def test_a_token_level_loss_across_tokenizers_is_refused_from_the_tokenizers(tiny_models_quick,
+                                                                              tiny_student_other_vocab, capsys):
+    overrides = [f"model.path={tiny_models_quick.student}", f"teacher.path={tiny_student_other_vocab}",
+                 "teacher.cross_tokenizer=true", "loss.algorithm=minillm"]
+    code, out = _plan(capsys, ROOT / "configs" / "tiny.yaml", *overrides)
+    assert code == 1 and "loss.algorithm=minillm reads the teacher's per-token log-probs" in out and "V=512" in out

@@ -255,7 +255,10 @@ def _phase_gpus(cfg: Config) -> Problems:
         yield (f"slurm.{phase}.nodes={getattr(s, phase).nodes}: this phase runs on one node (its GPUs through "
                "device_map or tensor parallelism); use more shards (array tasks) instead")
     teacher_gpus = s.cache_teacher.gpus_per_node
-    if teacher_gpus > 1 and t.engine == "hf" and not t.device_map:
+    if teacher_gpus > 1 and t.engine == "hf" and t.kind != "model":
+        yield (f"slurm.cache_teacher asks for {teacher_gpus} GPUs per task but a self-teacher (teacher.kind="
+               f"{t.kind}) with teacher.engine=hf runs on one: set slurm.cache_teacher.gpus_per_node=1")
+    elif teacher_gpus > 1 and t.engine == "hf" and not t.device_map:
         yield (f"slurm.cache_teacher asks for {teacher_gpus} GPUs per task but teacher.engine=hf without "
                "teacher.device_map uses one: set teacher.device_map=auto or slurm.cache_teacher.gpus_per_node=1")
 

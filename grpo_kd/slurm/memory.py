@@ -129,11 +129,15 @@ def rollout_memory(cfg: Config, student: ArchFacts, teacher: ArchFacts | None) -
     mem.parts["student weights"] = weight_bytes(student, m.dtype, four_bit=m.load_in_4bit) / share
     mem.parts["student KV cache"] = kv_cache_bytes(student, rows, length) / share
     mem.parts["sampling logits"] = rows * student.vocab_size * 4 * 2
-    if teacher is not None and r.teacher_mix_alpha > 0:
+    if r.teacher_mix_alpha > 0:
         t = cfg.teacher
-        spread = mem.gpus if t.device_map else 1
-        mem.parts["mixing teacher weights"] = weight_bytes(teacher, t.dtype, four_bit=t.load_in_4bit) / spread
-        mem.parts["mixing teacher KV cache"] = kv_cache_bytes(teacher, rows, length) / spread
+        if teacher is not None:
+            spread = mem.gpus if t.device_map else 1
+            mem.parts["mixing teacher weights"] = weight_bytes(teacher, t.dtype, four_bit=t.load_in_4bit) / spread
+            mem.parts["mixing teacher KV cache"] = kv_cache_bytes(teacher, rows, length) / spread
+        else:  # self_base: models.load_teacher loads a second copy of the student
+            mem.parts["mixing self-teacher weights"] = weight_bytes(student, m.dtype, four_bit=m.load_in_4bit)
+            mem.parts["mixing self-teacher KV cache"] = kv_cache_bytes(student, rows, length)
     mem.parts["CUDA context and fragmentation"] = CUDA_CONTEXT
     if r.engine == "vllm":
         mem.notes.append(f"the KV cache shown is what {rows} rows of {length} tokens need; vLLM fills what is "
@@ -187,8 +191,13 @@ def update_memory(cfg: Config, student: ArchFacts) -> PhaseMemory:
     tokens = o.micro_batch_size * (cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
     mem.parts["activations (one micro-batch)"] = activation_bytes(student, tokens, checkpointing=m.gradient_checkpointing)
     mem.parts["kernel chunks (logits, gradient)"] = 2 * KERNEL_CHUNK
-    live_reference = cfg.loss.reference_beta > 0 and not cfg.teacher.reference and not m.lora
-    if live_reference or cfg.loss.algorithm == "self_distill" and not cfg.teacher.reference and not m.lora:
+    # update_state.Reference: a LoRA student's reference is itself with adapters off; a fully trained one loads
+    # its initial model when the KL (or self_distill's base log-probs) has nothing cached to read
+    t = cfg.teacher
+    base_cached = t.reference or (cfg.loss.algorithm == "self_distill" and t.kind == "self_base")
+    live = (cfg.loss.reference_beta > 0 and not t.reference) or (cfg.loss.algorithm == "self_distill"
+                                                                  and not base_cached)
+    if live and not m.lora:
         mem.parts["live reference model"] = weight_bytes(student, m.dtype)
         mem.notes.append("the KL to the reference is computed live with a second copy of the initial student "
                          "(teacher.reference=false and no LoRA): set teacher.reference=true to cache it instead")

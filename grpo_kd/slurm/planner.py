@@ -154,7 +154,7 @@ def vocabulary_problems(cfg: Config, student: ModelInfo, teacher: ModelInfo | No
     check_vocabularies`) where both tokenizers are readable, else the embedding rows of the two configs: a teacher
     with another vocabulary needs teacher.cross_tokenizer, and cannot be mixed into sampling."""
     from grpo_kd.models import same_vocabulary
-    from grpo_kd.train.preflight import check_vocabularies
+    from grpo_kd.train.preflight import check_vocabularies, token_level_reader
 
     if teacher is None:
         return [], []
@@ -179,6 +179,11 @@ def vocabulary_problems(cfg: Config, student: ModelInfo, teacher: ModelInfo | No
     if not cfg.teacher.cross_tokenizer:
         return [f"the teacher {teacher.name} has another vocabulary ({rows}): token-level caching needs a shared "
                 "vocabulary; set teacher.cross_tokenizer=true to cache sequence-level scores only"], []
+    reader = token_level_reader(cfg)
+    if reader:
+        return [f"{reader} reads the teacher's per-token log-probs, which the teacher {teacher.name} with another "
+                f"vocabulary ({rows}) cannot give: use a teacher with the student's tokenizer, or the "
+                "teacher_loglik reward"], []
     return [], [f"vocabularies: different, with teacher.cross_tokenizer ({rows})"]
 
 

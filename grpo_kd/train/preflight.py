@@ -44,6 +44,19 @@ def check_inputs(cfg: Config, phases: Iterable[str] = PHASES) -> None:
         check_vocabularies(cfg, fingerprint, fingerprint, mixed=False)
 
 
+def token_level_reader(cfg: Config) -> str | None:
+    """What of the loss reads the teacher cache token by token (the update refuses a sequence-level cache for
+    it), named by its keys; None when sequence scores are enough."""
+    from grpo_kd.train.algorithms import get
+    from grpo_kd.train.algorithms.common import reward_weights
+
+    if get(cfg.loss.algorithm).NEEDS_TOKEN_LEVEL:
+        return f"loss.algorithm={cfg.loss.algorithm}"
+    if "reward" in cfg.loss.sections and reward_weights(cfg).get("log_ratio"):
+        return f"the log_ratio reward (loss.reward.kind={cfg.loss.reward.kind}, loss.reward.weights)"
+    return None
+
+
 def _check_prompts(cfg: Config) -> None:
     """The prompts are set, exist and decode (a local file is read whole; a hub dataset is left to the rollout)."""
     if cfg.data.prompts and detect_format(cfg.data.prompts, cfg.data.format) == "hf":
@@ -65,6 +78,11 @@ def check_vocabularies(cfg: Config, student_fp: dict, teacher_fp: dict, *, mixed
         raise GrpoKdError(f"teacher vocabulary {describe_vocab(teacher_fp)} differs from the student's "
                           f"{describe_vocab(student_fp)}: token-level caching needs a shared vocabulary; set "
                           "teacher.cross_tokenizer=true to cache sequence-level scores only")
+    reader = token_level_reader(cfg)
+    if not same and reader:
+        raise GrpoKdError(f"{reader} reads the teacher's per-token log-probs, which a teacher with another "
+                          f"vocabulary ({describe_vocab(teacher_fp)}, the student's {describe_vocab(student_fp)}) "
+                          "cannot give: use a teacher with the student's tokenizer, or the teacher_loglik reward")
     vocab = int(teacher_fp.get("vocab_size") or 0)
     if same and cfg.teacher.top_k > vocab:
         raise GrpoKdError(f"teacher.top_k={cfg.teacher.top_k} is larger than the teacher's vocabulary ({vocab} "
