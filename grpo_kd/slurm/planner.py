@@ -192,9 +192,11 @@ def memory_problems(phases: list[PhaseMemory], cfg: Config) -> list[str]:
     for mem in phases:
         if not mem.fits:
             biggest = max(mem.parts, key=mem.parts.get)
-            out.append(f"{mem.phase} does not fit: {mem.total / GIB:.1f} GiB per GPU > slurm.gpu_memory_gb="
-                       f"{cfg.slurm.gpu_memory_gb:g} (largest part: {biggest}, {mem.parts[biggest] / GIB:.1f} GiB); "
-                       f"{_fix_hint(mem, cfg)}")
+            whole = cfg.slurm.gpu_memory_gb * GIB
+            share = f" x vLLM's share {mem.available / whole:.2f}" if mem.available < whole else ""
+            out.append(f"{mem.phase} does not fit: {mem.total / GIB:.1f} GiB per GPU > {mem.available / GIB:.1f} "
+                       f"GiB (slurm.gpu_memory_gb={cfg.slurm.gpu_memory_gb:g}{share}; largest part: {biggest}, "
+                       f"{mem.parts[biggest] / GIB:.1f} GiB); {_fix_hint(mem, cfg)}")
     return out
 
 
