@@ -39,7 +39,7 @@ def print_plan(report, cfg, out: Console) -> None:
 
     models = Table(title="models", title_justify="left")
     for name in ("role", "model", "found", "parameters", "vocabulary", "layers x hidden"):
-        models.add_column(name)
+        models.add_column(name, overflow="fold")
     for m in report.models:
         f = m.facts
         models.add_row(m.role, m.name, m.source, fmt_count(f.text_parameters + f.vision_parameters) if f else "?",

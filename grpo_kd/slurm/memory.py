@@ -21,7 +21,12 @@ next to it; every figure is per GPU of the phase's SLURM request (weights split 
     KV cache         2 x layers x kv_heads x head_dim x 2 bytes per token (sliding-window layers up to their
                      window), for rollout.batch_size x group_size rows of max_prompt_tokens + max_new_tokens
     logit buffers    the fused kernels' float32 chunk (1 GiB on CUDA, grpo_kd/kernels/_common.py) twice (values
-                     and gradient); the sampler's float32 logits of every decoding row (rows x vocabulary x 4 x 2)
+                     and gradient); the sampler's float32 logits of every decoding row (rows x vocabulary x 4 x 2);
+                     a vLLM teacher's prompt log-probs: one engine step's tokens x vocabulary x 4
+    vLLM             weights split over its tensor-parallel GPUs, and the limit is vllm.gpu_memory_utilization
+                     (0.85) of each GPU, not all of it
+    second models    a teacher mixed into sampling (a self-teacher: a second copy of the student), the reference
+                     of the teacher pass, a live reference in the update where nothing cached replaces it
     overhead         2 GiB per GPU: the CUDA context, allocator fragmentation, communication buffers
 
 It is a plan, not a measurement: within some tens of percent for the weights and optimizer state, looser for
@@ -153,7 +158,8 @@ def teacher_memory(cfg: Config, student: ArchFacts, teacher: ArchFacts | None) -
     spread = _vllm_share(cfg, mem) if t.engine == "vllm" else (mem.gpus if t.device_map else 1)
     dtype = t.dtype if t.kind == "model" else cfg.model.dtype
     weights = weight_bytes(model, dtype, four_bit=t.load_in_4bit if t.kind == "model" else cfg.model.load_in_4bit)
-    forward = t.token_budget * (model.hidden_size + model.intermediate_size) * 2 * 2  # one layer's transients
+    step = (cfg.vllm.max_num_batched_tokens or VLLM_STEP_TOKENS) if t.engine == "vllm" else t.token_budget
+    forward = step * (model.hidden_size + model.intermediate_size) * 2 * 2  # one layer's transients, 16-bit
     reference = 0.0
     if t.reference:  # the student's initial model: a QLoRA student's is its 4-bit base
         reference = weight_bytes(student, cfg.model.dtype, four_bit=cfg.model.load_in_4bit)
@@ -163,9 +169,8 @@ def teacher_memory(cfg: Config, student: ArchFacts, teacher: ArchFacts | None) -
         mem.notes.append("the reference pass (the student's base) is the larger of the two model passes")
     else:
         mem.parts["teacher weights" + (f" (1/{spread})" if spread > 1 else "")] = weights / spread
-    mem.parts["forward activations (token_budget)"] = forward
+    mem.parts[f"forward activations ({step} tokens)"] = forward
     if t.engine == "vllm":  # prompt log-probs: float32 logits of one engine step's tokens, on every GPU
-        step = cfg.vllm.max_num_batched_tokens or VLLM_STEP_TOKENS
         mem.parts[f"prompt log-prob logits ({step} tokens)"] = step * model.vocab_size * 4
     else:
         mem.parts["top-k kernel chunk"] = KERNEL_CHUNK
