@@ -201,13 +201,20 @@ def memory_problems(phases: list[PhaseMemory], cfg: Config) -> list[str]:
 
 
 def _fix_hint(mem: PhaseMemory, cfg: Config) -> str:
+    """What to change, for the phase and what the config already does."""
+    m, t = cfg.model, cfg.teacher
+    four_bit = "" if m.load_in_4bit else "load the student's base in 4-bit (model.load_in_4bit with model.lora), "
     if mem.phase == "cache-teacher":
+        if t.kind != "model":
+            return f"{four_bit}or score with teacher.engine=vllm over slurm.cache_teacher.gpus_per_node GPUs"
         return ("spread the teacher over a node's GPUs (teacher.device_map=auto, or teacher.engine=vllm, with "
                 "slurm.cache_teacher.gpus_per_node), or load it in 4-bit (teacher.load_in_4bit)")
     if mem.phase == "update":
-        return ("use LoRA (model.lora), FSDP over more GPUs (optim.data_parallel=fsdp, slurm.update.gpus_per_node), "
-                "gradient checkpointing, or a smaller optim.micro_batch_size")
-    return "lower rollout.batch_size, or load the mixing teacher in 4-bit or over more GPUs"
+        first = four_bit if m.lora else "use LoRA (model.lora), "
+        return (f"{first}FSDP over more GPUs (optim.data_parallel=fsdp, slurm.update.gpus_per_node), gradient "
+                "checkpointing (model.gradient_checkpointing), or a smaller optim.micro_batch_size")
+    mixing = ", or load the mixing teacher in 4-bit or over more GPUs" if cfg.rollout.teacher_mix_alpha > 0 else ""
+    return f"lower rollout.batch_size, {four_bit}or sample with rollout.engine=vllm over more GPUs{mixing}"
 
 
 # ---------------------------------------------------------------------------------------------- work
