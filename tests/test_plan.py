@@ -187,3 +187,17 @@ def test_a_token_level_loss_across_tokenizers_is_refused_from_the_tokenizers(tin
                  "teacher.cross_tokenizer=true", "loss.algorithm=minillm"]
     code, out = _plan(capsys, ROOT / "configs" / "tiny.yaml", *overrides)
     assert code == 1 and "loss.algorithm=minillm reads the teacher's per-token log-probs" in out and "V=512" in out
+
+
+def test_second_models_are_counted_where_the_phases_load_them():
+    """A live reference in the update only when nothing cached replaces it; a self-teacher mixed into sampling is
+    a second copy of the student."""
+    def phases(config: str, *overrides: str):
+        return {m.phase: m for m in make_plan(load_config(ROOT / "configs" / config, list(overrides))).phases}
+
+    assert "live reference model" not in phases("minillm.yaml")["update"].parts  # teacher.reference: cached
+    live = phases("minillm.yaml", "teacher.reference=false")["update"].parts["live reference model"]
+    assert live == 2 * 6_714_695_680  # GPT-SW3-6.7B-v2's initial weights in bf16
+    assert "live reference model" not in phases("self_distill.yaml", "teacher.reference=false")["update"].parts
+    rollout = phases("self_distill.yaml", "rollout.teacher_mix_alpha=0.1")["rollout"].parts
+    assert rollout["mixing self-teacher weights"] == rollout["student weights"]  # the 4-bit base, twice

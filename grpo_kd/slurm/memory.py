@@ -194,7 +194,8 @@ def update_memory(cfg: Config, student: ArchFacts) -> PhaseMemory:
         mem.parts["weights, masters, gradients, Adam" + (f" (1/{shards}, FSDP)" if shards > 1 else "")] = (
             params * per / shards)
     tokens = o.micro_batch_size * (cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
-    mem.parts["activations (one micro-batch)"] = activation_bytes(student, tokens, checkpointing=m.gradient_checkpointing)
+    mem.parts["activations (one micro-batch)"] = activation_bytes(student, tokens,
+                                                                 checkpointing=m.gradient_checkpointing)
     mem.parts["kernel chunks (logits, gradient)"] = 2 * KERNEL_CHUNK
     # update_state.Reference: a LoRA student's reference is itself with adapters off; a fully trained one loads
     # its initial model when the KL (or self_distill's base log-probs) has nothing cached to read

@@ -29,7 +29,7 @@ import grpo_kd
 from grpo_kd.arch import ArchFacts, arch_facts
 from grpo_kd.config import Config, problems
 from grpo_kd.errors import GrpoKdError
-from grpo_kd.models import check_model_source, resolve_source
+from grpo_kd.models import check_model_source, load_tokenizer, resolve_source, tokenizer_fingerprint
 from grpo_kd.slurm.memory import GIB, PhaseMemory, dtype_bytes, phase_memory
 
 PLAN_MFU = 0.4  # the share of the GPU's peak the time estimate assumes (decoding is slower: memory-bound)
@@ -47,6 +47,7 @@ class ModelInfo:
     tokenizer: dict[str, Any] | None = None  # grpo_kd.models.tokenizer_fingerprint, where a tokenizer is readable
     facts: ArchFacts | None = None
     error: str = ""  # why the facts could not be read from the config
+    tokenizer_error: str = ""  # why a local model's tokenizer could not be loaded
 
 
 @dataclass
@@ -75,12 +76,16 @@ def resolve_model(role: str, name: str, trust_remote_code: bool, config_path: Pa
     local = Path(name).expanduser()
     if local.is_dir():
         info.source, info.config = "local directory", _read_json(local / "config.json")
-        info.tokenizer = _fingerprint(str(Path(tokenizer or name).expanduser()), trust_remote_code)
+        try:  # the tokenizer a phase would load
+            loaded = load_tokenizer(tokenizer or name, trust_remote_code=trust_remote_code)
+            info.tokenizer = tokenizer_fingerprint(loaded)
+        except GrpoKdError as exc:
+            info.tokenizer_error = str(exc)
     else:
         cached = _hub_cached_config(name)
         if cached is not None:
             info.source, info.config = "hub cache", _read_json(cached)
-            info.tokenizer = _fingerprint(name, trust_remote_code, local_only=True)
+            info.tokenizer = _cached_fingerprint(name, trust_remote_code)
         else:
             shipped = next((d / f"{name.replace('/', '--')}.json" for d in facts_dirs(config_path)
                             if (d / f"{name.replace('/', '--')}.json").is_file()), None)
@@ -115,15 +120,13 @@ def _hub_cached_config(name: str) -> str | None:
     return found if isinstance(found, str) else None
 
 
-def _fingerprint(source: str, trust_remote_code: bool, *, local_only: bool = False) -> dict[str, Any] | None:
-    """The tokenizer fingerprint, or None when no tokenizer can be read here (no files, no network)."""
+def _cached_fingerprint(source: str, trust_remote_code: bool) -> dict[str, Any] | None:
+    """The tokenizer fingerprint of a hub id from the local hub cache, or None when it is not there."""
     from transformers import AutoTokenizer
-
-    from grpo_kd.models import tokenizer_fingerprint
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                                  local_files_only=local_only)
+                                                  local_files_only=True)
     except (OSError, ValueError, TypeError):
         return None
     return tokenizer_fingerprint(tokenizer)
@@ -136,9 +139,12 @@ def lora_problem(info: ModelInfo, targets: list[str]) -> str | None:
 
     from grpo_kd.lora import lora_targets  # imports torch and transformers' model classes: only with LoRA
 
-    config = AutoConfig.for_model(**info.config)
-    with torch.device("meta"):  # the modules without memory: a 70B model builds in a second
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        config = AutoConfig.for_model(**info.config)
+        with torch.device("meta"):  # the modules without memory: a 70B model builds in a second
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError) as exc:  # a model type transformers cannot build from its config
+        return f"model.lora_target_modules: {info.name} cannot be built to look for them: {str(exc).splitlines()[0]}"
     try:
         lora_targets(model, targets)
     except GrpoKdError as exc:
@@ -265,8 +271,8 @@ def make_plan(cfg: Config, config_path: Path | None = None) -> PlanReport:
         try:
             if info.source == "local directory":  # what the phase's loader needs: config.json and safetensors
                 check_model_source(info.name, info.role, verify=False)
-                if info.tokenizer is None:
-                    found.append(f"{info.role} {info.name}: no tokenizer can be read there")
+                if info.tokenizer_error:
+                    found.append(f"{info.role} {info.name}: {info.tokenizer_error}")
             elif info.config is None:
                 resolve_source(info.name, info.role)  # a local path that is not there: one line, a problem
                 notes.append(f"{info.role} {info.name}: unresolved: a hub id not in this machine's hub cache and "
