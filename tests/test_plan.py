@@ -201,3 +201,13 @@ def test_second_models_are_counted_where_the_phases_load_them():
     assert "live reference model" not in phases("self_distill.yaml", "teacher.reference=false")["update"].parts
     rollout = phases("self_distill.yaml", "rollout.teacher_mix_alpha=0.1")["rollout"].parts
     assert rollout["mixing self-teacher weights"] == rollout["student weights"]  # the 4-bit base, twice
+
+
+def test_data_is_read_where_it_is_here_and_described_where_it_is_not(tiny_models_quick, tmp_path, capsys):
+    tiny = ROOT / "configs" / "tiny.yaml"
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes("Í Føroyum er gott\n".encode() + b"og so \xff vit\n")
+    code, out = _plan(capsys, tiny, *_tiny(tiny_models_quick), f"data.prompts={bad}")
+    assert code == 1 and "prompts.txt:2: not UTF-8 text (byte 0xff at column 7)" in out  # as the rollout reads it
+    code, out = _plan(capsys, tiny, *_tiny(tiny_models_quick), f"data.prompts={tmp_path / 'elsewhere.txt'}")
+    assert code == 0 and "not on this machine, so not read: data.prompts=" in out

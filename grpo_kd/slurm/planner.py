@@ -11,6 +11,7 @@ only); a model found nowhere is reported as unresolved rather than guessed. Chec
     rules        every rule of `grpo_kd.config.rules` (all of them listed, not only the first), which include
                  the shard counts (teacher tasks <= rollout shards <= prompts) and the GPUs each phase uses
     models       each model is found; LoRA targets exist in the student's text decoder (built on the meta device)
+    data         the prompt and pre-training files read and decoded, where they are on this machine
     vocabulary   the tokenizers compared where both are readable, else the config vocabulary sizes: a teacher with
                  another vocabulary needs teacher.cross_tokenizer
     memory       `grpo_kd.slurm.memory` per phase and GPU against slurm.gpu_memory_gb
@@ -155,6 +156,31 @@ def lora_problem(info: ModelInfo, targets: list[str]) -> str | None:
 # ---------------------------------------------------------------------------------------------- checks
 
 
+def data_problems(cfg: Config) -> tuple[list[str], list[str]]:
+    """(problems, notes) of the prompt and pre-training files, read as the phases read them
+    (`grpo_kd.train.preflight.check_data`); a local file that is not on this machine is a note, not a problem: a
+    config for a cluster names the cluster's disks."""
+    from grpo_kd.data import detect_format
+    from grpo_kd.train.preflight import check_data, data_sources
+
+    def absent(key: str, source: str) -> bool:  # a local file that is not here (a hub dataset is read later)
+        if not source or Path(source).expanduser().exists():
+            return False
+        try:
+            return detect_format(source, cfg.data.format if key == "data.prompts" else "auto") != "hf"
+        except GrpoKdError:  # "data file not found"
+            return True
+
+    absent = [f"{key}={source}" for key, source in data_sources(cfg) if absent(key, source)]
+    if absent:
+        return [], [f"not on this machine, so not read: {', '.join(absent)} (the phases read them when they start)"]
+    try:
+        check_data(cfg)
+    except GrpoKdError as exc:
+        return [str(exc)], []
+    return [], []
+
+
 def vocabulary_problems(cfg: Config, student: ModelInfo, teacher: ModelInfo | None) -> tuple[list[str], list[str]]:
     """(problems, notes) of the two vocabularies: the phases' own rule (`grpo_kd.train.preflight.
     check_vocabularies`) where both tokenizers are readable, else the embedding rows of the two configs: a teacher
@@ -285,9 +311,9 @@ def make_plan(cfg: Config, config_path: Path | None = None) -> PlanReport:
     if cfg.model.lora and student.config is not None:
         problem = lora_problem(student, cfg.model.lora_target_modules)
         found += [problem] if problem else []
-    vocab_found, vocab_notes = vocabulary_problems(cfg, student, teacher)
-    found += vocab_found
-    notes += vocab_notes
+    for more_found, more_notes in (data_problems(cfg), vocabulary_problems(cfg, student, teacher)):
+        found += more_found
+        notes += more_notes
     phases: list[PhaseMemory] = []
     if student.facts is not None and (teacher is None or teacher.facts is not None):
         phases = phase_memory(cfg, student.facts, teacher.facts if teacher else None)

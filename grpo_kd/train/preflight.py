@@ -30,10 +30,7 @@ def check_inputs(cfg: Config, phases: Iterable[str] = PHASES) -> None:
     check(cfg)
     check_model_source(cfg.model.path, "student", verify=False)  # the loader checks the checksums, once
     student_tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    if "rollout" in phases:
-        _check_prompts(cfg)
-    if "update" in phases and cfg.loss.pt.weight > 0:
-        load_texts(cfg.data.pretrain_text, field=cfg.data.text_field)
+    check_data(cfg, phases)
     mixed = "rollout" in phases and cfg.rollout.teacher_mix_alpha > 0
     if cfg.teacher.kind == "model" and ("cache-teacher" in phases or mixed):
         check_model_source(cfg.teacher.path, "teacher", verify=False)
@@ -55,6 +52,20 @@ def token_level_reader(cfg: Config) -> str | None:
     if "reward" in cfg.loss.sections and reward_weights(cfg).get("log_ratio"):
         return f"the log_ratio reward (loss.reward.kind={cfg.loss.reward.kind}, loss.reward.weights)"
     return None
+
+
+def check_data(cfg: Config, phases: Iterable[str] = PHASES) -> None:
+    """The prompts (rollout) and the pre-training text (update, with L_PT) read and decoded as the phases read them."""
+    if "rollout" in phases:
+        _check_prompts(cfg)
+    if "update" in phases and cfg.loss.pt.weight > 0:
+        load_texts(cfg.data.pretrain_text, field=cfg.data.text_field)
+
+
+def data_sources(cfg: Config) -> list[tuple[str, str]]:
+    """(key, source) of the data files the phases read."""
+    pretrain = [("data.pretrain_text", cfg.data.pretrain_text)] if cfg.loss.pt.weight > 0 else []
+    return [("data.prompts", cfg.data.prompts)] + pretrain
 
 
 def _check_prompts(cfg: Config) -> None:
