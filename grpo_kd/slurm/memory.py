@@ -2,7 +2,7 @@
 
     phases = phase_memory(cfg, student_facts, teacher_facts)     # [PhaseMemory] rollout, cache-teacher, update
     phases[0].parts        # {"student weights": bytes, "KV cache": bytes, ...} on the busiest GPU
-    phases[0].fits         # total <= slurm.gpu_memory_gb
+    phases[0].fits         # total <= available: slurm.gpu_memory_gb GiB (x vllm.gpu_memory_utilization for vLLM)
 
 Key design choice: an estimate a person can check by hand, part by part, with the formula of each part written
 next to it; every figure is per GPU of the phase's SLURM request (weights split over the GPUs that share them:
