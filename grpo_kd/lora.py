@@ -20,7 +20,7 @@ from grpo_kd.errors import GrpoKdError
 log = logging.getLogger(__name__)
 
 
-def _lora_targets(model: nn.Module, wanted: list[str]) -> tuple[str, bool]:
+def lora_targets(model: nn.Module, wanted: list[str]) -> tuple[str, bool]:
     """(a peft `target_modules` pattern, fan_in_fan_out): the layers named in `wanted` (last name component) that
     are linear layers (`nn.Linear`, bitsandbytes' 4-bit ones, or GPT-2's `Conv1D`) of the text decoder only — not
     of a vision tower beside it (Gemma-3). An error naming the decoder's linear layers if none matches."""
@@ -49,7 +49,7 @@ def add_lora(model, cfg: ModelConfig):
     """`model` wrapped by peft with fresh LoRA adapters on `cfg.lora_target_modules` of its text decoder."""
     from peft import LoraConfig, get_peft_model  # 2.6-4.0 s after transformers: only with LoRA
 
-    targets, fan_in_fan_out = _lora_targets(model, cfg.lora_target_modules)
+    targets, fan_in_fan_out = lora_targets(model, cfg.lora_target_modules)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,

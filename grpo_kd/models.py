@@ -50,7 +50,7 @@ class LMHead(NamedTuple):
 # ---------------------------------------------------------------------------------------------- locating
 
 
-def _resolve_source(path: str, what: str) -> str:
+def resolve_source(path: str, what: str) -> str:
     """Return `path` if it is a local model directory or a plausible hub id; otherwise fail with one line."""
     local = Path(path).expanduser()
     if local.exists():
@@ -111,7 +111,7 @@ def check_model_source(path: str, what: str = "model", *, verify: bool = True) -
     """The source `load_causal_lm` would load (a local directory or a hub id), checked without loading it: a
     local directory needs config.json and safetensors weights (matching its checksums unless `verify=False`).
     One-line `GrpoKdError` otherwise."""
-    source = _resolve_source(path, what)
+    source = resolve_source(path, what)
     if _is_local(source):
         if not (Path(source) / "config.json").is_file():
             raise GrpoKdError(f"{what} directory {path!r} has no config.json; is it a save_pretrained directory?")
@@ -126,7 +126,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     """An HF tokenizer from a directory or hub id, with a pad token (the eos token when it has none)."""
     from transformers import AutoTokenizer
 
-    source = _resolve_source(path, "tokenizer")
+    source = resolve_source(path, "tokenizer")
     if _is_local(source) and not any((Path(source) / name).is_file() for name in _TOKENIZER_FILES):
         raise GrpoKdError(f"no tokenizer in {path!r}: none of {', '.join(_TOKENIZER_FILES)} is there")
     try:

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = [
     ["run"], ["demo"], ["sft"], ["rollout"], ["cache-teacher"], ["update"], ["evaluate"], ["report"],
     ["chain", "submit"], ["chain", "status"], ["chain", "resume"], ["cache", "verify"], ["cache", "stats"],
-    ["config", "show"], ["config", "validate"], ["bench"], ["tiny-models"], ["compare"], ["export"],
+    ["config", "show"], ["config", "validate"], ["bench"], ["tiny-models"], ["compare"], ["export"], ["plan"],
 ]
 
 

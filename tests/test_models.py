@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from grpo_kd.config import ModelConfig, TeacherConfig
+from grpo_kd.config import ModelConfig, TeacherConfig, load_config
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.models import (
     adapters_disabled,
@@ -107,8 +107,9 @@ def test_4bit_without_bitsandbytes_is_clear_error(tiny_models, monkeypatch):
 
 
 def test_4bit_student_needs_lora(tiny_models):
+    """A rule of the config (grpo_kd/config/rules.py), so every command refuses it before loading anything."""
     with pytest.raises(GrpoKdError, match="set model.lora=true") as exc_info:
-        load_student(ModelConfig(path=str(tiny_models.student), load_in_4bit=True))
+        load_config(None, [f"model.path={tiny_models.student}", "model.load_in_4bit=true"])
     _assert_one_line(exc_info)
 
 

@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from grpo_kd.cli import bench, cache, chain, compare, config_cmd, evaluate, phases, tiny
+from grpo_kd.cli import bench, cache, chain, compare, config_cmd, evaluate, phases, plan, tiny
 from rich.markup import escape
 
 from grpo_kd.cli._common import console
@@ -26,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for module in (chain, phases, cache, evaluate, compare, config_cmd, bench, tiny):
+for module in (chain, plan, phases, cache, evaluate, compare, config_cmd, bench, tiny):
     module.register(app)
 
 

@@ -9,9 +9,18 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from grpo_kd.cli._common import CONFIG_OPTION, OVERRIDES_ARGUMENT, RUN_ARGUMENT, console, resolve_config, setup_logging
+from grpo_kd.cli._common import (
+    CONFIG_OPTION,
+    OVERRIDES_ARGUMENT,
+    RUN_ARGUMENT,
+    console,
+    fail,
+    resolve_config,
+    setup_logging,
+)
 
 chain_app = typer.Typer(help="Submit the loop to SLURM as dependent jobs, and follow it.", no_args_is_help=True)
 ITERATIONS_OPTION = typer.Option(None, "--iterations", "-n", min=1, help="Iterations (default: the config's).")
@@ -64,12 +73,20 @@ def submit(
     iterations: Optional[int] = ITERATIONS_OPTION,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the scripts and the order; submit nothing."),
 ) -> None:
-    """Write sbatch scripts for each phase and iteration and submit them with afterok dependencies."""
+    """Check the run with `grpo-kd plan` (refused when the plan finds a problem), then write sbatch scripts for
+    each phase and iteration and submit them with afterok dependencies."""
     from grpo_kd.engines.vllm_engine import preflight
+    from grpo_kd.slurm.planner import make_plan
     from grpo_kd.slurm.submit import prepare_chain
     from grpo_kd.train.teacher_vocab import check_teacher_vocabulary
 
     cfg = resolve_config(config, overrides)
+    found = make_plan(cfg, config).problems
+    if found and not dry_run:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        fail(f"grpo-kd plan refuses this run: {found[0]}{more}; `grpo-kd plan --config FILE` shows them all")
+    for problem in found:  # a dry run may be made where the models are not: the problems are shown, not fatal
+        console.print(f"[yellow]plan:[/] {escape(problem)}", highlight=False, soft_wrap=True)
     if not dry_run:  # a dry run may be made where the models are not (their configs are read by the preflight)
         preflight(cfg)
         check_teacher_vocabulary(cfg)

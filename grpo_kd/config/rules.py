@@ -117,6 +117,14 @@ def _teacher(cfg: Config) -> Problems:
     yield from _positive("teacher.softcap (null: the model's own)", t.softcap)
     yield from _at_least("teacher.token_budget", t.token_budget, 1)
     yield from _at_least("teacher.num_shards", t.num_shards, 1)
+    r = cfg.rollout
+    if t.num_shards > r.num_shards >= 1:  # task i scores rollout shards i, i + tasks, ... (slurm/plan.py)
+        yield (f"teacher.num_shards={t.num_shards} is more than rollout.num_shards={r.num_shards}: cache-teacher "
+               f"tasks {r.num_shards}..{t.num_shards - 1} would have no rollout shard to score; set "
+               f"teacher.num_shards <= rollout.num_shards")
+    if r.num_shards > r.prompts_per_iteration >= 1:
+        yield (f"rollout.num_shards={r.num_shards} is more than rollout.prompts_per_iteration="
+               f"{r.prompts_per_iteration}: some rollout shards would hold no prompt")
 
 
 def _loss(cfg: Config) -> Problems:
@@ -235,11 +243,36 @@ def _slurm(cfg: Config) -> Problems:
     yield from _at_least("slurm.array_parallelism (0 = no throttle)", s.array_parallelism, 0)
     yield from _at_least("slurm.signal_seconds", s.signal_seconds, 0)
     yield from _within("slurm.rendezvous_port", s.rendezvous_port, 1, 65535)
+    yield from _positive("slurm.gpu_memory_gb", s.gpu_memory_gb)
+    yield from _positive("slurm.gpu_tflops", s.gpu_tflops)
     for phase in ("rollout", "cache_teacher", "update"):
         job = getattr(s, phase)
         yield from _at_least(f"slurm.{phase}.nodes", job.nodes, 1)
         yield from _at_least(f"slurm.{phase}.gpus_per_node", job.gpus_per_node, 0)
         yield from _at_least(f"slurm.{phase}.cpus_per_task", job.cpus_per_task, 1)
+    yield from _phase_gpus(cfg)
+
+
+def _phase_gpus(cfg: Config) -> Problems:
+    """The GPUs each phase's job asks for against the GPUs the phase uses: one for an hf rollout (two models
+    of a teacher-mixed one may spread with teacher.device_map), one node for a teacher pass, and more than one
+    GPU per teacher task only when something spreads the teacher over them."""
+    s, r, t = cfg.slurm, cfg.rollout, cfg.teacher
+    rollout_gpus = s.rollout.nodes * s.rollout.gpus_per_node
+    if r.engine == "hf" and rollout_gpus > 1 and not (r.teacher_mix_alpha > 0 and t.device_map):
+        yield (f"slurm.rollout asks for {rollout_gpus} GPUs but rollout.engine=hf samples on one: set "
+               "slurm.rollout.gpus_per_node=1, or rollout.engine=vllm (tensor parallelism)")
+    if s.rollout.nodes > 1 or s.cache_teacher.nodes > 1:
+        phase = "rollout" if s.rollout.nodes > 1 else "cache_teacher"
+        yield (f"slurm.{phase}.nodes={getattr(s, phase).nodes}: this phase runs on one node (its GPUs through "
+               "device_map or tensor parallelism); use more shards (array tasks) instead")
+    teacher_gpus = s.cache_teacher.gpus_per_node
+    if teacher_gpus > 1 and t.engine == "hf" and t.kind != "model":
+        yield (f"slurm.cache_teacher asks for {teacher_gpus} GPUs per task but a self-teacher (teacher.kind="
+               f"{t.kind}) with teacher.engine=hf runs on one: set slurm.cache_teacher.gpus_per_node=1")
+    elif teacher_gpus > 1 and t.engine == "hf" and not t.device_map:
+        yield (f"slurm.cache_teacher asks for {teacher_gpus} GPUs per task but teacher.engine=hf without "
+               "teacher.device_map uses one: set teacher.device_map=auto or slurm.cache_teacher.gpus_per_node=1")
 
 
 def _eval(cfg: Config) -> Problems:

@@ -344,6 +344,8 @@ class SlurmConfig:
     rendezvous_port: int = 29500  # torchrun c10d rendezvous port on the first node (multi-node update)
     sbatch_args: list[str] = field(default_factory=list)  # extra sbatch options for every job, e.g. --constraint=a100
     sft: SlurmPhaseConfig = field(default_factory=SlurmPhaseConfig)  # phase 0, when sft.enabled
+    gpu_memory_gb: float = 80.0  # memory of one GPU in GiB (an "80 GB" A100/H100): what `grpo-kd plan` fits into
+    gpu_tflops: float = 312.0  # one GPU's bf16 dense peak (A100 312, H100 SXM 989): plan's time estimate
     rollout: SlurmPhaseConfig = field(default_factory=SlurmPhaseConfig)
     cache_teacher: SlurmPhaseConfig = field(default_factory=SlurmPhaseConfig)
     update: SlurmPhaseConfig = field(default_factory=SlurmPhaseConfig)

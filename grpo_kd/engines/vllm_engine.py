@@ -84,10 +84,13 @@ def on_gpu() -> bool:
 # ---------------------------------------------------------------------------------------------- settings
 
 
+GPU_MEMORY_UTILIZATION = 0.85  # the share of each GPU vLLM takes when vllm.gpu_memory_utilization is unset
+
+
 def memory_utilization(cfg: Config) -> float:
     if cfg.vllm.gpu_memory_utilization is not None:
         return cfg.vllm.gpu_memory_utilization
-    return 0.85 if on_gpu() else 0.1  # on a CPU only a floor: the KV cache is sized by kv_cache_bytes
+    return GPU_MEMORY_UTILIZATION if on_gpu() else 0.1  # on a CPU only a floor: the KV cache is sized by kv_cache_bytes
 
 
 def tensor_parallel_size(cfg: Config) -> int:

@@ -40,10 +40,21 @@ def check_inputs(cfg: Config, phases: Iterable[str] = PHASES) -> None:
         fingerprint = tokenizer_fingerprint(student_tok)
         check_vocabularies(cfg, fingerprint, fingerprint)
         check_teacher_vocabulary(cfg)  # the update and the rollout refuse what a foreign teacher cannot serve too
+    check_data(cfg, phases)
+
+
+def check_data(cfg: Config, phases: Iterable[str] = PHASES) -> None:
+    """The prompts (rollout) and the pre-training text (update, with L_PT) read and decoded as the phases read them."""
     if "rollout" in phases:
         _check_prompts(cfg)
     if "update" in phases and cfg.loss.pt.weight > 0:
         load_texts(cfg.data.pretrain_text, field=cfg.data.text_field)
+
+
+def data_sources(cfg: Config) -> list[tuple[str, str]]:
+    """(key, source) of the data files the phases read."""
+    pretrain = [("data.pretrain_text", cfg.data.pretrain_text)] if cfg.loss.pt.weight > 0 else []
+    return [("data.prompts", cfg.data.prompts)] + pretrain
 
 
 def _check_prompts(cfg: Config) -> None:

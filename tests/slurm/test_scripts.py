@@ -155,7 +155,7 @@ def test_no_requeue_without_the_signal(tmp_path, fake_bin, exit_code):
 
 def test_dry_run_prints_scripts_and_order_and_writes_nothing(tmp_path, capsys):
     run_root = tmp_path / "runs"
-    code = main(["chain", "submit", "--iterations", "2", f"output_dir={run_root}", "teacher.num_shards=2",
+    code = main(["chain", "submit", "--iterations", "2", f"output_dir={run_root}", "teacher.num_shards=2", "rollout.num_shards=2",
                  "slurm.array_parallelism=1", "slurm.signal_seconds=120", "--dry-run"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0
@@ -175,7 +175,8 @@ def test_sft_is_phase_0_of_the_chain_its_script_and_its_status(tmp_path, capsys)
     iteration 1's rollout waits for; it may run under torchrun like the update; chain status lists it, done when
     checkpoints/iter_0000 exists."""
     run_root = tmp_path / "runs"
-    code = main(["chain", "submit", "--iterations", "1", f"output_dir={run_root}", "sft.enabled=true", "--dry-run"])
+    code = main(["chain", "submit", "--iterations", "1", f"output_dir={run_root}", "sft.enabled=true",
+                 "data.prefix_words=8", "--dry-run"])  # phase 0 on the prompts' first 8 words and the rest
     out = capsys.readouterr().out
     order = [line for line in out.splitlines() if line[:2] in {f"{n}." for n in range(1, 5)}]
     assert code == 0 and [line.split()[1:4] for line in order] == [
@@ -184,7 +185,8 @@ def test_sft_is_phase_0_of_the_chain_its_script_and_its_status(tmp_path, capsys)
     ]  # fmt: skip
     assert "after <phase 0 sft>" in order[1] and "iter_0000-sft.sbatch" in order[0]
     assert "/grpo-kd sft --config " in out and "/config.yaml --resume \"$@\"" in out
-    cfg = nasty_config(tmp_path, "sft.enabled=true", "slurm.sft.nodes=2", "slurm.sft.gpus_per_node=2")
+    cfg = nasty_config(tmp_path, "sft.enabled=true", "data.prefix_words=8", "slurm.sft.nodes=2",
+                       "slurm.sft.gpus_per_node=2")
     cfg, paths = prepare_run(cfg, iterations=1)
     text = render_script(cfg, paths, Step(0, "sft"))
     assert "torchrun" in text and "-m grpo_kd.cli.app sft --config" in text and "--iteration" not in text
@@ -265,7 +267,7 @@ def test_submit_chains_afterok_and_resume_keeps_queued_jobs(tmp_path, fake_bin, 
 
 def test_status_names_the_failed_array_task_and_its_log(tmp_path, fake_bin):
     fake_tool(fake_bin, "scontrol", SCONTROL_FROM_FILE)
-    cfg, paths = prepare_run(load_config(None, [f"output_dir={tmp_path}", "teacher.num_shards=2"]), iterations=1)
+    cfg, paths = prepare_run(load_config(None, [f"output_dir={tmp_path}", "teacher.num_shards=2", "rollout.num_shards=2"]), iterations=1)
     records = [JobRecord(step.key, 1, step.phase, job_id, 2 if step.phase == "cache-teacher" else 1, "s",
                          str(paths.slurm / "logs" / ("x-%A_%a.log" if step.phase == "cache-teacher" else "x-%j.log")))
                for job_id, step in zip(["10", "11", "13"], chain_steps(cfg))]  # array 11 has job ids 11 and 12
