@@ -12,13 +12,15 @@ Models (`grpo_kd.tiny.build_tiny_models`, pre-trained here on FarPaHC train + OF
 Both tokenizers are trained on the same text, so they differ in vocabulary and in how they split Faroese words.
 
 Runs: every config of ALGORITHMS (configs/experiments/<key>.yaml) x both teachers x `--seeds`, each for its
-config's iterations (16) unless `--iterations`; nothing else differs between the two teachers' runs (the teacher's path; `eval.distill_cross_tokenizer` is
-set for both). Each run's student is evaluated before (iteration 0) and after (`grpo_kd.evaluate.suite`, the
+config's iterations (16) unless `--iterations`; nothing but the teacher's path differs between the two teachers'
+runs (`eval.distill_cross_tokenizer` is set for both; `--set` overrides apply to every run). Each run's student is evaluated before (iteration 0) and after (`grpo_kd.evaluate.suite`, the
 function `grpo-kd evaluate` calls; saved in RUN/reports as `grpo-kd evaluate` saves them) on the FarPaHC dev
 prompts (never trained on) against its own teacher: the teacher's NLL per UTF-8 byte of the student's samples
 (comparable across tokenizers) and the perplexity of the FarPaHC dev text. `grpo_kd.evaluate.compare` (what
 `grpo-kd compare` runs) then gives each group's mean and min-max range over seeds, written to
-benchmarks/results/<device>/xtok.{md,json,png}, with `cache stats` of the first foreign-teacher run beside it.
+benchmarks/results/<device>/xtok.{md,json,png} (every iteration), xtok_before_after.md (first and last iteration)
+and xtok_run.json (timings, models, `cache stats` of the first foreign-teacher run). `--reuse` keeps the runs whose
+last evaluation is written (to redo only the tables).
 
 Key design choice: the initial evaluation of one (teacher, seed) is computed once and saved into every run that
 starts from it (the same model, teacher, prompts and sampling seed give the same numbers), so the grid pays for
@@ -41,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from run_experiments import CORPUS, FAROESE, checkpoint_model, train  # noqa: E402
+from run_experiments import CORPUS, FAROESE, checkpoint_model, train
 
 WORK = Path("runs/xtok")  # relative to ROOT
 TEACHER_STEPS, STUDENT_STEPS = 300, 100
@@ -54,7 +56,8 @@ ALGORITHMS = {  # config key -> label
 }
 TEACHERS = {"foreign": "Gemma-3 teacher (another tokenizer)", "same": "Mistral teacher (the student's tokenizer)"}
 METRICS = ["distill/teacher_nll_per_byte", "perplexity/perplexity", "perplexity/bits_per_byte",
-           "diversity/distinct_2", "diversity/mean_length_words"]
+           "diversity/distinct_2", "diversity/mean_length_words", "distill/reverse_kl",  # KL: one vocabulary only
+           "train/reward/teacher_loglik", "train/reward/log_ratio"]  # per student token, on the iteration's samples
 SUITES = ["perplexity", "distill", "diversity"]
 
 log = logging.getLogger("run_xtok")
@@ -83,14 +86,14 @@ def model_facts() -> dict:
     return out
 
 
-def run_config(algorithm: str, teacher: str, seed: int, models: dict, iterations: int | None):
+def run_config(algorithm: str, teacher: str, seed: int, models: dict, args):
     from grpo_kd.config import load_config
 
-    name = f"{algorithm}-{teacher}-s{seed}"
+    name = f"{algorithm}{args.tag}-{teacher}-s{seed}"
     return load_config(ROOT / "configs" / "experiments" / f"{algorithm}.yaml", [
         f"name={name}", f"output_dir={WORK}", f"seed={seed}", f"model.path={models['student']}",
         f"teacher.path={models[teacher]}", "eval.distill_cross_tokenizer=true",
-        *([f"iterations={iterations}"] if iterations else [])])
+        *([f"iterations={args.iterations}"] if args.iterations else []), *args.set])
 
 
 def evaluate_into(cfg, model: str, teacher: str, iteration: int, initial: dict | None = None) -> dict:
@@ -99,10 +102,33 @@ def evaluate_into(cfg, model: str, teacher: str, iteration: int, initial: dict |
     from grpo_kd.evaluate.report import save_evaluation
     from grpo_kd.evaluate.suite import evaluate_checkpoint
 
-    result = copy.deepcopy(initial) if initial is not None else evaluate_checkpoint(model, teacher, suites=SUITES, cfg=cfg)
+    if initial is not None:
+        result = copy.deepcopy(initial)
+    else:
+        result = evaluate_checkpoint(model, teacher, suites=SUITES, cfg=cfg)
     result["iteration"] = iteration
     save_evaluation(result, Path(cfg.output_dir) / cfg.name / "reports", f"iter_{iteration:04d}")
     return result
+
+
+def trained(cfg) -> bool:
+    """The run's last evaluation is written (`--reuse` keeps such a run as it is)."""
+    return (Path(cfg.output_dir) / cfg.name / "reports" / f"eval_iter_{cfg.iterations:04d}.json").is_file()
+
+
+def before_after(comparison) -> str:
+    """Per metric and group: the first and the last iteration with a value, mean [min, max] over seeds."""
+    from grpo_kd.evaluate.compare_report import _cell
+
+    lines = ["| metric | group | first it. | value | last it. | value |", "|---|---|---|---|---|---|"]
+    for metric in comparison.metrics:
+        for group in comparison.groups:
+            its = group.iterations(metric)
+            if its:
+                first, last = its[0], its[-1]
+                cells = [_cell(group.spread(metric, it, comparison.method)) for it in (first, last)]
+                lines.append(f"| {metric} | {group.label} | {first} | {cells[0]} | {last} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
 
 
 def cache_stats_line(run_dir: Path) -> list[str]:
@@ -117,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=None, help="iterations per run (default: the configs')")
     parser.add_argument("--only", default="", help="comma-separated algorithms (default: all of ALGORITHMS)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--reuse", action="store_true", help="keep runs whose last evaluation is written")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a dotted override for every run (repeatable), e.g. optim.lr=5e-4; use with --tag")
+    parser.add_argument("--tag", default="", help="suffix of the run names and the result files, e.g. _lr5e-4")
     parser.add_argument("--results", default=None, help="output directory (default benchmarks/results/<device>)")
     args = parser.parse_args(argv)
 
@@ -141,35 +171,43 @@ def main(argv: list[str] | None = None) -> int:
     log.info("models built in %.0f s", time.monotonic() - started)
     initial: dict[tuple[str, int], dict] = {}
     groups: dict[str, list[str]] = {}
-    seconds: dict[str, float] = {}
+    seconds: dict[str, dict] = {}
     for algorithm in algorithms:
-        for teacher in TEACHERS:
+        for teacher, teacher_label in TEACHERS.items():
             for seed in seeds:
-                cfg = run_config(algorithm, teacher, seed, models, args.iterations)
+                cfg = run_config(algorithm, teacher, seed, models, args)
                 t0 = time.monotonic()
-                timing = train(cfg, "inproc", resume=False)  # a fresh run directory: evaluations after it
-                before = evaluate_into(cfg, models["student"], models[teacher], 0, initial.get((teacher, seed)))
-                initial.setdefault((teacher, seed), before)
-                evaluate_into(cfg, checkpoint_model(cfg, cfg.iterations), models[teacher], cfg.iterations)
-                seconds[cfg.name] = round(time.monotonic() - t0, 1)
-                log.info("%s: trained in %.0f s, %.0f s with its evaluations", cfg.name, timing["seconds"],
-                         seconds[cfg.name])
-                groups.setdefault(f"{ALGORITHMS[algorithm]}; {TEACHERS[teacher]}", []).append(
+                if not (args.reuse and trained(cfg)):
+                    timing = train(cfg, "inproc", resume=False)  # a fresh run directory: evaluations after it
+                    before = evaluate_into(cfg, models["student"], models[teacher], 0, initial.get((teacher, seed)))
+                    initial.setdefault((teacher, seed), before)
+                    evaluate_into(cfg, checkpoint_model(cfg, cfg.iterations), models[teacher], cfg.iterations)
+                    took = {"train": timing["seconds"], "with_evaluations": round(time.monotonic() - t0, 1)}
+                    (Path(cfg.output_dir) / cfg.name / "reports" / "xtok_seconds.json").write_text(json.dumps(took))
+                    log.info("%s: trained in %.0f s, %.0f s with its evaluations", cfg.name, took["train"],
+                             took["with_evaluations"])
+                seconds[cfg.name] = json.loads(
+                    (Path(cfg.output_dir) / cfg.name / "reports" / "xtok_seconds.json").read_text())
+                groups.setdefault(f"{ALGORITHMS[algorithm]}; {teacher_label}", []).append(
                     str(Path(cfg.output_dir) / cfg.name))
     comparison = compare_runs(groups, metrics=METRICS, method="minmax")
     out = Path(args.results) if args.results else ROOT / "benchmarks" / "results" / device_slug("cpu")
-    paths = write_comparison(comparison, out, "xtok")
+    paths = write_comparison(comparison, out, f"xtok{args.tag}")
+    table = before_after(comparison)
+    (out / f"xtok{args.tag}_before_after.md").write_text(table, encoding="utf-8")
     first_foreign = next(d for label, dirs in groups.items() if TEACHERS["foreign"] in label for d in dirs)
     stats = cache_stats_line(Path(first_foreign))
     command = " ".join(["python benchmarks/run_xtok.py", *(argv if argv is not None else sys.argv[1:])])
-    facts = {"command": command, "seconds": round(time.monotonic() - started, 1), "run_seconds": seconds,
+    facts = {"command": command, "overrides": args.set, "seconds": round(time.monotonic() - started, 1),
+             "run_seconds": seconds, "reused_runs": args.reuse,
              "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
              "machine": f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs (shared)",
              "models": model_facts(), "cache_stats_iteration_1": {first_foreign: stats}}
-    (out / "xtok_run.json").write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
-    print(paths["md"].read_text(encoding="utf-8"))
+    (out / f"xtok{args.tag}_run.json").write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
+    print(table)
     print(json.dumps(facts, indent=2))
-    print("wrote " + ", ".join(str(p) for p in [*paths.values(), out / "xtok_run.json"]))
+    print("wrote " + ", ".join(str(p) for p in [*paths.values(), out / f"xtok{args.tag}_before_after.md",
+                                                          out / f"xtok{args.tag}_run.json"]))
     return 0
 
 
