@@ -36,7 +36,8 @@ NOT_SETUP_SECTIONS = ("slurm.", "tracking.", "checkpoint.")
 # Which way is better, for choosing a best checkpoint and reading a difference (None: neither).
 BETTER: dict[str, str | None] = {
     "foqa/em": "max", "foqa/f1": "max", "perplexity/perplexity": "min", "perplexity/bits_per_byte": "min",
-    "distill/teacher_logprob_mean": "max", "distill/forward_kl": "min", "distill/reverse_kl": "min",
+    "distill/teacher_logprob_mean": "max", "distill/teacher_nll_per_byte": "min",
+    "distill/forward_kl": "min", "distill/reverse_kl": "min",
     "distill/top1_agreement": "max", "diversity/distinct_1": "max", "diversity/distinct_2": "max",
     "diversity/distinct_3": "max", "diversity/repetition_rate": "min", "diversity/mean_length_words": None,
     "train/reward/total": "max", "train/loss": "min",

@@ -29,7 +29,7 @@ from grpo_kd.train.metrics import POSITION_KEYS, iteration_offsets, offset_of
 HEADLINE = {
     "foqa": ["em", "f1"],
     "perplexity": ["perplexity", "bits_per_byte"],
-    "distill": ["teacher_logprob_mean", "forward_kl", "reverse_kl", "top1_agreement"],
+    "distill": ["teacher_logprob_mean", "teacher_nll_per_byte", "forward_kl", "reverse_kl", "top1_agreement"],
     "diversity": ["distinct_1", "distinct_2", "distinct_3", "repetition_rate", "mean_length_words"],
 }
 _X_KEYS = (*POSITION_KEYS, "global_step", "time", "timestamp")
