@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shlex
 from pathlib import Path
@@ -21,6 +22,8 @@ from grpo_kd.cli._common import (
     resolve_config,
     setup_logging,
 )
+from grpo_kd.config import Config, check
+from grpo_kd.errors import GrpoKdError
 
 chain_app = typer.Typer(help="Submit the loop to SLURM as dependent jobs, and follow it.", no_args_is_help=True)
 ITERATIONS_OPTION = typer.Option(None, "--iterations", "-n", min=1, help="Iterations (default: the config's).")
@@ -35,6 +38,11 @@ def run(
         help="Run the phases inside this process instead of one process each: saves the start-up of every phase "
              "(seconds each), for small models; output goes to the terminal, not RUN/logs/.",
     ),
+    seeds: Optional[str] = typer.Option(
+        None, "--seeds",
+        help="Comma-separated seeds, e.g. 0,1,2: one run per seed, one after the other, named NAME-sSEED (the "
+             "config's seed and name otherwise). Compare them with `grpo-kd compare`.",
+    ),
 ) -> None:
     """Run rollout -> cache-teacher -> update for each iteration on this machine, resuming where it stopped."""
     from grpo_kd.slurm.local import run_local
@@ -48,11 +56,33 @@ def run(
     cfg = resolve_config(config, overrides)
     preflight(cfg)  # what vLLM cannot serve is refused before anything is written
     check_teacher_vocabulary(cfg)  # and what a teacher with another vocabulary cannot (the rest: run_local)
-    cfg, paths = prepare_run(cfg, iterations)
     how = "in this process" if in_process else "each phase in its own process"
-    console.print(f"run {cfg.name}: {cfg.iterations} iterations in {paths.root} ({how}; config: {paths.config})",
-                  highlight=False)
-    run_local(cfg, paths, console=console, in_process=in_process)
+    runs = [cfg] if seeds is None else seeded_configs(cfg, seeds)
+    for one in runs:
+        one, paths = prepare_run(one, iterations)
+        console.print(f"run {one.name}: {one.iterations} iterations in {paths.root} ({how}; config: {paths.config})",
+                      highlight=False)
+        run_local(one, paths, console=console, in_process=in_process)
+    if len(runs) > 1:
+        dirs = " ".join(shlex.quote(str(one.run_dir)) for one in runs)
+        console.print(f"{len(runs)} seeds done; side by side: grpo-kd compare {dirs}", highlight=False)
+
+
+def seeded_configs(cfg: Config, seeds: str) -> list[Config]:
+    """One copy of `cfg` per seed of `seeds` ("0,1,2"), with that seed and the name NAME-sSEED."""
+    try:
+        values = [int(item) for item in seeds.split(",") if item.strip()]
+    except ValueError:
+        raise GrpoKdError(f"--seeds takes comma-separated integers such as 0,1,2, got {seeds!r}") from None
+    if not values or len(set(values)) != len(values):
+        raise GrpoKdError(f"--seeds needs at least one seed and no seed twice, got {seeds!r}")
+    out = []
+    for seed in values:
+        one = copy.deepcopy(cfg)
+        one.seed, one.name = seed, f"{cfg.name}-s{seed}"
+        check(one)
+        out.append(one)
+    return out
 
 
 def demo(

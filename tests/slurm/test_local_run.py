@@ -99,3 +99,26 @@ def test_in_process_run_equals_the_process_per_phase_run(tmp_path, tiny_models):
     again = subprocess.run(_grpo_kd("run", "--config", str(tmp_path / "inproc.yaml"), "--in-process"),
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert again.returncode == 0 and (again.stdout + again.stderr).count("done before") == 6
+
+
+def test_seeds_run_one_chain_per_seed(tmp_path, tiny_models):
+    """`grpo-kd run --seeds 0,1`: NAME-s0 and NAME-s1, each with its own seed in its saved config, sampling other
+    completions; a list that is not one is refused in one line before anything is written."""
+    from grpo_kd.cache.rollouts import RolloutStore
+    from grpo_kd.config import load_config
+
+    config = write_run_config(tmp_path / "run.yaml", tmp_path / "runs", tiny_models, name="seeded")
+    done = subprocess.run(_grpo_kd("run", "--config", str(config), "--in-process", "--seeds", "0,1"),
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 seeds done; side by side: grpo-kd compare" in " ".join((done.stdout + done.stderr).split())
+    completions = {}
+    for seed in (0, 1):
+        paths = RunPaths.of(tmp_path / "runs" / f"seeded-s{seed}")
+        assert load_config(paths.config).seed == seed and paths.checkpoint(1).is_dir()
+        completions[seed] = [list(r.completion_ids) for r in RolloutStore.open(paths.rollouts(1))]
+    assert completions[0] != completions[1]
+    bad = subprocess.run(_grpo_kd("run", "--config", str(config), "--seeds", "0,x", "name=other"),
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 1 and "--seeds takes comma-separated integers" in bad.stderr + bad.stdout
+    assert not (tmp_path / "runs" / "other-s0").exists()
