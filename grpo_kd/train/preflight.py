@@ -16,13 +16,12 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from grpo_kd.cache.manifest import describe_vocab
 from grpo_kd.config import Config, check
 from grpo_kd.data import detect_format, load_texts, prompts_from_config
 from grpo_kd.errors import GrpoKdError
 from grpo_kd.models import check_model_source, load_tokenizer, same_vocabulary, tokenizer_fingerprint
 from grpo_kd.paths import PHASES
-from grpo_kd.train.teacher_vocab import check_teacher_vocabulary, foreign_teacher_refusal
+from grpo_kd.train.teacher_vocab import check_teacher_vocabulary, foreign_teacher_problem
 
 
 def check_inputs(cfg: Config, phases: Iterable[str] = PHASES) -> None:
@@ -39,7 +38,7 @@ def check_inputs(cfg: Config, phases: Iterable[str] = PHASES) -> None:
     else:
         fingerprint = tokenizer_fingerprint(student_tok)
         check_vocabularies(cfg, fingerprint, fingerprint)
-        check_teacher_vocabulary(cfg)  # the update and the rollout refuse what a foreign teacher cannot serve too
+        check_teacher_vocabulary(cfg, fingerprint)  # the update and the rollout refuse what it cannot serve too
     check_data(cfg, phases)
 
 
@@ -69,11 +68,10 @@ def check_vocabularies(cfg: Config, student_fp: dict, teacher_fp: dict) -> None:
     vocabulary serves what `teacher_vocab.foreign_teacher_refusal` allows (no top-k loss, no sampling mixed with
     it); top-k and the teacher samples must fit in the teacher's vocabulary. The rollout and the teacher pass
     call it too, with the fingerprints they record."""
+    problem = foreign_teacher_problem(cfg, student_fp, teacher_fp)
+    if problem:
+        raise GrpoKdError(problem)
     same = same_vocabulary(student_fp, teacher_fp)
-    refusal = None if same else foreign_teacher_refusal(cfg)
-    if refusal:
-        raise GrpoKdError(f"the teacher {cfg.teacher.path} has another vocabulary ({describe_vocab(teacher_fp)}; the "
-                          f"student {describe_vocab(student_fp)}): {refusal}")
     vocab = int(teacher_fp.get("vocab_size") or 0)
     if same and cfg.teacher.top_k > vocab:
         raise GrpoKdError(f"teacher.top_k={cfg.teacher.top_k} is larger than the teacher's vocabulary ({vocab} "

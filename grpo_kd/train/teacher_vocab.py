@@ -39,15 +39,30 @@ def foreign_teacher_refusal(cfg: Config) -> str | None:
     return None
 
 
-def check_teacher_vocabulary(cfg: Config) -> None:
-    """Refuse, in one line, a run that a teacher with another vocabulary cannot serve (see the rules above)."""
+def foreign_teacher_problem(cfg: Config, student_fp: dict, teacher_fp: dict) -> str | None:
+    """The line refusing this run for these two tokenizer fingerprints (`grpo_kd.models.tokenizer_fingerprint`),
+    or None: one vocabulary, or nothing a teacher with another one cannot serve."""
+    from grpo_kd.models import same_vocabulary
+
+    refusal = None if same_vocabulary(student_fp, teacher_fp) else foreign_teacher_refusal(cfg)
+    if refusal is None:
+        return None
+    return (f"the teacher {cfg.teacher.path} has another vocabulary ({describe_vocab(teacher_fp)}; the student "
+            f"{describe_vocab(student_fp)}): {refusal}")
+
+
+def check_teacher_vocabulary(cfg: Config, student_fp: dict | None = None) -> None:
+    """Refuse, in one line, a run that a teacher with another vocabulary cannot serve (see the rules above);
+    `student_fp`: the student's tokenizer fingerprint, when the caller has it already."""
     if cfg.teacher.kind != "model" or foreign_teacher_refusal(cfg) is None:
         return  # a self-teacher (the student's vocabulary), or nothing to refuse: no tokenizer is loaded
-    from grpo_kd.models import load_tokenizer, same_vocabulary, tokenizer_fingerprint
+    from grpo_kd.models import load_tokenizer, tokenizer_fingerprint
 
-    student = tokenizer_fingerprint(load_tokenizer(cfg.model.tokenizer or cfg.model.path,
-                                                   trust_remote_code=cfg.model.trust_remote_code))
-    teacher = tokenizer_fingerprint(load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code))
-    if not same_vocabulary(student, teacher):
-        raise GrpoKdError(f"the teacher {cfg.teacher.path} has another vocabulary ({describe_vocab(teacher)}; the "
-                          f"student {describe_vocab(student)}): {foreign_teacher_refusal(cfg)}")
+    if student_fp is None:
+        student_fp = tokenizer_fingerprint(load_tokenizer(cfg.model.tokenizer or cfg.model.path,
+                                                          trust_remote_code=cfg.model.trust_remote_code))
+    teacher_fp = tokenizer_fingerprint(load_tokenizer(cfg.teacher.path,
+                                                      trust_remote_code=cfg.teacher.trust_remote_code))
+    problem = foreign_teacher_problem(cfg, student_fp, teacher_fp)
+    if problem:
+        raise GrpoKdError(problem)
