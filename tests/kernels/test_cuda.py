@@ -43,6 +43,15 @@ def _both(fn, dtype, **kw):
     return results
 
 
+def _assert_both_agree(fn, dtype) -> None:
+    """Triton's value and its hidden, weight and bias gradients equal the twin's, to `RTOL[dtype]`."""
+    (tv, *tg), (ev, *eg) = _both(fn, dtype)
+    rv, rg = RTOL[dtype]
+    assert_close(tv, ev, rtol=rv, name="value")
+    for name, a, b in zip(("hidden", "weight", "bias"), tg, eg):
+        assert_close(a, b, rtol=rg, name=f"grad {name}")
+
+
 @pytest.fixture(autouse=True)
 def _exact_fp32():
     old = torch.backends.cuda.matmul.allow_tf32
@@ -60,11 +69,7 @@ def test_logprobs_and_entropy(dtype):
                                          impl=impl)
         return logp.sum() + 0.3 * ent.sum() + 0.1 * lse.sum()
 
-    (tv, *tg), (ev, *eg) = _both(fn, dtype)
-    rv, rg = RTOL[dtype]
-    assert_close(tv, ev, rtol=rv, name="value")
-    for name, a, b in zip(("hidden", "weight", "bias"), tg, eg):
-        assert_close(a, b, rtol=rg, name=f"grad {name}")
+    _assert_both_agree(fn, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -77,11 +82,7 @@ def test_sparse_kl(dtype, divergence, tail):
     def fn(h, w, b, impl):
         return linear_sparse_kl(h, w, ids, logp, divergence=divergence, tail=tail, bias=b, impl=impl)
 
-    (tv, *tg), (ev, *eg) = _both(fn, dtype)
-    rv, rg = RTOL[dtype]
-    assert_close(tv, ev, rtol=rv, name="value")
-    for name, a, b in zip(("hidden", "weight", "bias"), tg, eg):
-        assert_close(a, b, rtol=rg, name=f"grad {name}")
+    _assert_both_agree(fn, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -96,11 +97,7 @@ def test_grpo_loss(dtype):
         return linear_grpo_loss(h[: B * T].view(B, T, H), w, ids, mask, adv, old_logprobs=old, ref_logprobs=old,
                                 beta=0.04, bias=b, impl=impl)[0]
 
-    (tv, *tg), (ev, *eg) = _both(fn, dtype)
-    rv, rg = RTOL[dtype]
-    assert_close(tv, ev, rtol=rv, name="value")
-    for name, a, b in zip(("hidden", "weight", "bias"), tg, eg):
-        assert_close(a, b, rtol=rg, name=f"grad {name}")
+    _assert_both_agree(fn, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
