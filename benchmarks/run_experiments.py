@@ -489,6 +489,23 @@ def plot_self_distill(summary: dict, path: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------- main
 
 
+def prepare_process(threads: int) -> bool:
+    """What every experiment script does first: work from the repository root, `threads` torch threads here and
+    in phase processes, quiet library logs; False (with one line on stderr) when the Faroese text is absent."""
+    os.chdir(ROOT)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the phase processes of --executor cli
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("grpo_kd", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import torch
+
+    torch.set_num_threads(threads)
+    if not all(p.is_file() for p in CORPUS):
+        print(f"the experiment needs the Faroese text in {FAROESE} (absent here)", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated run names (default: all)")
@@ -499,20 +516,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=None, help="output directory (default benchmarks/results/<device>)")
     args = parser.parse_args(argv)
 
-    os.chdir(ROOT)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the phase processes of --executor cli
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("grpo_kd", "transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not prepare_process(args.threads):
+        return 2
     import torch
 
-    torch.set_num_threads(args.threads)
     from grpo_kd.kernels.bench_report import device_slug
     from grpo_kd.tiny import build_tiny_models
 
-    if not all(p.is_file() for p in CORPUS):
-        print(f"the experiment needs the Faroese text in {FAROESE} (absent here)", file=sys.stderr)
-        return 2
     chosen = [e for e in EXPERIMENTS if not args.only or e.key in args.only.split(",")]
     started, load_before = time.monotonic(), os.getloadavg()
     models = build_tiny_models(WORK / "models", CORPUS, pretrain_steps=TEACHER_STEPS,

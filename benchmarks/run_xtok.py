@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from run_experiments import CORPUS, FAROESE, checkpoint_model, train
+from run_experiments import CORPUS, checkpoint_model, prepare_process, train
 
 WORK = Path("runs/xtok")  # relative to ROOT
 TEACHER_STEPS, STUDENT_STEPS = 300, 100
@@ -150,20 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=None, help="output directory (default benchmarks/results/<device>)")
     args = parser.parse_args(argv)
 
-    os.chdir(ROOT)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("grpo_kd", "transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not prepare_process(args.threads):
+        return 2
     import torch
 
-    torch.set_num_threads(args.threads)
     from grpo_kd.evaluate.compare import compare_runs
     from grpo_kd.evaluate.compare_report import write_comparison
     from grpo_kd.kernels.bench_report import device_slug
 
-    if not all(p.is_file() for p in CORPUS):
-        print(f"the experiment needs the Faroese text in {FAROESE} (absent here)", file=sys.stderr)
-        return 2
     seeds = [int(s) for s in args.seeds.split(",")]
     algorithms = [a for a in ALGORITHMS if not args.only or a in args.only.split(",")]
     started, load_before = time.monotonic(), os.getloadavg()

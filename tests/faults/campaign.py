@@ -148,12 +148,7 @@ def loop(case: Case, *overrides: str, iterations: int = 1, config: str = "tiny.y
 
 
 def case_sighup(case: Case) -> tuple[int, str, str]:
-    proc = case.popen("run", "--config", "tiny.yaml", "name=x", "optim.epochs_per_iteration=25")
-    metrics = case.dir / "runs" / "x" / "logs" / "metrics.jsonl"
-    deadline = time.monotonic() + 600
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    phase = _phase_pids(proc.pid)
+    proc, _, phase = _long_update_running(case)
     proc.send_signal(signal.SIGHUP)
     _, err = proc.communicate(timeout=600)
     time.sleep(5)
@@ -164,24 +159,33 @@ def case_sighup(case: Case) -> tuple[int, str, str]:
 
 
 def case_sigkill(case: Case) -> tuple[int, str, str]:
-    proc = case.popen("run", "--config", "tiny.yaml", "name=x", "optim.epochs_per_iteration=25")
-    metrics = case.dir / "runs" / "x" / "logs" / "metrics.jsonl"
-    deadline = time.monotonic() + 600
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    phase = _phase_pids(proc.pid)
+    proc, metrics, phase = _long_update_running(case)
     proc.kill()
     proc.wait()
-    second_code, second_line = case.run("run", "--config", "tiny.yaml", "name=x", "optim.epochs_per_iteration=25")
+    second_code, second_line = case.run(*LONG_RUN)
     for _ in range(600):  # the orphan (if any) finishes or stops
         if not any(_alive(pid) for pid in phase):
             break
         time.sleep(1)
-    third_code, _ = case.run("run", "--config", "tiny.yaml", "name=x", "optim.epochs_per_iteration=25")
+    third_code, _ = case.run(*LONG_RUN)
     rows = [(r["iteration"], r["step"]) for r in map(json.loads, metrics.read_text().splitlines())]
     return second_code, second_line, (f"metrics.jsonl: {len(rows)} rows for {len(set(rows))} steps of "
                                       f"{len({i for i, _ in rows})} iterations (each step once: "
                                       f"{len(rows) == len(set(rows))}); a third run exits {third_code}")
+
+
+LONG_RUN = ("run", "--config", "tiny.yaml", "name=x", "optim.epochs_per_iteration=25")  # an update of minutes
+
+
+def _long_update_running(case: Case):
+    """`grpo-kd run` of LONG_RUN started and left until its update has logged 3 steps (10 min at most): (the
+    executor's Popen, the metrics log, the pids of its phase processes)."""
+    proc = case.popen(*LONG_RUN)
+    metrics = case.dir / "runs" / "x" / "logs" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return proc, metrics, _phase_pids(proc.pid)
 
 
 def _phase_pids(executor: int) -> list[int]:
