@@ -1,25 +1,30 @@
-"""Every algorithm on the tiny Faroese pair, before and after: the experiment of docs/experiments.md.
+"""Every algorithm on the tiny Faroese pair, before and after, over seeds: the experiment of docs/experiments.md.
 
-    python benchmarks/run_experiments.py                      # all 16 runs: ~7 min on 2 shared CPU cores
-    python benchmarks/run_experiments.py --only grpo,minillm --iterations 2      # a quick look
+    python benchmarks/run_experiments.py                      # all 15 experiments x seeds 0,1,2: ~25 min, 2 cores
+    python benchmarks/run_experiments.py --only grpo,minillm --iterations 2 --seeds 0      # a quick look
     python benchmarks/run_experiments.py --executor cli       # each phase its own process, as `grpo-kd run`
 
 Steps: build the tiny teacher and student (`grpo_kd.tiny`, 300 / 100 pre-training steps) on Faroese text
-(../shared/data/faroese: FarPaHC train + OFT), evaluate the initial student (iteration 0), run each config of
-`configs/experiments/` for its iterations (rollout -> cache-teacher -> update), evaluate its last checkpoint
-on the same held-out prompts with the same sampling seed, and write
+(../shared/data/faroese: FarPaHC train + OFT); for each config of `configs/experiments/` (and the ablations of
+EXPERIMENTS) and each seed, train the run `runs/experiments/<key>-s<seed>` for its iterations (rollout ->
+cache-teacher -> update, seed = the training and sampling seed) and evaluate its initial student and its last
+checkpoint on the same held-out prompts, saved in the run's reports as `grpo-kd evaluate` saves them; then
+`grpo-kd compare`'s function (`grpo_kd.evaluate.compare.compare_runs`, one group per experiment, its seeds
+inside) gives the mean and 95% t interval of every number, and whether each run moved its own target beyond the
+seed spread. Written to benchmarks/results/<device>/:
 
-    benchmarks/results/<device>/experiments.json      every number, with the command and the machine load
-    benchmarks/results/<device>/experiments.md        the before/after tables
-    benchmarks/results/<device>/experiments_self_distill.png   distinct-n per iteration, beta = 0 vs beta > 0
+    experiments.md / .json                    the tables of docs/experiments.md, every number, the command, the load
+    experiments_teacher.{md,json,png}         compare's full tables: every run against the tiny teacher
+    experiments_self_distill.{md,json,png}    the self-distillation runs against their frozen base, per iteration
+    experiments_privileged.{md,json,png}      the privileged runs against their informed self, every 4 iterations
 
 Evaluation (`grpo_kd.evaluate.evaluate_checkpoint`): one sample per held-out prompt (the first 4 words of a
 FarPaHC dev sentence, never trained on), scored by the teacher (mean log-prob per token, exact forward and reverse
 KL per token), distinct-n of the samples, and perplexity on the dev sentences. The self-distillation runs are
-also evaluated after every iteration against their own frozen base (the initial student): the base's
-log-likelihood of the samples is their reward, distinct-n their collapse signal.
+also evaluated after every iteration against their own frozen base (the initial student; `"against": "base"`): the
+base's log-likelihood of the samples is their reward, distinct-n their collapse signal.
 
-The privileged self-teacher runs on its own pair (`privileged_data`, `run_privileged`), because the shared tiny
+The privileged self-teacher runs on its own pair (`privileged_data`, `build_privileged`), because the shared tiny
 student does not read its prompt: a student of the teacher's shape pre-trained for 1,000 steps on text where a
 demonstration in capitals is followed by a sentence that continues in capitals. Its prompts carry such a
 demonstration as privileged information; its target, the exact reverse KL between the student and its informed
@@ -29,13 +34,15 @@ iterations, with the fraction of capitals in its samples as the behaviour it sho
 Key design choice: `--executor inproc` (default) calls the three phase functions one after another in this process
 (the same functions the phase commands call), because on a busy 2-core machine each extra process spends ~15 s
 importing torch and transformers; `--executor cli` runs `grpo-kd run`'s local executor instead. Torch gets one
-thread (tiny matrices; more threads oversubscribe a shared CPU). Every run starts from a clean run directory
-unless `--resume`; finished evaluations are reused only with `--resume`.
+thread (tiny matrices; more threads oversubscribe a shared CPU). Every run starts from a clean run directory;
+`--reuse` keeps the runs whose last evaluation is written (to redo only the tables). The initial evaluation of a
+seed is computed once and saved into every run of that seed (same model, prompts and sampling seed).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -107,44 +114,33 @@ EXPERIMENTS = [
                config="privileged", overrides=("teacher.adapter=true",)),
 ]
 
-# (label, suite, key, better) of the common table: every run against the tiny teacher.
-COLUMNS = [
-    ("teacher log-lik. (seq. mean)", "distill", "teacher_logprob_mean", "higher"),
-    ("teacher log-lik. (per token)", "distill", "teacher_logprob_per_token", "higher"),
-    ("KL(q‖p)", "distill", "reverse_kl", "lower"),
-    ("KL(p‖q)", "distill", "forward_kl", "lower"),
-    ("KL(q‖p) per completion", "distill", "reverse_kl_per_completion", "lower"),
-    ("top-1 agree", "distill", "top1_agreement", "higher"),
-    ("distinct-2", "diversity", "distinct_2", "higher"),
-    ("length (tokens)", "diversity", "mean_length_tokens", None),
-    ("perplexity", "perplexity", "perplexity", "lower"),
-]
-TRAIN_KEYS = ("reward/teacher_loglik", "reward/log_ratio", "reward/inverse_loss", "teacher_kl", "entropy",
-              "reward/length", "kl", "pt_loss")
-
 log = logging.getLogger("run_experiments")
 
 
 # ---------------------------------------------------------------------------------------------- running
 
 
-def load_cfg(exp: Experiment, iterations: int | None):
+def load_cfg(exp: Experiment, iterations: int | None, seed: int = 0):
+    """The run `<key>-s<seed>` of `exp`: its config with the training and sampling seed set."""
     from grpo_kd.config import load_config
 
     path = ROOT / "configs" / "experiments" / f"{exp.config or exp.key}.yaml"
-    cfg = load_config(path, [f"name={exp.key}", *exp.overrides])
+    cfg = load_config(path, [f"name={exp.key}-s{seed}", f"seed={seed}", *exp.overrides])
     if iterations is not None:
         cfg.iterations = iterations
     return cfg
+
+
+def run_dir(cfg) -> Path:
+    return Path(cfg.output_dir) / cfg.name
 
 
 def train(cfg, executor: str, resume: bool) -> dict:
     """All iterations of one run; returns {"seconds": total, "phases": [{iteration, rollout, teacher, update}]}."""
     from grpo_kd.slurm.plan import prepare_run
 
-    run_dir = Path(cfg.output_dir) / cfg.name
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
+    if not resume and run_dir(cfg).exists():
+        shutil.rmtree(run_dir(cfg))
     cfg, paths = prepare_run(cfg)
     started = time.monotonic()
     phases = []
@@ -172,51 +168,39 @@ def checkpoint_model(cfg, iteration: int) -> str:
 
     if iteration == 0:
         return cfg.model.path
-    return str(model_dir(RunPaths.of(Path(cfg.output_dir) / cfg.name).checkpoint(iteration)))
+    return str(model_dir(RunPaths.of(run_dir(cfg)).checkpoint(iteration)))
 
 
-def evaluate(cfg, model: str, teacher: str, suites: list[str], cache: Path, resume: bool) -> dict:
-    """evaluate_checkpoint, kept as JSON in `cache` (reused with --resume when it scored the same model)."""
-    from grpo_kd.evaluate.suite import evaluate_checkpoint
-    from grpo_kd.fsutil import atomic_write_json
-
-    if resume and cache.is_file():
-        saved = json.loads(cache.read_text(encoding="utf-8"))
-        if saved.get("checkpoint") == model and saved.get("teacher") == teacher:
-            return saved
-    result = evaluate_checkpoint(model, teacher, suites=suites, cfg=cfg)
-    atomic_write_json(cache, result)
+def with_derived(result: dict) -> dict:
+    """The evaluation with the reverse KL per completion (the pooled per-token KL x tokens per completion) as an
+    `extra` number: with completions of different lengths, per token and per completion tell different stories."""
+    distill = result.get("distill") or {}
+    if distill.get("num_samples") and isinstance(distill.get("reverse_kl"), (int, float)):
+        per_completion = distill["reverse_kl"] * distill["num_tokens"] / distill["num_samples"]
+        result.setdefault("extra", {})["distill"] = {"reverse_kl_per_completion": per_completion}
     return result
 
 
-def numbers(result: dict) -> dict:
-    """The scalar metrics of an evaluation, flattened to "suite.key"."""
-    out = {}
-    for suite in ("distill", "diversity", "perplexity"):
-        for key, value in (result.get(suite) or {}).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[f"{suite}.{key}"] = value
-    if out.get("distill.num_samples"):  # the pooled per-token KL x tokens per completion: nats per completion
-        per_completion = out["distill.num_tokens"] / out["distill.num_samples"]
-        out["distill.reverse_kl_per_completion"] = out["distill.reverse_kl"] * per_completion
-    return out
+def evaluate_into(cfg, model: str, against: str, iteration: int, suites: list[str], shared: dict,
+                  base: bool = False) -> None:
+    """evaluate_checkpoint of `model` against `against`, saved in the run's reports as `grpo-kd evaluate` saves
+    it (`eval_iter_NNNN.json`; `..._vs_base` with `"against": "base"` when scored by the frozen base), where
+    `grpo-kd compare` reads it. `shared` keeps iteration 0 per (scorer, seed): every run of a seed starts from the
+    same student with the same prompts and sampling seed, so its "before" is computed once and saved into each."""
+    from grpo_kd.evaluate.report import save_evaluation
+    from grpo_kd.evaluate.suite import evaluate_checkpoint
 
-
-def train_curve(cfg) -> dict[int, dict[str, float]]:
-    """Per iteration, the training log's first step (fresh prompts, before any step on them) and epoch means."""
-    from grpo_kd.paths import RunPaths
-
-    rows = [json.loads(line) for line in RunPaths.of(Path(cfg.output_dir) / cfg.name).metrics.read_text().splitlines()
-            if line.strip()]
-    curve: dict[int, dict[str, float]] = {}
-    for i in sorted({r["iteration"] for r in rows}):
-        mine = [r for r in rows if r["iteration"] == i]
-        first = mine[0]
-        epoch0 = [r for r in mine if r["epoch"] == 0]
-        curve[i] = {f"first_step.{k}": first[k] for k in TRAIN_KEYS if k in first}
-        curve[i].update({f"epoch0_mean.{k}": sum(r[k] for r in epoch0) / len(epoch0) for k in TRAIN_KEYS
-                         if all(k in r for r in epoch0)})
-    return curve
+    key = (against, tuple(suites), cfg.seed)
+    if iteration == 0 and key in shared:
+        result = copy.deepcopy(shared[key])
+    else:
+        result = with_derived(evaluate_checkpoint(model, against, suites=suites, cfg=cfg))
+        if iteration == 0:
+            shared[key] = copy.deepcopy(result)
+    result["iteration"] = iteration
+    if base:
+        result["against"] = "base"
+    save_evaluation(result, run_dir(cfg) / "reports", f"iter_{iteration:04d}" + ("_vs_base" if base else ""))
 
 
 # ---------------------------------------------------------------------------------------------- privileged run
@@ -268,24 +252,20 @@ def capital_fraction(texts: list[str]) -> float:
     return sum(c.isupper() for c in letters) / len(letters) if letters else float("nan")
 
 
-def informed_self(cfg, model: str, cache: Path, resume: bool) -> dict:
-    """The privileged run's target on held-out prompts: one sample per prompt without the demonstration, and the
-    exact reverse KL per token, on those tokens, between the model and itself with the demonstration in its prompt
-    (the informed self, `teacher.prompt_template`), and between the model and the initial student with the
-    demonstration (a yardstick that does not move with training); also the capital fraction of those samples and
-    of samples drawn with the demonstration, and perplexity on the plain FarPaHC dev text. Kept as JSON in
-    `cache`."""
+def informed_self(cfg, model: str, iteration: int) -> None:
+    """The privileged run's target on held-out prompts, saved as the run's evaluation of `iteration` (numbers under
+    `extra.informed`): one sample per prompt without the demonstration, and the exact reverse KL per token, on those
+    tokens, between the model and itself with the demonstration in its prompt (the informed self,
+    `teacher.prompt_template`), and between the model and the initial student with the demonstration (a yardstick
+    that does not move with training); also the capital fraction of those samples and of samples drawn with the
+    demonstration, and perplexity on the plain FarPaHC dev text."""
     from grpo_kd.data import encode_prompt, load_texts
     from grpo_kd.evaluate.distill import distill_metrics, student_side
     from grpo_kd.evaluate.generation import generate
     from grpo_kd.evaluate.perplexity import perplexity
+    from grpo_kd.evaluate.report import save_evaluation
     from grpo_kd.evaluate.suite import checkpoint_tokenizer, heldout_prompts, load_checkpoint
-    from grpo_kd.fsutil import atomic_write_json
 
-    if resume and cache.is_file():
-        saved = json.loads(cache.read_text(encoding="utf-8"))
-        if saved.get("checkpoint") == model:
-            return saved
     ev = cfg.eval
     tokenizer = checkpoint_tokenizer(model, cfg)
     net = load_checkpoint(model, cfg)
@@ -303,187 +283,178 @@ def informed_self(cfg, model: str, cache: Path, resume: bool) -> dict:
     to_initial = distill_metrics(student, initial, **score)
     texts = load_texts(ev.heldout_text, limit=ev.max_examples)
     result = {
-        "checkpoint": model,
-        "informed.reverse_kl": to_self["reverse_kl"],
-        "informed.forward_kl": to_self["forward_kl"],
-        "informed.reverse_kl_to_initial": to_initial["reverse_kl"],
-        "informed.capitals": capital_fraction([s.text for s in samples]),
-        "informed.capitals_with_demonstration": capital_fraction([s.text for s in informed_samples]),
-        "informed.num_tokens": to_self["num_tokens"],
-        "perplexity.perplexity": perplexity(net, tokenizer, texts, batch_size=ev.batch_size)["perplexity"],
+        "checkpoint": model, "iteration": iteration, "suites": ["informed", "perplexity"],
+        "extra": {"informed": {
+            "reverse_kl": to_self["reverse_kl"], "forward_kl": to_self["forward_kl"],
+            "reverse_kl_to_initial": to_initial["reverse_kl"],
+            "capitals": capital_fraction([s.text for s in samples]),
+            "capitals_with_demonstration": capital_fraction([s.text for s in informed_samples]),
+            "num_tokens": to_self["num_tokens"]}},
+        "perplexity": perplexity(net, tokenizer, texts, batch_size=ev.batch_size),
         "samples": [s.text for s in samples[:5]],
     }
-    atomic_write_json(cache, result)
-    return result
+    save_evaluation(result, run_dir(cfg) / "reports", f"iter_{iteration:04d}")
 
 
-def run_privileged(exp: Experiment, args) -> dict:
-    """The privileged self-teacher on its own tiny pair, measured against its informed self every 4 iterations."""
+def build_privileged() -> str:
+    """The privileged run's own tiny pair (reused when built); returns a line about its student."""
     from grpo_kd.tiny import TEACHER_ARCH, build_tiny_models
 
-    cfg = load_cfg(exp, args.iterations)
     files = privileged_data(PRIVILEGED)
     build_tiny_models(PRIVILEGED / "models", [files["corpus"]], pretrain_steps=0,  # the teacher is unused
                       student_pretrain_steps=PRIVILEGED_STEPS, student_arch=TEACHER_ARCH)
     build = json.loads((PRIVILEGED / "models" / "build.json").read_text())
-    log.info("== %s: %d iterations", exp.key, cfg.iterations)
-    reports = Path(cfg.output_dir) / cfg.name / "reports"
-    before = informed_self(cfg, cfg.model.path, PRIVILEGED / "eval_initial_informed.json", args.resume)
-    timing = train(cfg, args.executor, args.resume)
-    per_iteration = {0: before}
-    for i in range(1, cfg.iterations + 1):
-        if i % 4 == 0 or i == cfg.iterations:
-            cache = reports / f"eval_iter_{i:04d}_informed.json"
-            per_iteration[i] = informed_self(cfg, checkpoint_model(cfg, i), cache, args.resume)
-    return {"label": exp.label, "target": exp.target, "target_metric": list(exp.target_metric),
-            "higher_is_better": exp.higher_is_better, "iterations": cfg.iterations, "train": timing,
-            "vs_informed": per_iteration, "train_curve": train_curve(cfg),
-            "config": f"configs/experiments/{exp.config or exp.key}.yaml", "overrides": list(exp.overrides),
-            "models": f"student {build['student']['parameters']:,} parameters ({PRIVILEGED_STEPS} steps, held-out "
-                      f"perplexity {build['student']['heldout_perplexity']:.1f}), {build['vocab_size']}-token BPE, "
-                      f"pre-trained on {PRIVILEGED / 'corpus.jsonl'}",
-            "samples_after": per_iteration[cfg.iterations]["samples"]}
+    return (f"student {build['student']['parameters']:,} parameters ({PRIVILEGED_STEPS} steps, held-out perplexity "
+            f"{build['student']['heldout_perplexity']:.1f}), {build['vocab_size']}-token BPE, pre-trained on "
+            f"{PRIVILEGED / 'corpus.jsonl'}")
 
 
-def run_experiment(exp: Experiment, args, initial: dict) -> dict:
+def run_one(exp: Experiment, seed: int, args, teacher: str, shared: dict) -> dict:
+    """Train one seed of `exp` and write its evaluations: against the teacher before and after (the privileged run:
+    against its informed self every 4 iterations), against the frozen base when that is its target."""
+    cfg = load_cfg(exp, args.iterations, seed)
+    log.info("== %s: %d iterations", cfg.name, cfg.iterations)
+    if args.reuse and (run_dir(cfg) / "reports" / f"eval_iter_{cfg.iterations:04d}.json").is_file():
+        return json.loads((run_dir(cfg) / "reports" / "experiment_seconds.json").read_text())
+    timing = train(cfg, args.executor, resume=False)
     if exp.target_metric[0] == "informed":
-        return run_privileged(exp, args)
-    cfg = load_cfg(exp, args.iterations)
-    teacher = str(ROOT / WORK / "models" / "teacher")
-    base = cfg.model.path
-    log.info("== %s: %d iterations", exp.key, cfg.iterations)
-    timing = train(cfg, args.executor, args.resume)
-    reports = Path(cfg.output_dir) / cfg.name / "reports"
-    final = evaluate(cfg, checkpoint_model(cfg, cfg.iterations), teacher, ["perplexity", "distill", "diversity"],
-                     reports / "eval_final_vs_teacher.json", args.resume)
-    out = {"label": exp.label, "target": exp.target, "target_metric": list(exp.target_metric),
-           "higher_is_better": exp.higher_is_better, "iterations": cfg.iterations, "train": timing,
-           "before": initial["teacher"], "after": numbers(final), "train_curve": train_curve(cfg),
-           "config": f"configs/experiments/{exp.config or exp.key}.yaml", "overrides": list(exp.overrides),
-           "samples_after": final["diversity"]["samples"][:5]}
-    if exp.target_metric[0] == "base" or exp.every_iteration:
-        per_iteration = {0: initial["base"]}
-        for i in range(1, cfg.iterations + 1):
-            if not exp.every_iteration and i != cfg.iterations:
-                continue
-            result = evaluate(cfg, checkpoint_model(cfg, i), base, ["distill", "diversity"],
-                              reports / f"eval_iter_{i:04d}_vs_base.json", args.resume)
-            per_iteration[i] = numbers(result)
-        out["vs_base"] = per_iteration
-    return out
+        for i in [0, *range(1, cfg.iterations + 1)]:
+            if i % 4 == 0 or i == cfg.iterations:
+                informed_self(cfg, checkpoint_model(cfg, i), i)
+    else:
+        suites = ["perplexity", "distill", "diversity"]
+        for i in (0, cfg.iterations):
+            evaluate_into(cfg, checkpoint_model(cfg, i), teacher, i, suites, shared)
+        if exp.target_metric[0] == "base":
+            iterations = range(cfg.iterations + 1) if exp.every_iteration else (0, cfg.iterations)
+            for i in iterations:
+                evaluate_into(cfg, checkpoint_model(cfg, i), cfg.model.path, i, ["distill", "diversity"], shared,
+                              base=True)
+    (run_dir(cfg) / "reports" / "experiment_seconds.json").write_text(json.dumps(timing))
+    return timing
 
 
 # ---------------------------------------------------------------------------------------------- output
 
+# What `grpo-kd compare` is asked for: every run against the tiny teacher; the self-distillation runs against their
+# frozen base; the privileged runs against their informed self.
+TEACHER_METRICS = ["distill/teacher_logprob_mean", "distill/teacher_logprob_per_token", "distill/reverse_kl",
+                   "distill/forward_kl", "distill/reverse_kl_per_completion", "distill/top1_agreement",
+                   "diversity/distinct_2", "diversity/mean_length_tokens", "perplexity/perplexity"]
+BASE_METRICS = ["base:distill/teacher_logprob_mean", "base:distill/reverse_kl", "base:diversity/distinct_1",
+                "base:diversity/distinct_2", "base:diversity/distinct_3", "base:diversity/mean_length_tokens"]
+INFORMED_METRICS = ["informed/reverse_kl", "informed/forward_kl", "informed/reverse_kl_to_initial",
+                    "informed/capitals", "informed/capitals_with_demonstration", "perplexity/perplexity"]
+SHORT = {"distill/teacher_logprob_mean": "teacher log-lik. (seq.) ↑", "distill/teacher_logprob_per_token":
+         "teacher log-lik. per token ↑", "distill/reverse_kl": "KL(q‖p) ↓", "distill/forward_kl": "KL(p‖q) ↓",
+         "distill/reverse_kl_per_completion": "KL(q‖p) per completion ↓", "distill/top1_agreement": "top-1 agree ↑",
+         "diversity/distinct_2": "distinct-2 ↑", "diversity/mean_length_tokens": "length (tokens)",
+         "perplexity/perplexity": "perplexity ↓", "base:distill/teacher_logprob_mean": "base log-lik. (reward) ↑",
+         "base:distill/reverse_kl": "KL(q‖base)", "base:diversity/distinct_1": "distinct-1 ↑",
+         "base:diversity/distinct_2": "distinct-2 ↑", "base:diversity/distinct_3": "distinct-3 ↑",
+         "base:diversity/mean_length_tokens": "length (tokens)", "informed/reverse_kl": "KL(q‖informed self) ↓",
+         "informed/forward_kl": "KL(informed self‖q) ↓", "informed/reverse_kl_to_initial":
+         "KL(q‖initial informed self) ↓", "informed/capitals": "capitals in samples",
+         "informed/capitals_with_demonstration": "capitals, informed"}
 
-def target_values(name: str, run: dict) -> tuple[float | None, float | None]:
-    against, suite, key = run["target_metric"]
-    if against == "train":
-        curve = run["train_curve"]
-        first, last = curve[min(curve)], curve[max(curve)]
-        return first.get(f"first_step.{key}"), last.get(f"first_step.{key}")
-    if against == "informed":
-        vs = run["vs_informed"]
-        return vs[min(vs)].get(f"{suite}.{key}"), vs[max(vs)].get(f"{suite}.{key}")
-    if against == "base":
-        vs = run["vs_base"]
-        return vs[min(vs)].get(f"{suite}.{key}"), vs[max(vs)].get(f"{suite}.{key}")
-    return run["before"].get(f"{suite}.{key}"), run["after"].get(f"{suite}.{key}")
+
+def target_metric(exp: Experiment) -> str:
+    against, suite, key = exp.target_metric
+    return {"teacher": f"{suite}/{key}", "base": f"base:{suite}/{key}", "informed": f"informed/{key}"}[against]
 
 
-def improved(before, after, higher: bool) -> bool | None:
-    if before is None or after is None:
-        return None
-    return after > before if higher else after < before
+def comparisons(experiments: list[Experiment], dirs: dict[str, list[str]]) -> dict:
+    """`grpo-kd compare`'s Comparison per family of runs (named groups: one per experiment, its seeds inside)."""
+    from grpo_kd.evaluate.compare import compare_runs
+
+    families = {"teacher": ([e for e in experiments if e.target_metric[0] != "informed"], TEACHER_METRICS),
+                "self_distill": ([e for e in experiments if e.target_metric[0] == "base"], BASE_METRICS),
+                "privileged": ([e for e in experiments if e.target_metric[0] == "informed"], INFORMED_METRICS)}
+    return {name: compare_runs({e.label: dirs[e.key] for e in chosen}, metrics=metrics, method="t95")
+            for name, (chosen, metrics) in families.items() if chosen}
+
+
+def _pm(s) -> str:
+    """A t interval as `mean ± half-width` (n = 1: the value alone)."""
+    if s is None:
+        return "–"
+    if s.n == 1:
+        return _fmt(s.mean)
+    return f"{_fmt(s.mean)} ± {_fmt((s.high - s.low) / 2)}"
 
 
 def _fmt(value) -> str:
     if value is None:
-        return "-"
+        return "–"
     return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3f}"
 
 
-def markdown(summary: dict) -> str:
-    runs = summary["runs"]
+def verdict(comparison, exp: Experiment) -> tuple[str, object, object]:
+    """(verdict, first, last) of `exp`'s own target: its last iteration against its iteration 0."""
+    metric = target_metric(exp)
+    group = next(g for g in comparison.groups if g.label == exp.label)
+    its = group.iterations(metric)
+    first, last = group.spread(metric, its[0], comparison.method), group.spread(metric, its[-1], comparison.method)
+    moved = next(d for d in comparison.differences if d.metric == metric and d.group == exp.label
+                 and d.against == f"iteration {its[0]}")
+    right_way = moved.delta > 0 if exp.higher_is_better else moved.delta < 0
+    if moved.beyond_spread is None:
+        text = "one seed: not judged"
+    elif not moved.beyond_spread:
+        text = "**no**: within the seed spread"
+    else:
+        text = "yes, beyond the seed spread" if right_way else "**no**: worse, beyond the seed spread"
+    return text, first, last
+
+
+def markdown(summary: dict, experiments: list[Experiment], found: dict) -> str:
+    seeds = summary["seeds"]
     lines = [f"# On-policy distillation experiments ({summary['device']})", "",
              f"Command: `{summary['command']}`  ", f"{summary['machine']}  ",
              f"Models: {summary['models']}  ", f"Data: {summary['data']}  ",
              (f"Wall time: {summary['seconds'] / 60:.1f} min; load average before / after: "
-             f"{summary['load_before']} / {summary['load_after']}"), "",
+              f"{summary['load_before']} / {summary['load_after']}"), "",
+             f"Seeds {', '.join(map(str, seeds))} (training and sampling). Each cell: the mean over seeds ± the "
+             "half-width of its 95% Student-t interval (mean ± t(0.975, n-1)·sd/√n), from `grpo-kd compare` "
+             "(`grpo_kd.evaluate.compare`; its full tables: experiments_*.md beside this file).", "",
              "## Each algorithm's own target, iteration 0 -> last", "",
              "| run | iterations | target | iteration 0 | last | improved | train time s |",
              "|---|---|---|---|---|---|---|"]
-    for name, run in runs.items():
-        before, after = target_values(name, run)
-        better = improved(before, after, run["higher_is_better"])
-        verdict = "-" if better is None else ("yes" if better else "**no**")
-        lines.append(f"| {run['label']} | {run['iterations']} | {run['target']} "
-                     f"({'higher' if run['higher_is_better'] else 'lower'} is better) | {_fmt(before)} | "
-                     f"{_fmt(after)} | {verdict} | {run['train']['seconds']:.0f} |")
-    lines += ["", "## Every run against the tiny teacher, on the same held-out prompts", "",
-              "Iteration 0 is the initial student (one row, shared by every run). Arrows: which way is better.", "",
-              "| run | " + " | ".join(f"{c[0]} {'↑' if c[3] == 'higher' else '↓' if c[3] == 'lower' else ''}"
-                                      for c in COLUMNS) + " |",
-              "|---" * (len(COLUMNS) + 1) + "|"]
-    rows = [("iteration 0 (initial student)", summary["initial"]["teacher"])]
-    rows += [(r["label"], r["after"]) for r in runs.values() if "after" in r]
-    for label, metrics in rows:
-        lines.append(f"| {label} | " + " | ".join(_fmt(metrics.get(f"{s}.{k}")) for _, s, k, _ in COLUMNS) + " |")
-    sd = {n: r for n, r in runs.items() if "vs_base" in r and len(r["vs_base"]) > 2}
-    if sd:
-        lines += ["", "## Self-distillation per iteration, against the frozen base (the initial student)", "",
-                  ("| run | iteration | base log-lik. (reward) | KL(q‖base) | distinct-1 | distinct-2 | distinct-3 | "
-                  "length (tokens) |"), "|---|---|---|---|---|---|---|---|"]
-        for run in sd.values():
-            for i, m in run["vs_base"].items():
-                lines.append(f"| {run['label']} | {i} | {_fmt(m.get('distill.teacher_logprob_mean'))} | "
-                             f"{_fmt(m.get('distill.reverse_kl'))} | {_fmt(m.get('diversity.distinct_1'))} | "
-                             f"{_fmt(m.get('diversity.distinct_2'))} | {_fmt(m.get('diversity.distinct_3'))} | "
-                             f"{_fmt(m.get('diversity.mean_length_tokens'))} |")
-    for run in (r for r in runs.values() if "vs_informed" in r):
-        lines += ["", f"## {run['label']}: against its informed self, on held-out prompts", "",
-                  f"Its own tiny pair: {run['models']}. Informed self: the same checkpoint with a demonstration in "
-                  "capitals before the prompt. Capitals: the fraction of letters in capitals in the samples drawn "
-                  "without the demonstration, and in samples drawn with it (informed).", "",
-                  "| iteration | KL(q‖informed self) ↓ | KL(informed self‖q) ↓ | KL(q‖initial informed self) | "
-                  "capitals in samples | capitals, informed | perplexity, plain dev text |",
-                  "|---|---|---|---|---|---|---|"]
-        for i, m in run["vs_informed"].items():
-            lines.append(f"| {i} | {_fmt(m['informed.reverse_kl'])} | {_fmt(m['informed.forward_kl'])} | "
-                         f"{_fmt(m['informed.reverse_kl_to_initial'])} | "
-                         f"{_fmt(m['informed.capitals'])} | {_fmt(m['informed.capitals_with_demonstration'])} | "
-                         f"{_fmt(m['perplexity.perplexity'])} |")
+    for exp in experiments:
+        family = "privileged" if exp.target_metric[0] == "informed" else (
+            "self_distill" if exp.target_metric[0] == "base" else "teacher")
+        text, first, last = verdict(found[family], exp)
+        seconds = [t["seconds"] for t in summary["runs"][exp.key]["train"]]
+        lines.append(f"| {exp.label} | {summary['runs'][exp.key]['iterations']} | {exp.target} "
+                     f"({'higher' if exp.higher_is_better else 'lower'} is better) | {_pm(first)} | {_pm(last)} | "
+                     f"{text} | {sum(seconds) / len(seconds):.0f} |")
+    teacher = found.get("teacher")
+    if teacher:
+        lines += ["", "## Every run against the tiny teacher, on the same held-out prompts (last iteration)", "",
+                  "Iteration 0 is the initial student (the same for every run of a seed).", "",
+                  "| run | " + " | ".join(SHORT[m] for m in TEACHER_METRICS) + " |",
+                  "|---" * (len(TEACHER_METRICS) + 1) + "|"]
+        first = teacher.groups[0]
+        lines.append("| iteration 0 (initial student) | " + " | ".join(
+            _pm(first.spread(m, 0, "t95")) for m in TEACHER_METRICS) + " |")
+        for g in teacher.groups:
+            lines.append(f"| {g.label} | " + " | ".join(
+                _pm(g.spread(m, g.iterations(m)[-1], "t95")) if g.iterations(m) else "–"
+                for m in TEACHER_METRICS) + " |")
+    for family, title in (("self_distill", "Self-distillation per iteration, against the frozen base (the initial "
+                                           "student)"),
+                          ("privileged", "The privileged self-teacher against its informed self, on held-out "
+                                         "prompts")):
+        comparison = found.get(family)
+        if not comparison:
+            continue
+        lines += ["", f"## {title}", "", "| run | iteration | " + " | ".join(SHORT[m] for m in comparison.metrics)
+                  + " |", "|---|---" + "|---" * len(comparison.metrics) + "|"]
+        for g in comparison.groups:
+            for it in g.iterations(comparison.metrics[0]):
+                lines.append(f"| {g.label} | {it} | " + " | ".join(_pm(g.spread(m, it, "t95"))
+                                                                    for m in comparison.metrics) + " |")
     return "\n".join(lines) + "\n"
-
-
-def plot_self_distill(summary: dict, path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    sd = {n: r for n, r in summary["runs"].items() if "vs_base" in r and len(r["vs_base"]) > 2}
-    if not sd:
-        return None
-    panels = [("diversity.distinct_1", "distinct-1 of samples"), ("diversity.distinct_2", "distinct-2 of samples"),
-              ("distill.teacher_logprob_mean", "base log-lik. of samples (reward)"),
-              ("distill.reverse_kl", "KL(student || base) per token")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    for ax, (key, title) in zip(axes, panels):
-        for run in sd.values():
-            its = sorted(int(i) for i in run["vs_base"])
-            ax.plot(its, [run["vs_base"][i].get(key) for i in its], marker="o", label=run["label"])
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("iteration")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Self-distillation on the tiny Faroese student: held-out samples after each iteration", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -508,11 +479,12 @@ def prepare_process(threads: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--only", default="", help="comma-separated run names (default: all)")
     parser.add_argument("--iterations", type=int, default=None, help="override every config's iterations")
     parser.add_argument("--executor", choices=("inproc", "cli"), default="inproc")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--resume", action="store_true", help="keep finished phases and evaluations")
+    parser.add_argument("--reuse", action="store_true", help="keep runs whose last evaluation is written")
     parser.add_argument("--results", default=None, help="output directory (default benchmarks/results/<device>)")
     args = parser.parse_args(argv)
 
@@ -520,46 +492,55 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
+    from grpo_kd.evaluate.compare_report import comparison_json, write_comparison
     from grpo_kd.kernels.bench_report import device_slug
     from grpo_kd.tiny import build_tiny_models
 
+    seeds = [int(s) for s in args.seeds.split(",")]
     chosen = [e for e in EXPERIMENTS if not args.only or e.key in args.only.split(",")]
     started, load_before = time.monotonic(), os.getloadavg()
     models = build_tiny_models(WORK / "models", CORPUS, pretrain_steps=TEACHER_STEPS,
                                student_pretrain_steps=STUDENT_STEPS)
     build = json.loads((WORK / "models" / "build.json").read_text())
-    cfg0 = load_cfg(EXPERIMENTS[0], args.iterations)  # the shared pair's held-out prompts and text
-    initial = {
-        "teacher": numbers(evaluate(cfg0, cfg0.model.path, str(ROOT / models.teacher),
-                                    ["perplexity", "distill", "diversity"], WORK / "eval_initial_vs_teacher.json",
-                                    args.resume)),
-        "base": numbers(evaluate(cfg0, cfg0.model.path, cfg0.model.path, ["distill", "diversity"],
-                                 WORK / "eval_initial_vs_base.json", args.resume)),
-    }
-    runs = {e.key: run_experiment(e, args, initial) for e in chosen}
+    privileged_models = build_privileged() if any(e.target_metric[0] == "informed" for e in chosen) else None
+    teacher, shared = str(ROOT / models.teacher), {}
+    runs, dirs = {}, {}
+    for exp in chosen:
+        timings = []
+        for seed in seeds:
+            timings.append(run_one(exp, seed, args, teacher, shared))
+            dirs.setdefault(exp.key, []).append(str(run_dir(load_cfg(exp, args.iterations, seed))))
+        cfg = load_cfg(exp, args.iterations)
+        runs[exp.key] = {"label": exp.label, "target": exp.target, "target_metric": target_metric(exp),
+                         "iterations": cfg.iterations, "train": timings, "runs": dirs[exp.key],
+                         "config": f"configs/experiments/{exp.config or exp.key}.yaml", "overrides": list(exp.overrides)}
+    found = comparisons(chosen, dirs)
     device = device_slug("cpu")
     out = Path(args.results) if args.results else ROOT / "benchmarks" / "results" / device
     out.mkdir(parents=True, exist_ok=True)
+    for family, comparison in found.items():
+        write_comparison(comparison, out, f"experiments_{family}", title=f"Experiments ({family.replace('_', ' ')})")
+    cfg0 = load_cfg(EXPERIMENTS[0], args.iterations)
     summary = {
-        "device": device,
+        "device": device, "seeds": seeds,
         "command": " ".join(["python benchmarks/run_experiments.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs (shared), executor "
                    f"{args.executor}",
         "models": f"teacher {build['teacher']['parameters']:,} parameters ({TEACHER_STEPS} steps, held-out perplexity "
                   f"{build['teacher']['heldout_perplexity']:.1f}); student {build['student']['parameters']:,} "
                   f"({STUDENT_STEPS} steps, {build['student']['heldout_perplexity']:.1f}); shared {build['vocab_size']}"
-                  "-token byte-level BPE",
+                  "-token byte-level BPE" + (f"; privileged run: {privileged_models}" if privileged_models else ""),
         "data": "prompts: first 4 words of FarPaHC train sentences; held-out prompts and perplexity text: FarPaHC dev "
                 f"({cfg0.eval.max_examples} sentences); L_PT text: OFT (from {FAROESE.relative_to(ROOT.parent)})",
         "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
-        "seconds": round(time.monotonic() - started, 1),
-        "initial": initial, "runs": runs,
+        "seconds": round(time.monotonic() - started, 1), "reused_runs": args.reuse,
+        "runs": runs, "comparisons": {family: comparison_json(c) for family, c in found.items()},
     }
+    text = markdown(summary, chosen, found)
     (out / "experiments.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    (out / "experiments.md").write_text(markdown(summary), encoding="utf-8")
-    plot = plot_self_distill(summary, out / "experiments_self_distill.png")
-    print(markdown(summary))
-    print(f"wrote {out / 'experiments.json'}, {out / 'experiments.md'}" + (f", {plot}" if plot else ""))
+    (out / "experiments.md").write_text(text, encoding="utf-8")
+    print(text)
+    print(f"wrote {out / 'experiments.json'}, {out / 'experiments.md'}, {out}/experiments_*.{{md,json,png}}")
     return 0
 
 

@@ -30,7 +30,6 @@ one "before" per teacher and seed.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -43,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from run_experiments import CORPUS, checkpoint_model, prepare_process, train
+from run_experiments import CORPUS, checkpoint_model, evaluate_into, prepare_process, train
 
 WORK = Path("runs/xtok")  # relative to ROOT
 TEACHER_STEPS, STUDENT_STEPS = 300, 100
@@ -94,21 +93,6 @@ def run_config(algorithm: str, teacher: str, seed: int, models: dict, args):
         f"name={name}", f"output_dir={WORK}", f"seed={seed}", f"model.path={models['student']}",
         f"teacher.path={models[teacher]}", "eval.distill_cross_tokenizer=true",
         *([f"iterations={args.iterations}"] if args.iterations else []), *args.set])
-
-
-def evaluate_into(cfg, model: str, teacher: str, iteration: int, initial: dict | None = None) -> dict:
-    """evaluate_checkpoint, saved in the run's reports as `grpo-kd evaluate` saves it (`initial`: a result
-    computed for an equal model, teacher and seed, saved instead of evaluating again)."""
-    from grpo_kd.evaluate.report import save_evaluation
-    from grpo_kd.evaluate.suite import evaluate_checkpoint
-
-    if initial is not None:
-        result = copy.deepcopy(initial)
-    else:
-        result = evaluate_checkpoint(model, teacher, suites=SUITES, cfg=cfg)
-    result["iteration"] = iteration
-    save_evaluation(result, Path(cfg.output_dir) / cfg.name / "reports", f"iter_{iteration:04d}")
-    return result
 
 
 def trained(cfg) -> bool:
@@ -163,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     started, load_before = time.monotonic(), os.getloadavg()
     models = {k: str(ROOT / v) for k, v in build_models().items()}
     log.info("models built in %.0f s", time.monotonic() - started)
-    initial: dict[tuple[str, int], dict] = {}
+    shared: dict = {}  # iteration 0 per (teacher, seed): evaluate_into computes it once
     groups: dict[str, list[str]] = {}
     seconds: dict[str, dict] = {}
     for algorithm in algorithms:
@@ -173,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.monotonic()
                 if not (args.reuse and trained(cfg)):
                     timing = train(cfg, "inproc", resume=False)  # a fresh run directory: evaluations after it
-                    before = evaluate_into(cfg, models["student"], models[teacher], 0, initial.get((teacher, seed)))
-                    initial.setdefault((teacher, seed), before)
-                    evaluate_into(cfg, checkpoint_model(cfg, cfg.iterations), models[teacher], cfg.iterations)
+                    evaluate_into(cfg, models["student"], models[teacher], 0, SUITES, shared)
+                    evaluate_into(cfg, checkpoint_model(cfg, cfg.iterations), models[teacher], cfg.iterations, SUITES,
+                                  shared)
                     took = {"train": timing["seconds"], "with_evaluations": round(time.monotonic() - t0, 1)}
                     (Path(cfg.output_dir) / cfg.name / "reports" / "xtok_seconds.json").write_text(json.dumps(took))
                     log.info("%s: trained in %.0f s, %.0f s with its evaluations", cfg.name, took["train"],

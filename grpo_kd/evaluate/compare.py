@@ -7,7 +7,9 @@ run, and which differences are larger than the seed spread (`grpo-kd compare RUN
 
 Inputs are files only: each run's `config.yaml`, `logs/metrics.jsonl` (a training metric `train/<key>` is the mean
 of the key over the iteration's optimizer steps) and `reports/eval_*.json` (an evaluation metric is
-`<suite>/<key>` of `headline_metrics`, at the evaluation's iteration; iteration 0 is the initial model).
+`<suite>/<key>` of `headline_metrics`, at the evaluation's iteration; iteration 0 is the initial model). An
+evaluation scored against another model than the run's teacher says so with `"against": "base"` in its JSON, and
+its metrics are `base:<suite>/<key>`, beside the teacher's.
 
 Key design choices: runs that differ only in their seed form a group (their resolved configs are equal once
 `name`, `output_dir`, `seed`, `iterations` and the `slurm`, `tracking` and `checkpoint` sections are set aside),
@@ -40,8 +42,14 @@ BETTER: dict[str, str | None] = {
     "distill/forward_kl": "min", "distill/reverse_kl": "min",
     "distill/top1_agreement": "max", "diversity/distinct_1": "max", "diversity/distinct_2": "max",
     "diversity/distinct_3": "max", "diversity/repetition_rate": "min", "diversity/mean_length_words": None,
-    "train/reward/total": "max", "train/loss": "min",
+    "train/reward/total": "max", "train/loss": "min", "distill/teacher_logprob_per_token": "max",
+    "diversity/mean_length_tokens": None, "informed/reverse_kl": "min", "informed/reverse_kl_to_initial": "min",
 }
+
+
+def better(metric: str) -> str | None:
+    """"max", "min" or None for `metric`; `base:distill/reverse_kl` reads as `distill/reverse_kl`."""
+    return BETTER.get(metric.rpartition(":")[2])
 _SEED_SUFFIX = re.compile(r"[-_.]?(?:seed|s)[-_]?\d+$")
 
 
@@ -157,8 +165,9 @@ def load_run(path: str | Path) -> RunData:
     series = train_series(read_metrics(run.metrics)) if run.metrics.is_file() else {}
     for evaluation in read_evaluations(run.reports) if run.reports.is_dir() else []:
         if isinstance(evaluation.get("iteration"), int):
+            against = f"{evaluation['against']}:" if isinstance(evaluation.get("against"), str) else ""
             for key, value in headline_metrics(evaluation).items():
-                series.setdefault(key, {})[evaluation["iteration"]] = value
+                series.setdefault(against + key, {})[evaluation["iteration"]] = value
     if not series:
         raise GrpoKdError(f"{run.root} has nothing to compare: no rows in {run.metrics} and no evaluation with an "
                           f"iteration in {run.reports}/eval_*.json")
@@ -213,10 +222,10 @@ def parse_best(best: str | None, metrics: list[str]) -> tuple[str | None, str | 
     """`metric`, `metric:max` or `metric:min` -> (metric, direction); default: the first metric with a known
     direction."""
     if best is None:
-        metric = next((m for m in metrics if BETTER.get(m)), None)
-        return metric, BETTER.get(metric) if metric else None
+        metric = next((m for m in metrics if better(m)), None)
+        return metric, better(metric) if metric else None
     metric, _, direction = best.partition(":")
-    direction = direction or BETTER.get(metric) or ""
+    direction = direction or better(metric) or ""
     if direction not in ("max", "min"):
         raise GrpoKdError(f"--best {best}: say which way is better, as {metric}:max or {metric}:min")
     return metric, direction

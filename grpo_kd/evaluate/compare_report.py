@@ -34,7 +34,7 @@ def _verdict(beyond: bool | None) -> str:
 
 
 def comparison_markdown(comparison: Comparison, image: str | None = None, title: str | None = None) -> str:
-    from grpo_kd.evaluate.compare import BETTER
+    from grpo_kd.evaluate.compare import better
 
     c = comparison
     runs = sum(len(g.runs) for g in c.groups)
@@ -49,7 +49,7 @@ def comparison_markdown(comparison: Comparison, image: str | None = None, title:
         lines.append(f"| {g.label} | {members} | {settings} |")
     for metric in c.metrics:
         iterations = sorted({it for g in c.groups for it in g.iterations(metric)})
-        lines += ["", f"## {metric} ({_DIRECTION_TEXT[BETTER.get(metric)]})", "",
+        lines += ["", f"## {metric} ({_DIRECTION_TEXT[better(metric)]})", "",
                   "| group | " + " | ".join(f"it. {it}" for it in iterations) + " |", "|---" * (len(iterations) + 1) + "|"]
         for g in c.groups:
             lines.append(f"| {g.label} | " + " | ".join(_cell(g.spread(metric, it, c.method)) for it in iterations) + " |")

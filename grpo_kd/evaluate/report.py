@@ -29,8 +29,10 @@ from grpo_kd.train.metrics import POSITION_KEYS, iteration_offsets, offset_of
 HEADLINE = {
     "foqa": ["em", "f1"],
     "perplexity": ["perplexity", "bits_per_byte"],
-    "distill": ["teacher_logprob_mean", "teacher_nll_per_byte", "forward_kl", "reverse_kl", "top1_agreement"],
-    "diversity": ["distinct_1", "distinct_2", "distinct_3", "repetition_rate", "mean_length_words"],
+    "distill": ["teacher_logprob_mean", "teacher_logprob_per_token", "teacher_nll_per_byte", "forward_kl", "reverse_kl",
+                "top1_agreement"],
+    "diversity": ["distinct_1", "distinct_2", "distinct_3", "repetition_rate", "mean_length_words",
+                  "mean_length_tokens"],
 }
 _X_KEYS = (*POSITION_KEYS, "global_step", "time", "timestamp")
 _NOT_CURVES = ("skipped",)  # numeric keys of metrics.jsonl that are flags, not curves
@@ -53,13 +55,18 @@ def _number(value) -> float | None:
 
 
 def headline_metrics(result: dict) -> dict[str, float]:
-    """`{"suite/metric": value}` of the headline numbers of one evaluation, EuroEval's included."""
+    """`{"suite/metric": value}` of the headline numbers of one evaluation, EuroEval's and the caller's `extra`
+    numbers (`{"suite": {"key": value}}`, e.g. benchmarks/run_experiments.py's privileged-run target) included."""
     flat: dict[str, float] = {}
     for suite, keys in HEADLINE.items():
         for key in keys:
             value = _number((result.get(suite) or {}).get(key))
             if value is not None:
                 flat[f"{suite}/{key}"] = value
+    for suite, metrics in (result.get("extra") or {}).items():  # numbers a caller computed beside the suites
+        for key, value in (metrics or {}).items():
+            if _number(value) is not None:
+                flat[f"{suite}/{key}"] = float(value)
     for dataset, metrics in ((result.get("euroeval") or {}).get("datasets") or {}).items():
         for key, value in metrics.items():
             if _number(value) is not None and not key.endswith("_se"):

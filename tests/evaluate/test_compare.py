@@ -95,6 +95,21 @@ def test_named_groups_and_the_outputs(runs, tmp_path):
     assert "min-max range" in markdown and paths["png"].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_an_evaluation_against_another_model_and_extra_numbers(tmp_path):
+    """An evaluation with `"against": "base"` (the run's samples scored by its frozen base) sits beside the
+    teacher's under `base:`, and a caller's `extra` numbers are metrics like a suite's."""
+    run = make_run(tmp_path, "sd_s0", 0, {0: 4.0, 2: 3.0})
+    result = {"iteration": 2, "against": "base", "distill": {"reverse_kl": 0.5, "teacher_logprob_mean": -7.0},
+              "extra": {"informed": {"reverse_kl": 0.25}}}
+    (run / "reports" / "eval_iter_0002_vs_base.json").write_text(json.dumps(result))
+    comparison = compare_runs([run], metrics=["distill/reverse_kl", "base:distill/reverse_kl",
+                                              "base:informed/reverse_kl"])
+    (group,) = comparison.groups
+    assert [group.spread(m, 2, "t95").mean for m in comparison.metrics] == [3.0, 0.5, 0.25]
+    assert comparison.best_metric == "distill/reverse_kl" and comparison.best[0].direction == "min"
+    assert "## base:distill/reverse_kl (lower is better)" in comparison_markdown(comparison)
+
+
 def test_bad_input_is_one_line(runs, tmp_path, capsys):
     with pytest.raises(GrpoKdError, match="is in none of the runs; they have: distill/forward_kl"):
         compare_runs(runs, metrics=["distill/nope"])
