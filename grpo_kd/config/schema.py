@@ -161,6 +161,10 @@ class PpoConfig:
     # the KL to the reference as a per-token reward penalty -beta (log q_old - log q_ref) (classic RLHF PPO) instead
     # of the loss's beta * k3 term; beta is loss.policy.beta either way
     kl_in_reward: bool = False
+    # divide every per-token reward (token components and the KL penalty) by the completion's length, so that the
+    # return from the first token is a mean per token, as GRPO's sequence reward is: a sum of per-token
+    # log-ratios (negative on average: minus the KL) otherwise pays a completion for ending sooner
+    length_normalize: bool = False
 
 
 @dataclass

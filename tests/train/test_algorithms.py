@@ -94,9 +94,11 @@ def reverse_kl_bucket(logq, batch):
 
 def ppo_token_rewards(cfg, batch):
     """(B, T) float64 PPO rewards written from the formulas: sequence rewards at the last token, token rewards at
-    every token, and with kl_in_reward -beta (log q_old - log q_ref) at every token."""
+    every token, and with kl_in_reward -beta (log q_old - log q_ref) at every token; with length_normalize every
+    per-token term divided by its completion's length."""
     m = batch.completion_mask.double()
     lengths = m.sum(1)
+    per_token = 1 / lengths[:, None] if cfg.loss.ppo.length_normalize else torch.ones_like(lengths)[:, None]
     teacher, old = batch.teacher_logprobs.double(), batch.old_logprobs.double()
     default = {"log_ratio": 1.0} if cfg.loss.reward.kind == "minillm" else {"teacher_loglik": 1.0}
     reward = torch.zeros_like(m)
@@ -107,13 +109,13 @@ def ppo_token_rewards(cfg, batch):
                     lengths[b] / cfg.rollout.max_new_tokens
                 reward[b, int(lengths[b]) - 1] += w * score
         elif name == "teacher_logprob":
-            reward += w * teacher * m
+            reward += w * teacher * m * per_token
         elif name == "log_ratio":
-            reward += w * (teacher - old) * m
+            reward += w * (teacher - old) * m * per_token
         else:
             raise AssertionError(name)
     if cfg.loss.ppo.kl_in_reward:
-        reward -= cfg.loss.policy.beta * (old - batch.ref_logprobs.double()) * m
+        reward -= cfg.loss.policy.beta * (old - batch.ref_logprobs.double()) * m * per_token
     return reward
 
 
@@ -184,16 +186,19 @@ def test_algorithm_matches_dense_float64_reference(setup, name):
         assert err <= 2e-4 * scale + 1e-7, f"{name}: gradient of {n} differs by {err:.3g} (scale {scale:.3g})"
 
 
-@pytest.mark.parametrize("weights,kind,kl_in_reward", [
-    ({"teacher_logprob": 1.0}, "teacher_loglik", False),  # the teacher's log-prob paid at every token
-    ({}, "minillm", False),  # the MiniLLM-style reward log p_T - log q at every token
-    ({"teacher_loglik": 1.0}, "teacher_loglik", True),  # classic RLHF PPO: sequence score + per-token KL penalty
-    ({"teacher_logprob": 1.0, "length": 0.5}, "teacher_loglik", True),
+@pytest.mark.parametrize("weights,kind,kl_in_reward,normalize", [
+    ({"teacher_logprob": 1.0}, "teacher_loglik", False, False),  # the teacher's log-prob paid at every token
+    ({}, "minillm", False, False),  # the MiniLLM-style reward log p_T - log q at every token
+    ({"teacher_loglik": 1.0}, "teacher_loglik", True, False),  # classic RLHF PPO: sequence score + per-token KL
+    ({"teacher_logprob": 1.0, "length": 0.5}, "teacher_loglik", True, False),
+    ({}, "minillm", True, True),  # per-token terms / L: the first token's return is a mean, as GRPO's reward
+    ({"teacher_logprob": 1.0, "length": 0.5}, "teacher_loglik", False, True),  # a sequence term is not divided
 ])  # fmt: skip
-def test_ppo_rewards_per_token_and_kl_as_a_reward(setup, weights, kind, kl_in_reward):
+def test_ppo_rewards_per_token_and_kl_as_a_reward(setup, weights, kind, kl_in_reward, normalize):
     cfg, batch = setup
     cfg.loss.algorithm = "ppo"
     cfg.loss.reward.weights, cfg.loss.reward.kind, cfg.loss.ppo.kl_in_reward = weights, kind, kl_in_reward
+    cfg.loss.ppo.length_normalize = normalize
     try:
         module = student(cfg, value_head=True)
         prepared = algorithms.get("ppo").prepare(batch, cfg, context(module, cfg, batch))
@@ -203,6 +208,7 @@ def test_ppo_rewards_per_token_and_kl_as_a_reward(setup, weights, kind, kl_in_re
         rewards = ppo_token_rewards(cfg, batch)
     finally:
         cfg.loss.reward.weights, cfg.loss.reward.kind, cfg.loss.ppo.kl_in_reward = {}, "teacher_loglik", False
+        cfg.loss.ppo.length_normalize = False
     assert torch.allclose(prepared.rewards["total"].double(), rewards, atol=1e-5)
     if kl_in_reward:
         k1 = (batch.old_logprobs - batch.ref_logprobs) * batch.completion_mask

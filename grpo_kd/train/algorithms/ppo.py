@@ -5,6 +5,8 @@
                                  sequence components (teacher_loglik, length, ...) paid at the last token
             - beta (log q_old(y_t) - log q_ref(y_t))      with loss.ppo.kl_in_reward (classic RLHF PPO: the KL
                                  to the reference as a per-token reward penalty, k1 estimate; the loss has no KL term)
+            every per-token term divided by the completion's length L with loss.ppo.length_normalize: the return
+                                 from the first token (gamma = 1) is then the mean per token, as in GRPO's reward
     V_t   = value head on the hidden state that predicts y_t (the state before y_t), taken before any update
     A_t   = GAE(r, V; gamma, lambda),  returns R_t = A_t + V_t;  A whitened over the batch
     L     = clipped surrogate(A_t) + beta * k3(q_theta, q_ref)       (the k3 term only without kl_in_reward)
@@ -87,10 +89,14 @@ def kl_penalty(batch: CacheBatch, cfg: Config, ctx: Context) -> torch.Tensor:
 def prepare(batch: CacheBatch, cfg: Config, ctx: Context) -> Prepared:
     mask = batch.completion_mask.float()  # (B, T)
     components = reward_components(batch, cfg)
-    rewards = token_reward(components, reward_weights(cfg), mask)  # (B, T)
     if cfg.loss.ppo.kl_in_reward and cfg.loss.policy.beta != 0.0:
         components["kl_penalty"] = kl_penalty(batch, cfg, ctx)  # (B, T)
-        rewards = rewards + components["kl_penalty"]
+    paid = dict(components)
+    if cfg.loss.ppo.length_normalize:  # a token component's sum over the completion becomes its mean
+        lengths = mask.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
+        paid = {k: v / lengths if v.ndim == 2 else v for k, v in components.items()}
+    weights = {**reward_weights(cfg), **({"kl_penalty": 1.0} if "kl_penalty" in paid else {})}
+    rewards = token_reward(paid, weights, mask)  # (B, T)
     values = old_values(batch, cfg, ctx)  # (B, T)
     advantages, returns = gae(rewards, values, mask, gamma=cfg.loss.ppo.gamma, lam=cfg.loss.ppo.gae_lambda)  # (B, T)
     advantages = whiten(advantages, mask)
