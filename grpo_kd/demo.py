@@ -11,7 +11,10 @@ and print the algorithm it ran and a before/after table with the path of a PNG o
     KL to teacher      reverse KL(student || teacher) per token on those samples                      (lower)
     perplexity         the student's perplexity on held-out lines                                     (lower)
     distinct-2         distinct word bigrams of the samples (a guard against collapse)                 (higher)
-    length             tokens per sample (kept: a distillation that shortens its samples games its metrics)
+    length             tokens per sample (a reward that shortens samples past the teacher's own is being gamed)
+
+and beside them the teacher's own numbers (its samples on the same prompts, scored by itself): where the student
+should go.
 
 Key design choice: the demo owns no training code. It is a config (`demo_config`) plus the same executor and the
 same evaluation as a real run, so what it shows is what the project does. Everything is resumable: a second
@@ -48,7 +51,7 @@ DEMO_OVERRIDES = [
     "eval.max_examples=200", "eval.max_new_tokens=24", "eval.batch_size=16",
 ]  # fmt: skip
 
-# (label, suite, key, which direction is better; None: kept, not moved)
+# (label, suite, key, which direction is better; None: neither, the teacher's value is the target)
 ROWS = [
     ("teacher log-lik. per token", "distill", "teacher_logprob_mean", "higher"),
     ("KL(student || teacher)", "distill", "reverse_kl", "lower"),
@@ -124,7 +127,7 @@ def run_demo(
     run_local(cfg, paths, console=console)
     final = model_dir(paths.checkpoint(cfg.iterations))
     after = _evaluate(cfg, paths, str(final), "after", console, iteration=cfg.iterations)
-    plot = plot_demo(paths, before, after)
+    plot = plot_demo(paths, before, after, teacher)
     seconds = time.monotonic() - started
     console.print(f"algorithm: {ALGORITHM}", highlight=False)
     console.print(before_after_table(before, after, iterations, teacher))
@@ -180,8 +183,9 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def plot_demo(paths: RunPaths, before: dict, after: dict) -> Path:
-    """RUN/reports/demo.png: the training loss per optimizer step, and each table metric before and after."""
+def plot_demo(paths: RunPaths, before: dict, after: dict, teacher: dict | None = None) -> Path:
+    """RUN/reports/demo.png: the training loss per optimizer step, and each table metric before and after (the
+    teacher's own value as a dashed line)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,9 +207,14 @@ def plot_demo(paths: RunPaths, before: dict, after: dict) -> Path:
             for x, value in enumerate(values):
                 ax.annotate(f"{value:.3f}", (x, value), textcoords="offset points", xytext=(0, 6), ha="center",
                             fontsize=8)
+            target = metric(teacher or {}, suite, key)
+            if target is not None:
+                ax.axhline(target, color="#888888", linestyle="--", linewidth=1)
+                ax.annotate(f"teacher {target:.3f}", (0.5, target), textcoords="offset points", xytext=(0, 4),
+                            ha="center", fontsize=7, color="#555555")
             ax.margins(x=0.3, y=0.4)
         ax.set_xticks([0, 1], ["before", "after"])
-        ax.set_title(f"{label}\n({better} is better)" if better else f"{label}\n(kept)", fontsize=9)
+        ax.set_title(f"{label}\n({better} is better)" if better else f"{label}\n(no better direction)", fontsize=9)
     fig.tight_layout()
     path = atomic_savefig(fig, paths.reports / "demo.png", dpi=110)
     plt.close(fig)
