@@ -1,4 +1,5 @@
-"""grpo-kd against TRL's GRPOTrainer with a teacher-scoring reward: wall time per iteration and peak memory.
+"""grpo-kd against TRL's GRPOTrainer with a teacher-scoring reward (or, with `--peer distillation`, against
+TRL's DistillationTrainer): wall time per iteration and peak memory.
 
     python benchmarks/bench_trl.py --threads 1           # 16 prompts x G=4, 32 new tokens, 3 repeats (~8 min, 2 cores)
     python benchmarks/bench_trl.py --prompts 8 --repeats 1 --iterations 2   # a quick look
@@ -34,7 +35,15 @@ is the median of its remaining iterations, and the reported figure the median ov
 memory is the process's RSS high-water mark (`ru_maxrss`; for the CLI, the largest of the three phases'), also
 given above the RSS right after the imports. The 1-minute load average is sampled around every measurement.
 
-Writes benchmarks/results/<device>/trl.{json,md} (device as in bench_kernels.py), each with this command.
+`--peer distillation` swaps both sides for on-policy distillation: TRL's DistillationTrainer (beta=1, the reverse
+KL) against grpo-kd's token-level reverse KL to a live teacher (`loss.algorithm: privileged`, `teacher.kind:
+model`), and adds the exact reverse KL each final student reaches on held-out prompts (benchmarks/
+trl_distill_peer.py says how each side is configured):
+
+    python benchmarks/bench_trl.py --peer distillation --threads 1 --lr 2e-3 --top-k 128
+
+Writes benchmarks/results/<device>/trl.{json,md} (device as in bench_kernels.py; `--peer distillation`:
+trl-distill.{json,md}, at medium scale trl-distill-medium.{json,md}), each with this command.
 Needs TRL (`pip install trl`; measured with trl 1.16.0); exits 2 with a message when it is missing.
 """
 
