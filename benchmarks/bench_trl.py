@@ -376,7 +376,7 @@ def _fmt_time(m: dict) -> str:
 
 def markdown(report: dict) -> str:
     s, summary, v = report["settings"], report["summary"], report["verdict"]
-    distill = s["peer"] == "distillation"
+    distill = s.get("peer") == "distillation"
     labels = _peer().LABELS if distill else LABELS
     if distill:
         title, setup = "grpo-kd token reverse KL vs TRL DistillationTrainer", _peer().settings_text(report)
