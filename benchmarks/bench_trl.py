@@ -390,7 +390,8 @@ def markdown(report: dict) -> str:
              f"TRL {report['versions']['trl']}, transformers {report['versions']['transformers']}, torch "
              f"{report['versions']['torch']} ({report['torch_threads']} threads), {report['cpus']} CPUs. "
              f"CPU only, float32; GPU figures are not measured.", "", f"Models: {report['models']}.", "",
-             f"{setup}grpo-kd teacher cache k={s['top_k']}. Each figure: median over {report['repeats']} fresh processes of the median of {s['iterations']} "
+             f"{setup}grpo-kd teacher cache k={s['top_k']}. Each figure: median over {report['repeats']} fresh "
+             f"processes of the median of {s['iterations']} "
              f"iterations after {s['warmup']} warm-up (CLI: {s['cli_iterations']} iterations, no warm-up: each "
              "phase is a fresh process); time range = min-max over the processes. RSS after imports = after "
              "importing the libraries the method uses (a library floor, approximate: some modules load lazily).", "",
