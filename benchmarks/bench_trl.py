@@ -1,4 +1,5 @@
-"""grpo-kd against TRL's GRPOTrainer with a teacher-scoring reward: wall time per iteration and peak memory.
+"""grpo-kd against TRL's GRPOTrainer with a teacher-scoring reward (or, with `--peer distillation`, against
+TRL's DistillationTrainer): wall time per iteration and peak memory.
 
     python benchmarks/bench_trl.py --threads 1           # 16 prompts x G=4, 32 new tokens, 3 repeats (~8 min, 2 cores)
     python benchmarks/bench_trl.py --prompts 8 --repeats 1 --iterations 2   # a quick look
@@ -34,7 +35,15 @@ is the median of its remaining iterations, and the reported figure the median ov
 memory is the process's RSS high-water mark (`ru_maxrss`; for the CLI, the largest of the three phases'), also
 given above the RSS right after the imports. The 1-minute load average is sampled around every measurement.
 
-Writes benchmarks/results/<device>/trl.{json,md} (device as in bench_kernels.py), each with this command.
+`--peer distillation` swaps both sides for on-policy distillation: TRL's DistillationTrainer (beta=1, the reverse
+KL) against grpo-kd's token-level reverse KL to a live teacher (`loss.algorithm: privileged`, `teacher.kind:
+model`), and adds the exact reverse KL each final student reaches on held-out prompts (benchmarks/
+trl_distill_peer.py says how each side is configured):
+
+    python benchmarks/bench_trl.py --peer distillation --threads 1 --lr 2e-3 --top-k 128
+
+Writes benchmarks/results/<device>/trl.{json,md} (device as in bench_kernels.py; `--peer distillation`:
+trl-distill.{json,md}, at medium scale trl-distill-medium.{json,md}), each with this command.
 Needs TRL (`pip install trl`; measured with trl 1.16.0); exits 2 with a message when it is missing.
 """
 
@@ -87,6 +96,8 @@ class Settings:
     models: str = ""
     prompts_file: str = ""
     workdir: str = ""
+    peer: str = "grpo"  # grpo: TRL's GRPOTrainer vs grpo-kd GRPO; distillation: trl_distill_peer.py
+    keep_student: str = ""  # where a worker copies its final student (the distillation peer evaluates it)
 
     @property
     def steps_per_iteration(self) -> int:
@@ -110,17 +121,22 @@ def load1() -> float:
 
 
 def grpokd_overrides(s: Settings, run_dir: Path) -> list[str]:
-    """configs/tiny.yaml plus every setting that must match TRL's, stated explicitly."""
-    return [
+    """configs/tiny.yaml (GRPO) or the defaults (distillation) plus every setting that must match TRL's, stated
+    explicitly; the loss is the peer's. The prompts are the JSONL rows' `prompt` field, whole, as TRL gets them."""
+    if s.peer == "distillation":
+        loss = _peer().GRPOKD_LOSS
+    else:
+        loss = ["loss.algorithm=grpo", "loss.reward.kind=teacher_loglik", f"loss.policy.beta={s.beta}",
+                f"loss.policy.loss_type={s.loss_type}", f"loss.policy.epsilon_low={s.epsilon}",
+                f"loss.policy.epsilon_high={s.epsilon}"]
+    return loss + [
         f"name={run_dir.name}", f"output_dir={run_dir.parent}", f"seed={s.seed}", "iterations=1",
         f"model.path={s.models}/student", "model.device=cpu", "model.dtype=float32",
         f"teacher.path={s.models}/teacher", "teacher.dtype=float32", f"teacher.top_k={s.top_k}",
-        f"data.prompts={s.prompts_file}", "data.heldout_fraction=0.0",
+        f"data.prompts={s.prompts_file}", "data.format=jsonl", "data.prefix_words=0", "data.heldout_fraction=0.0",
         f"rollout.prompts_per_iteration={s.prompts}", f"rollout.group_size={s.group_size}",
         f"rollout.max_new_tokens={s.max_new_tokens}", f"rollout.batch_size={s.prompts}",
-        f"rollout.temperature={s.temperature}", "loss.algorithm=grpo", "loss.reward.kind=teacher_loglik",
-        f"loss.policy.beta={s.beta}", f"loss.policy.loss_type={s.loss_type}", f"loss.policy.epsilon_low={s.epsilon}",
-        f"loss.policy.epsilon_high={s.epsilon}", f"optim.lr={s.lr}", "optim.lr_schedule=constant",
+        f"rollout.temperature={s.temperature}", f"optim.lr={s.lr}", "optim.lr_schedule=constant",
         f"optim.micro_batch_size={s.micro_batch}", "optim.grad_accum=1", "optim.epochs_per_iteration=1",
         "optim.max_grad_norm=1.0", "optim.weight_decay=0.0",
     ]  # fmt: skip
@@ -129,7 +145,8 @@ def grpokd_overrides(s: Settings, run_dir: Path) -> list[str]:
 def grpokd_config(s: Settings, run_dir: Path, iterations: int):
     from grpo_kd.config import load_config
 
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", grpokd_overrides(s, run_dir))
+    base = ROOT / "configs" / "tiny.yaml" if s.peer == "grpo" else None  # tiny.yaml's loss is GRPO's
+    cfg = load_config(base, grpokd_overrides(s, run_dir))
     cfg.iterations = iterations
     return cfg
 
@@ -159,9 +176,12 @@ def worker_grpokd(s: Settings) -> dict:
         phases.append({phase: run_phase(cfg, phase, it, show_progress=False).seconds for phase in PHASES})
         stamps.append(time.perf_counter())
         tokens.append(json.loads((RunPaths.of(run_dir).rollouts(it) / "manifest.json").read_text())["tokens"])
+    peak = rss_peak()  # before the copy below, which is no part of training
+    if s.keep_student:
+        shutil.copytree(RunPaths.of(run_dir).checkpoint(s.warmup + s.iterations) / "model", s.keep_student)
     shutil.rmtree(run_dir.parent, ignore_errors=True)
     return {"iteration_s": split_iterations(stamps, s.warmup), "phases_s": phases[s.warmup:],
-            "completion_tokens": tokens[s.warmup:], "rss_after_imports": after_imports, "peak_rss": rss_peak()}
+            "completion_tokens": tokens[s.warmup:], "rss_after_imports": after_imports, "peak_rss": peak}
 
 
 def teacher_reward(teacher, tokenizer, token_counts: list[int]):
@@ -230,9 +250,19 @@ def worker_trl(s: Settings) -> dict:
             "reference_model": trainer.ref_model is not None}
 
 
+def _peer():
+    """The distillation peer's side (TRL's DistillationTrainer, the held-out evaluation, its report)."""
+    import trl_distill_peer  # benchmarks/ is on sys.path (this script's folder)
+
+    return trl_distill_peer
+
+
 def worker_main(method: str, spec: str) -> None:
     s = Settings(**json.loads(spec))
-    result = worker_trl(s) if method == "trl" else worker_grpokd(s)
+    if method == "trl":
+        result = _peer().worker_trl_distill(s) if s.peer == "distillation" else worker_trl(s)
+    else:
+        result = worker_grpokd(s)
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 
@@ -300,6 +330,8 @@ def measure_cli(s: Settings, log_path: Path) -> dict:
 def measure(method: str, s: Settings, logs: Path, repeat: int) -> dict:
     before = load1()
     log_path = logs / f"{method}-{repeat}.log"
+    if s.peer == "distillation" and method != "grpo-kd-cli":  # the final students, for the held-out evaluation
+        s = dataclasses.replace(s, keep_student=str(_peer().student_dir(s, method, repeat)))
     result = measure_cli(s, log_path) if method == "grpo-kd-cli" else measure_worker(method, s, log_path)
     result.update(repeat=repeat, load1_before=before, load1_after=load1(),
                   time_s=statistics.median(result["iteration_s"]))
@@ -344,16 +376,22 @@ def _fmt_time(m: dict) -> str:
 
 def markdown(report: dict) -> str:
     s, summary, v = report["settings"], report["summary"], report["verdict"]
-    lines = [f"# grpo-kd vs TRL GRPOTrainer ({report['device']})", "", f"Command: `{report['command']}`", "",
+    distill = s.get("peer") == "distillation"
+    labels = _peer().LABELS if distill else LABELS
+    if distill:
+        title, setup = "grpo-kd token reverse KL vs TRL DistillationTrainer", _peer().settings_text(report)
+    else:
+        title = "grpo-kd vs TRL GRPOTrainer"
+        setup = (f"{s['prompts']} prompts x G={s['group_size']}, {s['max_new_tokens']} new tokens, temperature "
+                 f"{s['temperature']}, lr {s['lr']} constant, loss {s['loss_type']}, beta {s['beta']}, epsilon "
+                 f"{s['epsilon']}, {s['micro_batch']} completions per optimizer step ({s['steps_per_iteration']} "
+                 "steps per iteration), reward = mean teacher log-prob of the completion tokens; ")
+    lines = [f"# {title} ({report['device']})", "", f"Command: `{report['command']}`", "",
              f"TRL {report['versions']['trl']}, transformers {report['versions']['transformers']}, torch "
              f"{report['versions']['torch']} ({report['torch_threads']} threads), {report['cpus']} CPUs. "
              f"CPU only, float32; GPU figures are not measured.", "", f"Models: {report['models']}.", "",
-             f"{s['prompts']} prompts x G={s['group_size']}, {s['max_new_tokens']} new tokens, temperature "
-             f"{s['temperature']}, lr {s['lr']} constant, loss {s['loss_type']}, beta {s['beta']}, epsilon "
-             f"{s['epsilon']}, {s['micro_batch']} completions per optimizer step ({s['steps_per_iteration']} steps per "
-             f"iteration), reward = mean teacher log-prob of the completion tokens; grpo-kd teacher cache "
-             f"k={s['top_k']}. "
-             f"Each figure: median over {report['repeats']} fresh processes of the median of {s['iterations']} "
+             f"{setup}grpo-kd teacher cache k={s['top_k']}. Each figure: median over {report['repeats']} fresh "
+             f"processes of the median of {s['iterations']} "
              f"iterations after {s['warmup']} warm-up (CLI: {s['cli_iterations']} iterations, no warm-up: each "
              "phase is a fresh process); time range = min-max over the processes. RSS after imports = after "
              "importing the libraries the method uses (a library floor, approximate: some modules load lazily).", "",
@@ -366,11 +404,11 @@ def markdown(report: dict) -> str:
         mem = "1.00" if method == "trl" else f"{m['peak_rss_mib'] / summary['trl']['peak_rss_mib']:.2f}"
         imports = f"{m['rss_after_imports_mib']:.0f}" if "rss_after_imports_mib" in m else "-"
         working = f"{m['working_mib']:.0f}" if "working_mib" in m else "-"
-        lines.append(f"| {LABELS[method]} | {_fmt_time(m)} | {speed} | {m['peak_rss_mib']:.0f} | {mem} | {imports} "
+        lines.append(f"| {labels[method]} | {_fmt_time(m)} | {speed} | {m['peak_rss_mib']:.0f} | {mem} | {imports} "
                      f"| {working} | {m['completion_tokens']:.0f} |")
     for method in ("grpo-kd", "grpo-kd-cli"):
         phases = ", ".join(f"{k} {t:.2f} s" for k, t in summary[method]["phases_s"].items())
-        lines.append(f"\n{LABELS[method]}, phases (median): {phases}.")
+        lines.append(f"\n{labels[method]}, phases (median): {phases}.")
     load = report["load1"]
     lines += ["", f"Targets (grpo-kd in one process vs TRL): >= 1.5x faster: "
               f"{'met' if v['target_time_met'] else 'MISSED'} ({v['speedup_one_process']:.2f}x); <= 0.5x peak memory: "
@@ -378,6 +416,8 @@ def markdown(report: dict) -> str:
               "is the largest of its three processes.", "",
               f"1-minute load average during the run: min {load['min']:.1f}, median {load['median']:.1f}, max "
               f"{load['max']:.1f} (the machine is shared with other work)."]
+    if distill:
+        lines += _peer().markdown_section(report)
     return "\n".join(lines) + "\n"
 
 
@@ -432,6 +472,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("lr", "beta", "epsilon", "temperature"):
         p.add_argument("--" + name, type=float, default=getattr(defaults, name))
     p.add_argument("--loss-type", default=defaults.loss_type, choices=["grpo", "bnpo", "dr_grpo", "dapo"])
+    p.add_argument("--peer", default=defaults.peer, choices=["grpo", "distillation"],
+                   help="TRL's GRPOTrainer (default) or its DistillationTrainer vs grpo-kd's token reverse KL")
+    p.add_argument("--heldout", type=int, default=64, help="distillation: held-out prompts of the reverse-KL check")
     p.add_argument("--scale", default=defaults.scale, choices=list(SCALES), help="model sizes (see the module doc)")
     p.add_argument("--threads", type=int, default=0, help="OMP/MKL threads of every measured process (0: default)")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per method (the median is reported)")
@@ -466,14 +509,22 @@ def main(argv: list[str]) -> int:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     models = build_models(work, args.scale, args.seed)
     write_prompts(work / "prompts.jsonl", args.prompts)
-    fields = {f.name for f in dataclasses.fields(Settings)} - {"models", "prompts_file", "workdir"}
+    fields = {f.name for f in dataclasses.fields(Settings)} - {"models", "prompts_file", "workdir", "keep_student"}
     s = Settings(**{k: getattr(args, k) for k in fields}, models=str(models.student.parent),
                  prompts_file=str(work / "prompts.jsonl"), workdir=str(work))
+    shutil.rmtree(work / "students", ignore_errors=True)  # the distillation peer's final students, this run's only
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
     for repeat in range(args.repeats):
         print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
         for method in METHODS:
             runs[method].append(measure(method, s, work / "logs", repeat))
+    heldout = None
+    if args.peer == "distillation":  # after every measurement, so that it loads none of them
+        print(f"held-out reverse KL on {args.heldout} prompts", flush=True)
+        if THREADS:
+            torch.set_num_threads(THREADS)
+        prompts = _peer().heldout_prompts(work, args.prompts, args.heldout)
+        heldout = _peer().evaluate_students(s, grpokd_config(s, work / "eval" / "run", 1), prompts, args.repeats)
     loads = [r[k] for rs in runs.values() for r in rs for k in ("load1_before", "load1_after")]
     summary = {m: summarise(rs) for m, rs in runs.items()}
     report = {
@@ -486,9 +537,12 @@ def main(argv: list[str]) -> int:
         "models": model_summary(models.teacher.parent), "summary": summary, "runs": runs,
     }  # fmt: skip
     report["verdict"] = judge(summary)
+    if heldout is not None:
+        report["heldout"] = heldout
     out = args.out / report["device"]
     out.mkdir(parents=True, exist_ok=True)
-    stem = "trl" if args.scale == "tiny" else f"trl-{args.scale}"
+    stem = "trl" if args.peer == "grpo" else "trl-distill"
+    stem = stem if args.scale == "tiny" else f"{stem}-{args.scale}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
@@ -496,4 +550,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("bench_trl", sys.modules["__main__"])  # trl_distill_peer imports this module by name
     sys.exit(main(sys.argv[1:]))
