@@ -9,6 +9,8 @@ TRL's DistillationTrainer): wall time per iteration and peak memory.
 pre-trained); `--scale medium` builds larger random-weight Llamas (teacher 6 x 384, student 4 x 256) with the
 largest vocabulary a byte-level BPE reaches on the local text (../shared/data/faroese plus the built-in corpus:
 about 11k), where full-vocabulary logits start to weigh. Its results go to `trl-medium.{json,md}`.
+`--pretrain-steps N` (medium) pre-trains both models first, so that the teacher is peaked as a real one is (a
+random-weight teacher is nearly uniform over the vocabulary, which a top-k cache does not represent well).
 
 `--threads N` sets OMP/MKL threads in every measured process (default: the library's, one per core). On a
 machine shared with other work, torch's default threads oversubscribe the cores and the timings of both methods
@@ -438,15 +440,18 @@ FAROESE = ROOT.parent / "shared" / "data" / "faroese"
 SCALES = ("tiny", "medium")
 
 
-def build_models(work: Path, scale: str, seed: int):
-    """The teacher/student pair of `scale` in WORK/models (or WORK/models-<scale>), built once and reused."""
+def build_models(work: Path, scale: str, seed: int, pretrain_steps: int = 0):
+    """The teacher/student pair of `scale` in WORK/models (or WORK/models-<scale>[-pt<steps>]), built once and
+    reused; `pretrain_steps` (medium only) pre-trains both, so that the teacher is peaked as real teachers are."""
     from grpo_kd.tiny import BUILTIN_CORPUS, TinyArch, build_tiny_models
 
     if scale == "tiny":
         return build_tiny_models(work / "models", seed=seed)
     corpus = sorted(FAROESE.glob("*.conllu")) + [BUILTIN_CORPUS]
+    name = f"models-{scale}" + (f"-pt{pretrain_steps}" if pretrain_steps else "")
     return build_tiny_models(
-        work / f"models-{scale}", corpus, vocab_size=16384, pretrain_steps=0, student_pretrain_steps=0, seed=seed,
+        work / name, corpus, vocab_size=16384, pretrain_steps=pretrain_steps, student_pretrain_steps=pretrain_steps,
+        seed=seed,
         teacher_arch=TinyArch(hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2, intermediate_size=1024,
                               tie_embeddings=False),
         student_arch=TinyArch(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=704,
@@ -476,6 +481,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="TRL's GRPOTrainer (default) or its DistillationTrainer vs grpo-kd's token reverse KL")
     p.add_argument("--heldout", type=int, default=64, help="distillation: held-out prompts of the reverse-KL check")
     p.add_argument("--scale", default=defaults.scale, choices=list(SCALES), help="model sizes (see the module doc)")
+    p.add_argument("--pretrain-steps", type=int, default=0,
+                   help="medium: pre-training steps of both models (default 0: random weights, a flat teacher)")
     p.add_argument("--threads", type=int, default=0, help="OMP/MKL threads of every measured process (0: default)")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per method (the median is reported)")
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-trl", help="models, runs and logs")
@@ -507,7 +514,7 @@ def main(argv: list[str]) -> int:
 
     work = args.workdir.resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    models = build_models(work, args.scale, args.seed)
+    models = build_models(work, args.scale, args.seed, args.pretrain_steps)
     write_prompts(work / "prompts.jsonl", args.prompts)
     fields = {f.name for f in dataclasses.fields(Settings)} - {"models", "prompts_file", "workdir", "keep_student"}
     s = Settings(**{k: getattr(args, k) for k in fields}, models=str(models.student.parent),
