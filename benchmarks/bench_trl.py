@@ -208,16 +208,11 @@ def teacher_reward(teacher, tokenizer, token_counts: list[int]):
     return teacher_loglik
 
 
-def worker_trl(s: Settings) -> dict:
-    """GRPOTrainer.train() for `warmup + iterations` generation batches; a callback stamps iteration ends."""
-    import torch
-    import transformers.models.llama.modeling_llama  # noqa: F401  (the library floor, as for grpo-kd)
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+def iteration_clock(steps: int):
+    """(a TrainerCallback, its stamps): the time at the start of training and after every `steps` optimizer steps,
+    the iteration boundaries of both TRL peers (split_iterations turns them into durations)."""
+    from transformers import TrainerCallback
 
-    after_imports = rss_now()
-    steps = s.steps_per_iteration
     stamps: list[float] = []
 
     class IterationClock(TrainerCallback):
@@ -228,23 +223,45 @@ def worker_trl(s: Settings) -> dict:
             if state.global_step % steps == 0:
                 stamps.append(time.perf_counter())
 
+    return IterationClock(), stamps
+
+
+def trl_settings(s: Settings, out_dir: str) -> dict:
+    """The TRL training arguments both peers share, each matching grpo-kd's side (`grpokd_overrides`): CPU float32,
+    no vLLM, no checkpointing or logging, the seed, `warmup + iterations` x `steps_per_iteration` optimizer steps of
+    `micro_batch` completions, sampling, a constant lr, AdamW without decay, gradient clipping 1.0."""
+    return dict(
+        output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, use_vllm=False, gradient_checkpointing=False,
+        report_to=[], save_strategy="no", logging_steps=10**6, disable_tqdm=True, dataloader_num_workers=0,
+        seed=s.seed, max_steps=s.steps_per_iteration * (s.warmup + s.iterations),
+        per_device_train_batch_size=s.micro_batch, gradient_accumulation_steps=1,
+        max_completion_length=s.max_new_tokens, temperature=s.temperature, top_p=1.0, top_k=0, learning_rate=s.lr,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, log_completions=False,
+    )  # fmt: skip
+
+
+def worker_trl(s: Settings) -> dict:
+    """GRPOTrainer.train() for `warmup + iterations` generation batches; a callback stamps iteration ends."""
+    import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401  (the library floor, as for grpo-kd)
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    after_imports = rss_now()
+    clock, stamps = iteration_clock(s.steps_per_iteration)
     tokenizer = AutoTokenizer.from_pretrained(f"{s.models}/student")
     teacher = AutoModelForCausalLM.from_pretrained(f"{s.models}/teacher", dtype=torch.float32).eval()
     prompts = [json.loads(line)["prompt"] for line in Path(s.prompts_file).read_text().splitlines()]
     out_dir = tempfile.mkdtemp(dir=s.workdir, prefix="trl-")
     args = GRPOConfig(
-        output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, use_vllm=False, gradient_checkpointing=False,
-        report_to=[], save_strategy="no", logging_steps=10**6, disable_tqdm=True, dataloader_num_workers=0,
-        seed=s.seed, max_steps=steps * (s.warmup + s.iterations), num_generations=s.group_size,
-        per_device_train_batch_size=s.micro_batch, gradient_accumulation_steps=1, steps_per_generation=steps,
-        num_iterations=1, max_completion_length=s.max_new_tokens, temperature=s.temperature, top_p=1.0, top_k=0,
-        learning_rate=s.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        beta=s.beta, loss_type=s.loss_type, epsilon=s.epsilon, scale_rewards="group", log_completions=False,
-    )  # fmt: skip
+        **trl_settings(s, out_dir), num_generations=s.group_size, steps_per_generation=s.steps_per_iteration,
+        num_iterations=1, beta=s.beta, loss_type=s.loss_type, epsilon=s.epsilon, scale_rewards="group",
+    )
     token_counts: list[int] = []
     trainer = GRPOTrainer(model=f"{s.models}/student", reward_funcs=teacher_reward(teacher, tokenizer, token_counts),
                           args=args, train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
-                          callbacks=[IterationClock()])  # fmt: skip
+                          callbacks=[clock])  # fmt: skip
     trainer.train()
     shutil.rmtree(out_dir, ignore_errors=True)
     return {"iteration_s": split_iterations(stamps, s.warmup), "completion_tokens": token_counts[s.warmup:],

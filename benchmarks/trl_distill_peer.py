@@ -30,7 +30,6 @@ import json
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import bench_trl as bt
@@ -54,37 +53,21 @@ def worker_trl_distill(s) -> dict:
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401  (the library floor, as for grpo-kd)
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DistillationConfig, DistillationTrainer
 
     after_imports = bt.rss_now()
     steps = s.steps_per_iteration
-    stamps: list[float] = []
-
-    class IterationClock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            stamps.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step % steps == 0:
-                stamps.append(time.perf_counter())
-
+    clock, stamps = bt.iteration_clock(steps)
     tokenizer = AutoTokenizer.from_pretrained(f"{s.models}/student")
     teacher = AutoModelForCausalLM.from_pretrained(f"{s.models}/teacher", dtype=torch.float32).eval()
     prompts = [json.loads(line)["prompt"] for line in Path(s.prompts_file).read_text().splitlines()]
     rows = [p for p in prompts for _ in range(s.group_size)]  # G completions per prompt per iteration, as grpo-kd
     out_dir = tempfile.mkdtemp(dir=s.workdir, prefix="trl-distill-")
-    args = DistillationConfig(
-        output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, use_vllm=False, gradient_checkpointing=False,
-        report_to=[], save_strategy="no", logging_steps=10**6, disable_tqdm=True, dataloader_num_workers=0,
-        seed=s.seed, max_steps=steps * (s.warmup + s.iterations), per_device_train_batch_size=s.micro_batch,
-        gradient_accumulation_steps=1, max_completion_length=s.max_new_tokens, temperature=s.temperature,
-        top_p=1.0, top_k=0, learning_rate=s.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, beta=1.0, model_init_kwargs={"dtype": "float32"}, log_completions=False,
-    )  # fmt: skip
+    args = DistillationConfig(**bt.trl_settings(s, out_dir), beta=1.0, model_init_kwargs={"dtype": "float32"})
     trainer = DistillationTrainer(model=f"{s.models}/student", teacher_model=teacher, args=args,
                                   train_dataset=Dataset.from_dict({"prompt": rows}), processing_class=tokenizer,
-                                  callbacks=[IterationClock()])  # fmt: skip
+                                  callbacks=[clock])  # fmt: skip
     step_tokens: list[int] = []  # completion tokens of each optimizer step's generation
     generate = trainer._generate_and_score_completions
 

@@ -240,7 +240,7 @@ class LossConfig:
         "teacher_estimate": "loss.teacher_kl.estimate", "pt_weight": "loss.pt.weight",
         "gamma": "loss.ppo.gamma or loss.minillm.gamma", "gae_lambda": "loss.ppo.gae_lambda",
         "value_coef": "loss.ppo.value_coef", "importance_clip": "loss.minillm.importance_clip",
-        "length_normalize": "loss.minillm.length_normalize", "pt_batch_size": "loss.pt.batch_size",
+        "length_normalize": "loss.minillm.length_normalize or loss.ppo.length_normalize", "pt_batch_size": "loss.pt.batch_size",
         "pt_seq_len": "loss.pt.seq_len",
     }
 

@@ -50,6 +50,8 @@ BETTER: dict[str, str | None] = {
 def better(metric: str) -> str | None:
     """"max", "min" or None for `metric`; `base:distill/reverse_kl` reads as `distill/reverse_kl`."""
     return BETTER.get(metric.rpartition(":")[2])
+
+
 _SEED_SUFFIX = re.compile(r"[-_.]?(?:seed|s)[-_]?\d+$")
 
 
